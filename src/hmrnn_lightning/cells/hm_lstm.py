@@ -1,0 +1,55 @@
+"""HM-LSTM layer (eqs. 2-7)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hmrnn_lightning.cells.base import CellStep, HMCell, LayerState
+from hmrnn_lightning.cells.operations import keep_if_copy, select_operations
+
+
+class HMLSTMCell(HMCell):
+    """One HM-LSTM layer for one step.
+
+    ``f, i, o = sigm(.)``, ``g = tanh(.)`` on the slices of the pre-activation, then eq. 2:
+
+    * UPDATE: ``c = f * c_{t-1} + i * g``
+    * COPY:   ``c = c_{t-1}``, ``h = h_{t-1}``
+    * FLUSH:  ``c = i * g`` (the cell forgets everything; the recurrent term
+      ``U h_{t-1}`` of eq. 5 still enters the gates, as the paper writes it)
+
+    and ``h = o * tanh(c)`` outside COPY (eq. 3); with layer norm ``h = o * tanh(LN(c))``.
+    The mixing itself lives in :mod:`hmrnn_lightning.cells.operations`.
+
+    Args:
+        input_size: size of ``h^{l-1}``.
+        hidden_size: size of ``h^l``.
+        above_size: size of ``h^{l+1}``, None on the top layer.
+        layer_norm: layer-normalise the pre-activation terms and the cell state.
+    """
+
+    num_gates = 4
+
+    def __init__(self, input_size: int, hidden_size: int, above_size: int | None, layer_norm: bool = False) -> None:
+        super().__init__(input_size, hidden_size, above_size, layer_norm)
+        self.norm_cell = nn.LayerNorm(hidden_size) if layer_norm else nn.Identity()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        with torch.no_grad():  # forget-gate bias 1: a common LSTM default that helps early training
+            self.bias[: self.hidden_size].fill_(1.0)
+
+    def forward(self, h_below: Tensor, z_below: Tensor, state: LayerState, h_above: Tensor | None) -> CellStep:
+        s = self.preactivation(h_below, z_below, state.h, state.z, h_above)
+        H = self.hidden_size
+        f = torch.sigmoid(s[:, :H])
+        i = torch.sigmoid(s[:, H : 2 * H])
+        o = torch.sigmoid(s[:, 2 * H : 3 * H])
+        g = torch.tanh(s[:, 3 * H : 4 * H])
+        ops = select_operations(z_below, state.z)
+
+        c = ops.update * (f * state.c + i * g) + ops.flush * (i * g) + ops.copy * state.c
+        h_new = o * torch.tanh(self.norm_cell(c))
+        h = keep_if_copy(ops, state.h, h_new)
+        return CellStep(h=h, c=c, boundary_logit=s[:, -1], ops=ops)

@@ -1,0 +1,63 @@
+"""The UPDATE / COPY / FLUSH rule of the HM-RNN (eq. 2 of the paper) in one place.
+
+At step ``t`` layer ``l`` looks at two boundary states:
+
+=====================  =====================  ===========
+``z^l_{t-1}`` (own)    ``z^{l-1}_t`` (below)  operation
+=====================  =====================  ===========
+0                      1                      UPDATE
+0                      0                      COPY
+1                      any                    FLUSH
+=====================  =====================  ===========
+
+The choice is written as three weights that sum to one, so that the same code serves
+binary boundaries (exactly one weight is 1) and the soft estimator (a convex mixture),
+and so that the straight-through gradient reaches ``z`` through the products:
+
+    flush  = z^l_{t-1}
+    update = (1 - z^l_{t-1}) * z^{l-1}_t
+    copy   = (1 - z^l_{t-1}) * (1 - z^{l-1}_t)
+
+With binary weights ``copy * old + (1 - copy) * new`` returns ``old`` bit for bit
+(``1 * x + 0 * y == x`` for finite ``y``), which is how COPY carries the state exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+UPDATE, COPY, FLUSH = 0, 1, 2
+OPERATION_NAMES = ("update", "copy", "flush")
+
+
+class Operations(NamedTuple):
+    """Per-row weights of the three operations, each of shape ``[batch, 1]``."""
+
+    update: Tensor
+    copy: Tensor
+    flush: Tensor
+
+    def stacked(self) -> Tensor:
+        """``[batch, 3]`` in the order UPDATE, COPY, FLUSH."""
+        return torch.cat([self.update, self.copy, self.flush], dim=-1)
+
+
+def select_operations(z_below: Tensor, z_prev: Tensor) -> Operations:
+    """Eq. 2's case analysis as weights.
+
+    Args:
+        z_below: ``z^{l-1}_t``, shape ``[batch]`` (all ones for the first layer).
+        z_prev: ``z^l_{t-1}``, shape ``[batch]``.
+    """
+    z_below = z_below.unsqueeze(-1)
+    z_prev = z_prev.unsqueeze(-1)
+    not_flush = 1.0 - z_prev
+    return Operations(update=not_flush * z_below, copy=not_flush * (1.0 - z_below), flush=z_prev)
+
+
+def keep_if_copy(ops: Operations, old: Tensor, new: Tensor) -> Tensor:
+    """``old`` where the layer copies, ``new`` where it updates or flushes (eq. 3)."""
+    return ops.copy * old + (1.0 - ops.copy) * new

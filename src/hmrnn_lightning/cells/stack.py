@@ -1,0 +1,203 @@
+"""Multi-layer stacks that consume a whole ``[batch, time, features]`` sequence.
+
+The stack, not the LightningModule, owns the time loop, so a faster implementation can
+replace the loop behind the same interface. :class:`HMStack` is the reference: one step
+of one layer at a time, exactly the paper's equations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hmrnn_lightning.cells.base import HMCell, LayerState
+from hmrnn_lightning.cells.operations import keep_if_copy
+from hmrnn_lightning.estimators.base import BoundaryEstimator
+
+State = list[LayerState]
+
+
+@dataclass
+class StackOutput:
+    """Everything a stack returns for a sequence.
+
+    Attributes:
+        hidden: per layer, ``h^l`` for every step, ``[batch, time, hidden_l]``.
+        boundaries: ``z^l_t`` for every layer, ``[batch, time, layers]``; the top layer has
+            no detector and its column is 0.
+        boundary_logits: ``z~^l_t`` before the estimator, ``[batch, time, layers - 1]``.
+        operations: weights of UPDATE, COPY, FLUSH, ``[batch, time, layers, 3]`` (one-hot
+            for binary boundaries).
+        state: the state after the last step, to initialise the next window.
+    """
+
+    hidden: list[Tensor]
+    boundaries: Tensor
+    boundary_logits: Tensor
+    operations: Tensor
+    state: State
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph between truncated-BPTT windows."""
+    return [s.detach() for s in state]
+
+
+class RecurrentStack(nn.Module):
+    """Interface of every stack.
+
+    Args:
+        input_size: features per step of the input sequence.
+        hidden_sizes: hidden size of each layer, bottom first.
+    """
+
+    def __init__(self, input_size: int, hidden_sizes: list[int]) -> None:
+        super().__init__()
+        hidden_sizes = [int(h) for h in hidden_sizes]
+        if not hidden_sizes or any(h <= 0 for h in hidden_sizes):
+            raise ValueError(f"{type(self).__name__}: hidden_sizes must be a non-empty list of positive ints, got {hidden_sizes}")
+        if int(input_size) <= 0:
+            raise ValueError(f"{type(self).__name__}: input_size must be positive, got {input_size}")
+        self.input_size = int(input_size)
+        self.hidden_sizes = hidden_sizes
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden_sizes)
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> State:
+        out = []
+        for size in self.hidden_sizes:
+            zeros = torch.zeros(batch_size, size, device=device)
+            out.append(LayerState(zeros, zeros.clone(), torch.zeros(batch_size, device=device)))
+        return out
+
+    def check_input(self, x: Tensor, state: State | None) -> State:
+        """Validate shapes; return ``state`` or a fresh zero state."""
+        if x.dim() != 3:
+            raise ValueError(
+                f"{type(self).__name__}: expected input of shape [batch, time, {self.input_size}], got {tuple(x.shape)}"
+            )
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{type(self).__name__}: input has {x.shape[-1]} features per step, the stack was built for {self.input_size}"
+            )
+        batch = x.shape[0]
+        if state is None:
+            return self.initial_state(batch, x.device)
+        if len(state) != self.num_layers:
+            raise ValueError(f"{type(self).__name__}: state has {len(state)} layers, the stack has {self.num_layers}")
+        for l, (s, size) in enumerate(zip(state, self.hidden_sizes), start=1):
+            if s.h.shape != (batch, size) or s.c.shape != (batch, size) or s.z.shape != (batch,):
+                raise ValueError(
+                    f"{type(self).__name__}: state of layer {l} has h {tuple(s.h.shape)}, c {tuple(s.c.shape)}, "
+                    f"z {tuple(s.z.shape)}; expected h and c ({batch}, {size}) and z ({batch},) for this input "
+                    f"(a state from another batch size?)"
+                )
+        return state
+
+    def forward(self, x: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> StackOutput:
+        raise NotImplementedError  # pragma: no cover
+
+
+def build_cells(cell_class: type[HMCell], input_size: int, hidden_sizes: list[int], layer_norm: bool) -> nn.ModuleList:
+    below = [input_size] + hidden_sizes[:-1]
+    above: list[int | None] = list(hidden_sizes[1:]) + [None]
+    return nn.ModuleList(cell_class(b, h, a, layer_norm) for b, h, a in zip(below, hidden_sizes, above))
+
+
+class HMStack(RecurrentStack):
+    """A stack of HM layers with boundary detectors: the reference time loop.
+
+    At each step, layers are updated bottom to top, so layer ``l`` sees ``h^{l-1}_t`` (just
+    computed) and ``h^{l+1}_{t-1}`` (not yet updated). ``h^0_t = x_t`` and ``z^0_t = 1``.
+
+    Choices where the paper is silent:
+      * The top layer has no boundary detector (paper, below eq. 7) and its ``z`` is fixed
+        at 0: it never flushes, it UPDATEs when the layer below ends a segment and COPYs
+        otherwise.
+      * In COPY ``z^l_t = z^l_{t-1}`` (which is 0, since COPY needs ``z^l_{t-1} = 0``): the
+        detector is not re-evaluated because nothing is recomputed in COPY. A layer can
+        therefore only end a segment at a step where the layer below ended one, which keeps
+        boundaries nested (word ends are character ends, phrase ends are word ends).
+
+    Args:
+        input_size: features per input step (the embedding size).
+        hidden_sizes: hidden size of each layer, bottom first.
+        estimator: turns boundary logits into boundary states (shared by all layers).
+        cell: registered cell name (``hm_lstm``, ``hm_rnn``, or a plugin's) or a dotted class path.
+        layer_norm: use the LayerNorm variant of the cell.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_sizes: list[int],
+        estimator: BoundaryEstimator,
+        cell: str = "hm_lstm",
+        layer_norm: bool = False,
+    ) -> None:
+        super().__init__(input_size, hidden_sizes)
+        from hmrnn_lightning.registry import resolve
+
+        if not isinstance(estimator, BoundaryEstimator):
+            raise TypeError(f"HMStack: estimator must be a BoundaryEstimator, got {type(estimator).__name__}")
+        self.cell_name = cell
+        cell_class = resolve("cells", cell)
+        self.estimator = estimator
+        self.layer_norm = layer_norm
+        self.cells = build_cells(cell_class, self.input_size, self.hidden_sizes, layer_norm)
+
+    def forward(self, x: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> StackOutput:
+        """Run the sequence.
+
+        Args:
+            x: ``[batch, time, input_size]``.
+            state: the state returned by the previous window, or None for zeros.
+            boundaries: optional ``[batch, time, layers - 1]`` boundary states that replace
+                the estimator's output (oracle boundaries, tests). A layer in COPY still
+                carries its previous ``z``.
+        """
+        state = self.check_input(x, state)
+        B, T, _ = x.shape
+        L = self.num_layers
+        if boundaries is not None and boundaries.shape != (B, T, L - 1):
+            raise ValueError(f"HMStack: boundaries must have shape {(B, T, L - 1)}, got {tuple(boundaries.shape)}")
+        ones = x.new_ones(B, dtype=torch.float32)
+        zeros = x.new_zeros(B, dtype=torch.float32)
+        hidden: list[list[Tensor]] = [[] for _ in range(L)]
+        zs, logits, ops_out = [], [], []
+        for t in range(T):
+            h_below, z_below = x[:, t], ones
+            new_state: State = []
+            step_z, step_logits, step_ops = [], [], []
+            for l, cell in enumerate(self.cells):
+                h_above = state[l + 1].h if l + 1 < L else None
+                step = cell(h_below, z_below, state[l], h_above)
+                if l + 1 < L:
+                    z_new = boundaries[:, t, l].float() if boundaries is not None else self.estimator(step.boundary_logit)
+                    z = keep_if_copy(step.ops, state[l].z.unsqueeze(-1), z_new.unsqueeze(-1)).squeeze(-1)
+                    step_logits.append(step.boundary_logit)
+                else:
+                    z = zeros
+                new_state.append(LayerState(step.h, step.c, z))
+                hidden[l].append(step.h)
+                step_z.append(z)
+                step_ops.append(step.ops.stacked())
+                h_below, z_below = step.h, z
+            state = new_state
+            zs.append(torch.stack(step_z, -1))
+            logits.append(torch.stack(step_logits, -1) if step_logits else x.new_zeros(B, 0))
+            ops_out.append(torch.stack(step_ops, 1))
+        return StackOutput(
+            hidden=[torch.stack(h, 1) for h in hidden],
+            boundaries=torch.stack(zs, 1),
+            boundary_logits=torch.stack(logits, 1),
+            operations=torch.stack(ops_out, 1),
+            state=state,
+        )
+
+    def extra_repr(self) -> str:
+        return f"cell={self.cell_name!r}"

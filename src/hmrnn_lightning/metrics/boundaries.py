@@ -1,0 +1,45 @@
+"""Per-layer boundary rate and the share of UPDATE, COPY and FLUSH."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from hmrnn_lightning.cells.operations import OPERATION_NAMES
+
+
+class BoundaryStatistics(Metric):
+    """Accumulates ``z`` and operation weights per layer.
+
+    ``compute()`` returns a dict with keys ``boundary_rate/l{k}`` and ``{update,copy,flush}_frac/l{k}``
+    (layers numbered from 1). The paper's "updates instead of dense steps" claim is
+    ``update_frac + flush_frac`` of an upper layer.
+
+    Args:
+        num_layers: layers of the stack.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_layers: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_layers = num_layers
+        self.add_state("z_sum", default=torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("ops_sum", default=torch.zeros(num_layers, 3, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("steps", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, boundaries: Tensor, operations: Tensor) -> None:
+        """Args: ``boundaries [batch, time, layers]``, ``operations [batch, time, layers, 3]``."""
+        self.z_sum += boundaries.detach().double().sum(dim=(0, 1))
+        self.ops_sum += operations.detach().double().sum(dim=(0, 1))
+        self.steps += boundaries.shape[0] * boundaries.shape[1]
+
+    def compute(self) -> dict[str, Tensor]:
+        n = self.steps.clamp_min(1).double()
+        out = {}
+        for l in range(self.num_layers):
+            out[f"boundary_rate/l{l + 1}"] = (self.z_sum[l] / n).float()
+            for k, name in enumerate(OPERATION_NAMES):
+                out[f"{name}_frac/l{l + 1}"] = (self.ops_sum[l, k] / n).float()
+        return out

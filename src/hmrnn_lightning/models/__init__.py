@@ -1,0 +1,5 @@
+"""LightningModules."""
+
+from hmrnn_lightning.models.language_model import HMRNNLanguageModel
+
+__all__ = ["HMRNNLanguageModel"]

@@ -1,0 +1,183 @@
+"""Character-level language model: embedding -> recurrent stack -> head."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
+from hmrnn_lightning.estimators.base import BoundaryEstimator
+from hmrnn_lightning.heads.base import Head
+from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryStatistics
+
+StackFactory = Callable[[int], RecurrentStack]
+HeadFactory = Callable[[list[int], int], Head]
+
+
+class HMRNNLanguageModel(pl.LightningModule):
+    """Next-character model of section 4.1, trained with stateful truncated BPTT.
+
+    Batches are ``(inputs, targets)``, both ``[batch, time]`` symbol ids, cut in order from
+    ``batch`` contiguous streams; the last state of a training batch (detached) starts the
+    next one. The carried state is reset at the start of every training epoch and of every
+    validation / test run, and carried across the batches of that run.
+
+    The paper's recipe is the default: embedding 128 without nonlinearity, Adam with lr
+    0.002, gradient norm clipped at 1, learning rate divided by 50 when validation NLL
+    stops falling.
+
+    Args:
+        vocab_size: number of symbols (linked from the datamodule by the CLI).
+        stack: builds the recurrent stack from the input size (the embedding size); in YAML a
+            ``class_path`` with ``init_args`` minus ``input_size``, in Python e.g.
+            ``functools.partial(HMStack, hidden_sizes=[512] * 3, estimator=StepEstimator())``.
+        head: builds the head from the layer sizes and the vocabulary size.
+        embedding_dim: size of the input embedding.
+        lr: initial Adam learning rate.
+        lr_decay_factor: divide the learning rate by this when validation BPC stops falling.
+        lr_patience: validation runs without improvement before dividing.
+        grad_clip_norm: clip the global gradient norm to this (None: no clipping);
+            a Trainer ``gradient_clip_val`` overrides it.
+        vocab: the symbols, stored in checkpoints so a model can be used without its data.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        stack: StackFactory,
+        head: HeadFactory,
+        embedding_dim: int = 128,
+        lr: float = 0.002,
+        lr_decay_factor: float = 50.0,
+        lr_patience: int = 0,
+        grad_clip_norm: float | None = 1.0,
+        vocab: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if vocab_size <= 0:
+            raise ValueError(f"HMRNNLanguageModel: vocab_size must be positive, got {vocab_size}")
+        if vocab is not None and len(vocab) != vocab_size:
+            raise ValueError(f"HMRNNLanguageModel: vocab has {len(vocab)} symbols but vocab_size is {vocab_size}")
+        if lr <= 0 or lr_decay_factor < 1:
+            raise ValueError(f"HMRNNLanguageModel: need lr > 0 and lr_decay_factor >= 1, got {lr}, {lr_decay_factor}")
+        self.save_hyperparameters(ignore=["stack", "head"])
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.stack = stack if isinstance(stack, RecurrentStack) else stack(embedding_dim)
+        if not isinstance(self.stack, RecurrentStack):
+            raise TypeError(f"HMRNNLanguageModel: stack must build a RecurrentStack, got {type(self.stack).__name__}")
+        if self.stack.input_size != embedding_dim:
+            raise ValueError(
+                f"HMRNNLanguageModel: the stack takes {self.stack.input_size} input features, the embedding has {embedding_dim}"
+            )
+        self.head = head if isinstance(head, Head) else head(list(self.stack.hidden_sizes), vocab_size)
+        self.vocab = list(vocab) if vocab is not None else None
+        L = self.stack.num_layers
+        self.train_bpc, self.val_bpc, self.test_bpc = BitsPerCharacter(), BitsPerCharacter(), BitsPerCharacter()
+        self.val_boundaries, self.test_boundaries = BoundaryStatistics(L), BoundaryStatistics(L)
+        self._carried: dict[str, State | None] = {"train": None, "val": None, "test": None}
+
+    # -- model ---------------------------------------------------------------------------
+    @property
+    def estimator(self) -> BoundaryEstimator | None:
+        return getattr(self.stack, "estimator", None)
+
+    def forward(self, inputs: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> tuple[Tensor, StackOutput]:
+        """Logits ``[batch, time, vocab]`` and the stack's output for symbol ids ``[batch, time]``."""
+        if inputs.dim() != 2:
+            raise ValueError(f"HMRNNLanguageModel: expected symbol ids of shape [batch, time], got {tuple(inputs.shape)}")
+        out = self.stack(self.embedding(inputs), state, boundaries)
+        return self.head(out.hidden), out
+
+    # -- truncated BPTT state --------------------------------------------------------------
+    def _state_for(self, stage: str, batch_size: int) -> State | None:
+        state = self._carried[stage]
+        if state is not None and state[0].h.shape[0] != batch_size:
+            state = None  # a shorter final batch starts fresh rather than failing
+        return state
+
+    def on_train_epoch_start(self) -> None:
+        self._carried["train"] = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._carried["val"] = None
+
+    def on_test_epoch_start(self) -> None:
+        self._carried["test"] = None
+
+    def _run(self, batch: Any, stage: str) -> tuple[Tensor, StackOutput, Tensor]:
+        inputs, targets = batch
+        logits, out = self(inputs, self._state_for(stage, inputs.shape[0]))
+        self._carried[stage] = detach_state(out.state)
+        return self.head.nll(logits, targets), out, targets
+
+    # -- steps -------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        step_nll, out, _ = self._run(batch, "train")
+        loss = step_nll.mean()
+        total = loss
+        if self.estimator is not None:
+            aux = self.estimator.auxiliary_loss(out, step_nll.detach())
+            if aux is not None:
+                total = total + aux
+                self.log("train/aux_loss", aux, batch_size=step_nll.shape[0])
+            self.log("slope", self.estimator.slope, batch_size=step_nll.shape[0])
+        B = step_nll.shape[0]
+        self.log("train/bpc", loss / math.log(2.0), prog_bar=True, batch_size=B)
+        rates = out.boundaries.float().mean(dim=(0, 1))
+        for l in range(self.stack.num_layers - 1):
+            self.log(f"train/boundary_rate/l{l + 1}", rates[l], batch_size=B)
+        return total
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        step_nll, out, _ = self._run(batch, "val")
+        self.val_bpc.update(step_nll)
+        self.val_boundaries.update(out.boundaries, out.operations)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        step_nll, out, _ = self._run(batch, "test")
+        self.test_bpc.update(step_nll)
+        self.test_boundaries.update(out.boundaries, out.operations)
+
+    def _log_epoch(self, stage: str, bpc: BitsPerCharacter, stats: BoundaryStatistics) -> None:
+        value = bpc.compute()
+        self.log(f"{stage}/bpc", value, prog_bar=True, sync_dist=False)
+        self.log(f"{stage}/nll", value * math.log(2.0), sync_dist=False)
+        for key, v in stats.compute().items():
+            self.log(f"{stage}/{key}", v, sync_dist=False)
+        bpc.reset()
+        stats.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val", self.val_bpc, self.val_boundaries)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_bpc, self.test_boundaries)
+
+    # -- optimisation ----------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=1.0 / self.hparams.lr_decay_factor, patience=self.hparams.lr_patience
+        )
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": plateau, "monitor": "val/bpc", "interval": "epoch", "strict": False},
+        }
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val is None and self.hparams.grad_clip_norm is not None:
+            gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
+        if gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["hmrnn_vocab"] = self.vocab
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("hmrnn_vocab") is not None:
+            self.vocab = list(checkpoint["hmrnn_vocab"])
