@@ -1,0 +1,112 @@
+"""The reference time loop: forced boundaries, state carrying, errors."""
+
+import pytest
+import torch
+
+from hmrnn_lightning import HMStack, LSTMStack, SoftEstimator, StepEstimator
+from hmrnn_lightning.cells import COPY, FLUSH, UPDATE
+from hmrnn_lightning.registry import RegistryError
+
+B, T, D = 3, 12, 5
+
+
+def stack(**kw):
+    kw.setdefault("estimator", StepEstimator())
+    return HMStack(D, [8, 7, 6], **kw)
+
+
+def test_shapes_and_top_layer_has_no_boundary():
+    out = stack()(torch.randn(B, T, D))
+    assert [h.shape for h in out.hidden] == [(B, T, 8), (B, T, 7), (B, T, 6)]
+    assert out.boundaries.shape == (B, T, 3) and out.boundary_logits.shape == (B, T, 2)
+    assert out.boundaries[..., -1].eq(0).all()
+    assert set(out.boundaries.unique().tolist()) <= {0.0, 1.0}
+    torch.testing.assert_close(out.operations.sum(-1), torch.ones(B, T, 3))
+
+
+def test_forced_boundaries_drive_the_operations():
+    s = stack()
+    forced = torch.zeros(B, T, 2)
+    forced[:, 3, 0] = 1  # layer 1 ends a segment at t=3
+    forced[:, 7, 0] = 1
+    forced[:, 7, 1] = 1  # layer 2 ends one at t=7
+    out = s(torch.randn(B, T, D), boundaries=forced)
+    ops = out.operations.argmax(-1)
+    # layer 1: z^0 = 1 always, so it UPDATEs except right after its own boundary
+    assert ops[0, :, 0].tolist() == [UPDATE] * 4 + [FLUSH] + [UPDATE] * 3 + [FLUSH] + [UPDATE] * 3
+    # layer 2: UPDATE when layer 1 fired, FLUSH after its own boundary, COPY otherwise
+    assert ops[0, :, 1].tolist() == [COPY] * 3 + [UPDATE] + [COPY] * 3 + [UPDATE] + [FLUSH] + [COPY] * 3
+    # layer 3 (top) UPDATEs exactly when layer 2 fired
+    assert ops[0, :, 2].tolist() == [COPY] * 7 + [UPDATE] + [COPY] * 4
+    h2 = out.hidden[1]
+    for t in [1, 2, 4, 5, 6, 9, 10, 11]:  # COPY steps of layer 2: bit-identical state
+        assert torch.equal(h2[:, t], h2[:, t - 1])
+    assert not torch.equal(h2[:, 3], h2[:, 2])
+
+
+def test_copy_keeps_z_even_if_forced():
+    forced = torch.zeros(B, T, 2)
+    forced[:, 5, 1] = 1  # layer 2 is in COPY at t=5 (layer 1 silent), so this is ignored
+    out = stack()(torch.randn(B, T, D), boundaries=forced)
+    assert out.boundaries[:, 5, 1].eq(0).all()
+
+
+@pytest.mark.parametrize("cell", ["hm_lstm", "hm_rnn"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_two_halves_equal_one_pass(cell, layer_norm):
+    s = stack(cell=cell, layer_norm=layer_norm)
+    x = torch.randn(B, T, D)
+    whole = s(x)
+    first = s(x[:, : T // 2])
+    second = s(x[:, T // 2 :], first.state)
+    for l in range(3):
+        joined = torch.cat([first.hidden[l], second.hidden[l]], 1)
+        torch.testing.assert_close(joined, whole.hidden[l], rtol=0, atol=0)
+    assert torch.equal(torch.cat([first.boundaries, second.boundaries], 1), whole.boundaries)
+
+
+def test_soft_estimator_mixes_operations():
+    out = stack(estimator=SoftEstimator())(torch.randn(B, T, D))
+    z = out.boundaries[..., :2]
+    assert ((z > 0) & (z < 1)).any()
+    torch.testing.assert_close(out.operations.sum(-1), torch.ones(B, T, 3))
+
+
+def test_errors_name_the_problem():
+    s = stack()
+    with pytest.raises(ValueError, match="shape"):
+        s(torch.randn(B, D))
+    with pytest.raises(ValueError, match="features"):
+        s(torch.randn(B, T, D + 1))
+    state = s(torch.randn(B, T, D)).state
+    with pytest.raises(ValueError, match="another batch size"):
+        s(torch.randn(B + 1, T, D), state)
+    with pytest.raises(ValueError, match="boundaries must have shape"):
+        s(torch.randn(B, T, D), boundaries=torch.zeros(B, T, 3))
+    with pytest.raises(RegistryError, match="known cells: hm_lstm, hm_rnn"):
+        stack(cell="hm_gru")
+    with pytest.raises(TypeError, match="BoundaryEstimator"):
+        HMStack(D, [4], estimator="step")
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        HMStack(D, [], estimator=StepEstimator())
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_lstm_stack_interface(layer_norm):
+    s = LSTMStack(D, [8, 6], layer_norm=layer_norm)
+    x = torch.randn(B, T, D)
+    whole = s(x)
+    assert [h.shape for h in whole.hidden] == [(B, T, 8), (B, T, 6)]
+    assert whole.boundaries.eq(0).all() and whole.operations[..., UPDATE].eq(1).all()
+    first = s(x[:, :5])
+    second = s(x[:, 5:], first.state)
+    torch.testing.assert_close(torch.cat([first.hidden[1], second.hidden[1]], 1), whole.hidden[1], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_keeps_state_fp32():
+    s = stack(layer_norm=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = s(torch.randn(B, T, D))
+    assert all(h.dtype == torch.float32 for h in out.hidden)
+    assert out.state[0].c.dtype == torch.float32
+    assert set(out.boundaries.unique().tolist()) <= {0.0, 1.0}

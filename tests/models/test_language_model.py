@@ -1,0 +1,90 @@
+"""The LightningModule: carried state, losses, training on CPU."""
+
+import functools
+import math
+import time
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from hmrnn_lightning import HMRNNLanguageModel, LSTMStack, ReinforceEstimator, SlopeAnnealing, SoftmaxHead
+from hmrnn_lightning.data.streams import StreamWindows
+from tests.helpers import tiny_model
+
+
+def loader(ids, streams, seq_len):
+    return DataLoader(StreamWindows(ids, streams, seq_len, drop_last=True), batch_size=None)
+
+
+def test_carried_state_gives_the_same_loss_as_one_pass():
+    model = tiny_model().eval()
+    x = torch.randint(0, 11, (4, 40))
+    y = torch.randint(0, 11, (4, 40))
+    logits, _ = model(x)
+    whole = model.head.nll(logits, y).mean()
+    l1, out1 = model(x[:, :20])
+    l2, _ = model(x[:, 20:], out1.state)
+    halves = (model.head.nll(l1, y[:, :20]).sum() + model.head.nll(l2, y[:, 20:]).sum()) / y.numel()
+    torch.testing.assert_close(halves, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_training_step_carries_detached_state_across_batches():
+    model = tiny_model()
+    batches = list(loader(torch.randint(0, 11, (401,)), 4, 10))
+    model.training_step(batches[0], 0)
+    first = model._carried["train"]
+    assert first is not None and not first[0].h.requires_grad
+    _, out = model(batches[1][0], first)
+    model.training_step(batches[1], 1)
+    torch.testing.assert_close(model._carried["train"][0].h, out.state[0].h)
+    model.on_train_epoch_start()
+    assert model._carried["train"] is None
+
+
+def test_input_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="batch, time"):
+        model(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab has 2 symbols"):
+        tiny_model(vocab_size=3, vocab=["a", "b"])
+
+
+def test_overfits_a_repeated_text_below_0_2_bpc():
+    text = "the cat sat on the mat. the dog ate the hat. " * 30
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(c) for c in text])
+    torch.manual_seed(0)
+    model = tiny_model(vocab_size=len(vocab), hidden=64, layers=2, embedding_dim=32, lr=0.01)
+    trainer = pl.Trainer(
+        max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", callbacks=[SlopeAnnealing(a_max=3, rate=0.05)],
+    )
+    start = time.time()
+    trainer.fit(model, train_dataloaders=loader(ids, 8, 40), val_dataloaders=loader(ids, 8, 40))
+    elapsed = time.time() - start
+    bpc = trainer.callback_metrics["val/bpc"].item()
+    assert bpc < 0.2, bpc
+    assert elapsed < 90, elapsed
+    assert float(model.estimator.slope) == pytest.approx(1 + 0.05 * 39)
+
+
+def test_reinforce_adds_its_loss_and_trains():
+    model = tiny_model(estimator=ReinforceEstimator())
+    batch = next(iter(loader(torch.randint(0, 11, (401,)), 4, 10)))
+    model.log = lambda *a, **k: None  # outside a Trainer
+    loss = model.training_step(batch, 0)
+    loss.backward()
+    logit_weights = [c.bottom_up.weight.grad[-1].abs().sum() for c in model.stack.cells[:2]]
+    assert all(g > 0 for g in logit_weights)  # the detectors get a gradient only from the score function
+
+
+def test_lstm_baseline_model_runs():
+    model = HMRNNLanguageModel(
+        vocab_size=7, stack=functools.partial(LSTMStack, hidden_sizes=[12, 12], layer_norm=True),
+        head=functools.partial(SoftmaxHead, embed_dim=12), embedding_dim=6,
+    )
+    logits, out = model(torch.randint(0, 7, (2, 9)))
+    assert logits.shape == (2, 9, 7) and model.estimator is None
+    assert math.isfinite(model.head.nll(logits, torch.zeros(2, 9, dtype=torch.long)).mean().item())
