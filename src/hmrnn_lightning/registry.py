@@ -34,7 +34,13 @@ BUILTIN: dict[str, dict[str, str]] = {
     "heads": {
         "softmax": "hmrnn_lightning.heads.SoftmaxHead",
     },
-    "datamodules": {},
+    "datamodules": {
+        "ptb": "hmrnn_lightning.data.PTBDataModule",
+        "text8": "hmrnn_lightning.data.Text8DataModule",
+        "enwik8": "hmrnn_lightning.data.Enwik8DataModule",
+        "text": "hmrnn_lightning.data.TextDataModule",
+        "synthetic": "hmrnn_lightning.data.SyntheticDataModule",
+    },
 }
 
 KINDS = tuple(BUILTIN)

@@ -64,7 +64,7 @@ class HMRNNLanguageModel(pl.LightningModule):
             raise ValueError(f"HMRNNLanguageModel: vocab has {len(vocab)} symbols but vocab_size is {vocab_size}")
         if lr <= 0 or lr_decay_factor < 1:
             raise ValueError(f"HMRNNLanguageModel: need lr > 0 and lr_decay_factor >= 1, got {lr}, {lr_decay_factor}")
-        self.save_hyperparameters(ignore=["stack", "head"])
+        self.save_hyperparameters()  # under the CLI these are the resolved config, so checkpoints reload
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.stack = stack if isinstance(stack, RecurrentStack) else stack(embedding_dim)
         if not isinstance(self.stack, RecurrentStack):
@@ -173,6 +173,36 @@ class HMRNNLanguageModel(pl.LightningModule):
             gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
         if gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+
+    # -- generation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prime: str = "", length: int = 200, temperature: float = 1.0) -> str:
+        """Read ``prime``, then sample ``length`` symbols one at a time, carrying the state.
+
+        Needs the vocabulary (stored in checkpoints written by the CLI).
+        """
+        if self.vocab is None:
+            raise ValueError("HMRNNLanguageModel.generate: this model has no vocabulary (train it with a datamodule)")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        index = {s: i for i, s in enumerate(self.vocab)}
+        unknown = sorted({c for c in prime if c not in index})
+        if unknown:
+            raise ValueError(f"the prime contains symbols the model does not know: {unknown}")
+        was_training = self.training
+        self.eval()
+        device = self.embedding.weight.device
+        ids = [index[c] for c in prime] or [0]
+        logits, out = self(torch.tensor([ids], device=device))
+        state, produced = out.state, []
+        for _ in range(length):
+            probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1)
+            produced.append(int(nxt))
+            logits, out = self(nxt, state)
+            state = out.state
+        self.train(was_training)
+        return prime + "".join(self.vocab[i] for i in produced)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,0 +1,280 @@
+"""The ``hmrnn`` command: LightningCLI plus listing, sampling and ablation tables.
+
+``hmrnn fit|validate|test|predict`` are LightningCLI subcommands; ``hmrnn list``,
+``hmrnn sample`` and ``hmrnn ablate`` are small commands of their own (``hmrnn <cmd> --help``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from hmrnn_lightning import registry
+from hmrnn_lightning.data.base import DataError
+
+#: config keys whose ``class_path`` may be a registered short name, and the registry kind of each
+KEY_KINDS = {"estimator": "estimators", "stack": "stacks", "head": "heads", "data": "datamodules"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with where and why."""
+
+
+def expand_short_names(node: Any, key: str | None = None, where: str = "config") -> Any:
+    """Replace registered short names (``step``, ``hm``, ``ptb``...) in ``class_path`` by full class paths.
+
+    Saved configs therefore always hold full class paths.
+    """
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "class_path" and isinstance(v, str) and "." not in v:
+                out[k] = _full_path(v, key, where)
+            else:
+                out[k] = expand_short_names(v, k if k not in ("init_args", "dict_kwargs") else key, where)
+        return out
+    if isinstance(node, list):
+        return [expand_short_names(v, key, where) for v in node]
+    return node
+
+
+def _full_path(name: str, key: str | None, where: str) -> str:
+    kinds = [KEY_KINDS[key]] if key in KEY_KINDS else list(registry.KINDS)
+    for kind in kinds:
+        names = registry.available(kind)
+        if name in names:
+            return names[name]
+    return name  # not a registered name: jsonargparse may still resolve a class name
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Saves the resolved config beside the run and sends it to the logger (W&B, CSV...)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is not None:
+            flat = self.parser.dump(self.config, skip_none=False, format="yaml")
+            trainer.logger.log_hyperparams({"config": yaml.safe_load(flat)})
+
+
+class HMRNNCLI(LightningCLI):
+    """LightningCLI for hmrnn-lightning: links the vocabulary from the datamodule to the model,
+    accepts registered short names, and turns bad input into one clear message."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("save_config_callback", SaveAndLogConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab", "model.init_args.vocab", compute_fn=_symbols, apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        argv = list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, rewrite_argv(argv))
+
+
+def _symbols(vocab) -> list[str]:
+    return list(vocab.symbols)
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """Inline ``--config`` files with short names expanded, and expand ``--x.class_path=name``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = None
+        if arg == "--config" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 1
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            out += ["--config", load_config_text(value)]
+        elif arg.startswith("--") and "=" in arg and arg.split("=", 1)[0].endswith(("estimator", "class_path", "stack", "head", "data")):
+            flag, val = arg.split("=", 1)
+            parts = flag.lstrip("-").split(".")
+            key = parts[-2] if parts[-1] == "class_path" and len(parts) > 1 else parts[-1]
+            out.append(f"{flag}={_full_path(val, key, flag) if '.' not in val and not val.startswith('{') else val}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def load_config_text(path_or_text: str) -> str:
+    path = Path(path_or_text)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if data is None:
+            return "{}"
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of sections (trainer, model, data...)")
+        return yaml.safe_dump(expand_short_names(data, where=str(path)), sort_keys=False)
+    return path_or_text
+
+
+# -- small commands ------------------------------------------------------------------------------------------
+
+
+def cmd_list(argv: list[str]) -> int:
+    """hmrnn list [KIND]: the registered components, plugins included."""
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: hmrnn list [KIND]\n\nLists short names and class paths of components; kinds: " + ", ".join(registry.KINDS))
+        return 0
+    kinds = argv or list(registry.KINDS)
+    for kind in kinds:
+        if kind not in registry.KINDS:
+            raise registry.RegistryError(f"unknown kind {kind!r}; kinds are {', '.join(registry.KINDS)}")
+        plugins = registry.plugin_entry_points(kind)
+        print(f"{kind}:")
+        for name, path in registry.available(kind).items():
+            tag = "  (plugin)" if name in plugins and name not in registry.BUILTIN[kind] else ""
+            print(f"  {name:<12} {path}{tag}")
+    return 0
+
+
+def cmd_sample(argv: list[str]) -> int:
+    """hmrnn sample: generate text from a checkpoint."""
+    import argparse
+
+    import torch
+
+    from hmrnn_lightning.models.language_model import HMRNNLanguageModel
+
+    p = argparse.ArgumentParser(prog="hmrnn sample", description="Generate text from a trained language model checkpoint.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit`")
+    p.add_argument("--prime", default="", help="text the model reads before generating")
+    p.add_argument("--length", type=int, default=200, help="symbols to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; lower is greedier)")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    args = p.parse_args(argv)
+    if not Path(args.ckpt_path).is_file():
+        raise DataError(f"checkpoint not found: {args.ckpt_path}")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model = HMRNNLanguageModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    print(model.generate(args.prime, args.length, args.temperature))
+    return 0
+
+
+def cmd_ablate(argv: list[str]) -> int:
+    """hmrnn ablate: run a base config with each overlay, collect BPC into CSV and Markdown."""
+    import argparse
+    import csv
+
+    p = argparse.ArgumentParser(
+        prog="hmrnn ablate",
+        description="Fit and test the base config once per overlay (and once alone), then write "
+        "OUT/results.csv and OUT/results.md with validation and test BPC. Extra arguments after "
+        "`--` go to every run. With W&B on, runs share the group WANDB_RUN_GROUP=<name>.",
+    )
+    p.add_argument("--base", required=True, help="base config (e.g. configs/ptb_step_anneal.yaml)")
+    p.add_argument("--overlays", nargs="*", default=[], help="overlay configs, one run each")
+    p.add_argument("--out", default="runs/ablation", help="output folder")
+    p.add_argument("--name", default="ablation", help="group name for loggers")
+    p.add_argument("--no-baseline", action="store_true", help="skip the run of the base config alone")
+    own, _, extra = _split_dashdash(argv)
+    args = p.parse_args(own)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_RUN_GROUP", args.name)
+    runs = ([] if args.no_baseline else [("base", None)]) + [(Path(o).stem, o) for o in args.overlays]
+    rows = []
+    for name, overlay in runs:
+        cfg = ["--config", args.base] + (["--config", overlay] if overlay else [])
+        run_dir = out / name
+        common = cfg + [f"--trainer.default_root_dir={run_dir}"] + extra
+        cli = HMRNNCLI(args=["fit"] + common, run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        val = cli.trainer.callback_metrics.get("val/bpc")
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=None)
+        test = cli.trainer.callback_metrics.get("test/bpc")
+        rows.append({"run": name, "overlay": overlay or "", "val_bpc": _num(val), "test_bpc": _num(test)})
+        _write_tables(out, rows)
+    print((out / "results.md").read_text())
+    return 0
+
+
+def _num(x) -> str:
+    return "" if x is None else f"{float(x):.4f}"
+
+
+def _write_tables(out: Path, rows: list[dict]) -> None:
+    import csv
+
+    tmp = out / "results.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(out / "results.csv")
+    lines = ["| run | overlay | val BPC | test BPC |", "|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['overlay']} | {r['val_bpc']} | {r['test_bpc']} |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _split_dashdash(argv: list[str]) -> tuple[list[str], str, list[str]]:
+    if "--" in argv:
+        k = argv.index("--")
+        return argv[:k], "--", argv[k + 1 :]
+    return argv, "", []
+
+
+COMMANDS = {"list": cmd_list, "sample": cmd_sample, "ablate": cmd_ablate}
+EXPECTED_ERRORS = (ConfigError, DataError, registry.RegistryError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hmrnn`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+    for failure in registry.load_plugins():
+        print(f"hmrnn: warning: {failure}", file=sys.stderr)
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        if argv and argv[0] in ("-h", "--help"):
+            print(__doc__.strip().splitlines()[0] + "\n\nextra commands: hmrnn list | sample | ablate  (each takes --help)\n")
+        HMRNNCLI(args=argv)
+        return 0
+    except EXPECTED_ERRORS as exc:
+        if os.environ.get("HMRNN_DEBUG"):
+            raise
+        print(f"hmrnn: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:
+        if os.environ.get("HMRNN_DEBUG") or not _from_instantiation(exc):
+            raise
+        print(f"hmrnn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _from_instantiation(exc: BaseException) -> bool:
+    """True when the error was raised by one of our components' constructors (bad config values)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "__init__" and "hmrnn_lightning" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Shared base of the character-stream datamodules: cache, vocabulary, contiguous streams."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from hmrnn_lightning.data.streams import StreamWindows
+from hmrnn_lightning.data.vocab import UNK, Vocabulary
+
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(RuntimeError):
+    """Missing, empty or unreadable data, with what to do about it."""
+
+
+class CharStreamDataModule(pl.LightningDataModule):
+    """Base: the text becomes symbol ids once, cached on disk with its vocabulary, and is
+    served as ``batch_size`` contiguous streams cut into ``seq_len`` windows, in order.
+
+    Subclasses implement :meth:`read_splits`, returning the three splits as sequences of
+    symbols (``str`` for characters, ``list`` of symbols such as ``"\\n"``), and may set
+    :meth:`fixed_vocabulary`.
+
+    The cache is a folder holding ``train.npy``, ``valid.npy``, ``test.npy`` and
+    ``vocab.json``; it is written into a temporary folder and renamed into place, so an
+    interrupted build leaves nothing half-written. Arrays are memory-mapped on load.
+
+    Args:
+        batch_size: streams per batch (per device under DDP).
+        seq_len: truncated-BPTT window length.
+        eval_batch_size: streams for validation / test (default: ``batch_size``).
+        cache_dir: where caches go (default: ``.hmrnn_cache`` beside the data, or ``~/.cache/hmrnn``).
+    """
+
+    name = "chars"
+    #: add an unknown symbol to the vocabulary for symbols of valid/test never seen in train
+    add_unknown = True
+
+    def __init__(
+        self, batch_size: int = 64, seq_len: int = 100, eval_batch_size: int | None = None, cache_dir: str | None = None
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0 or seq_len <= 0:
+            raise ValueError(f"{type(self).__name__}: batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.cache_dir = cache_dir
+        self._arrays: dict[str, np.ndarray] = {}
+        self._vocab: Vocabulary | None = None
+
+    # -- to override ---------------------------------------------------------------------------
+    def read_splits(self) -> dict[str, Sequence[str]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fixed_vocabulary(self) -> Vocabulary | None:
+        """A vocabulary fixed by the corpus definition, or None to take it from the train split."""
+        return None
+
+    def cache_key(self) -> str:
+        """Identifies the source data and settings; a change makes a new cache."""
+        return self.name
+
+    def default_cache_root(self) -> Path:
+        return Path(os.environ.get("HMRNN_CACHE", Path.home() / ".cache" / "hmrnn"))
+
+    # -- cache -----------------------------------------------------------------------------------------
+    @property
+    def cache_path(self) -> Path:
+        root = Path(self.cache_dir) if self.cache_dir else self.default_cache_root()
+        digest = hashlib.sha1(self.cache_key().encode()).hexdigest()[:12]
+        return root / f"{self.name}-{digest}"
+
+    def _build_cache(self) -> None:
+        splits = self.read_splits()
+        for split in SPLITS:
+            if split not in splits or len(splits[split]) == 0:
+                raise DataError(f"{type(self).__name__}: the {split} split is empty")
+        vocab = self.fixed_vocabulary() or Vocabulary.from_sequence(splits["train"], UNK if self.add_unknown else None)
+        arrays = {s: vocab.encode(splits[s], split=s) for s in SPLITS}
+        final = self.cache_path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+        try:
+            for split, arr in arrays.items():
+                np.save(tmp / f"{split}.npy", arr)
+            (tmp / "vocab.json").write_text(vocab.to_json())
+            (tmp / "meta.json").write_text(json.dumps({"key": self.cache_key(), "lengths": {s: len(a) for s, a in arrays.items()}}))
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / "meta.json").exists():  # not another rank's finished copy
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def prepare_data(self) -> None:
+        if not (self.cache_path / "meta.json").exists():
+            self._build_cache()
+
+    def _load(self) -> None:
+        if self._vocab is not None:
+            return
+        self.prepare_data()
+        self._vocab = Vocabulary.load(self.cache_path / "vocab.json")
+        self._arrays = {s: np.load(self.cache_path / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+
+    # -- public -------------------------------------------------------------------------------------------
+    @property
+    def vocab(self) -> Vocabulary:
+        self._load()
+        assert self._vocab is not None
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def split_ids(self, split: str) -> torch.Tensor:
+        self._load()
+        return torch.from_numpy(np.asarray(self._arrays[split], dtype=np.int64))
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, split: str, streams: int, drop_last: bool) -> DataLoader:
+        rank, world = self._rank()
+        ids = self.split_ids(split)
+        if ids.numel() // (streams * world) <= self.seq_len and drop_last:
+            raise DataError(
+                f"{type(self).__name__}: seq_len {self.seq_len} is longer than each stream of the {split} split "
+                f"({ids.numel()} symbols in {streams * world} streams)"
+            )
+        return DataLoader(StreamWindows(ids, streams, self.seq_len, rank, world, drop_last), batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", self.eval_batch_size, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, drop_last=False)
+
+
+def read_text_file(path: Path, encoding: str = "utf-8") -> str:
+    """Whole file as text, with errors that say which file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not valid {encoding} text (byte {exc.start}: {exc.reason}); "
+                        f"give the right encoding or read it as bytes") from None
+    if not text:
+        raise DataError(f"{path} is empty")
+    return text

@@ -1,0 +1,92 @@
+"""Penn Treebank in Mikolov's character preprocessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from hmrnn_lightning.data.base import CharStreamDataModule, read_text_file
+
+EOL = "\n"
+
+
+def ptb_char_symbols(text: str) -> list[str]:
+    """``ptb.char.*.txt``: symbols separated by spaces, ``_`` between words, one sentence a line.
+
+    Every line becomes its symbols followed by the end-of-line symbol ``"\\n"``. Blank
+    lines are skipped: the char files end with one, the word files do not.
+    """
+    out: list[str] = []
+    for line in text.splitlines():
+        if line.strip():
+            out.extend(line.split())
+            out.append(EOL)
+    return out
+
+
+def ptb_word_symbols(text: str) -> list[str]:
+    """``ptb.*.txt`` (words separated by spaces) turned into the same symbols as the char files."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if line.strip():
+            out.extend("_".join(line.split()))
+            out.append(EOL)
+    return out
+
+
+class PTBDataModule(CharStreamDataModule):
+    """Penn Treebank characters (Mikolov et al. 2012): 50 symbols, ``_`` between words, ``\\n`` ends a sentence.
+
+    Reads ``ptb.char.{train,valid,test}.txt`` from ``data_dir`` (or, with ``source="word"``,
+    builds the same streams from ``ptb.{train,valid,test}.txt``). When the files are absent
+    the corpus is fetched with ``datasets`` (``ptb_text_only``) and converted.
+
+    Args:
+        data_dir: folder with Mikolov's files.
+        source: ``char`` files or ``word`` files.
+        batch_size: streams per batch (the paper: 64).
+        seq_len: window length (the paper: 100).
+        eval_batch_size: streams for validation / test.
+        cache_dir: cache folder (default ``<data_dir>/.hmrnn_cache``).
+    """
+
+    name = "ptb"
+    add_unknown = False  # the 50 symbols are closed; an unseen one is an error, not <unk>
+
+    def __init__(
+        self,
+        data_dir: str = "data/ptb",
+        source: Literal["char", "word"] = "char",
+        batch_size: int = 64,
+        seq_len: int = 100,
+        eval_batch_size: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(batch_size, seq_len, eval_batch_size, cache_dir)
+        self.data_dir = Path(data_dir)
+        self.source = source
+
+    def files(self) -> dict[str, Path]:
+        pattern = "ptb.char.{}.txt" if self.source == "char" else "ptb.{}.txt"
+        return {s: self.data_dir / pattern.format(s) for s in ("train", "valid", "test")}
+
+    def default_cache_root(self):
+        return self.data_dir / ".hmrnn_cache" if self.data_dir.is_dir() else super().default_cache_root()
+
+    def cache_key(self) -> str:
+        return f"ptb:{self.source}:{self.data_dir.resolve()}"
+
+    def read_splits(self):
+        files = self.files()
+        convert = ptb_char_symbols if self.source == "char" else ptb_word_symbols
+        if all(p.is_file() for p in files.values()):
+            return {s: convert(read_text_file(p)) for s, p in files.items()}
+        missing = [str(p) for p in files.values() if not p.is_file()]
+        from hmrnn_lightning.data.hub import fetch_splits
+
+        texts = fetch_splits(
+            "ptb_text_only", field="sentence",
+            hint=f"put Mikolov's files {', '.join(p.name for p in files.values())} in {self.data_dir} "
+            f"(missing: {', '.join(missing)}) or pass --data.data_dir",
+        )
+        return {s: ptb_word_symbols(t) for s, t in texts.items()}
