@@ -46,12 +46,22 @@ def expand_short_names(node: Any, key: str | None = None, where: str = "config")
 
 
 def _full_path(name: str, key: str | None, where: str) -> str:
+    """Full class path for a registered short name or class name; unknown names under a
+    known key (estimator, stack, head, data) are an error listing what exists."""
     kinds = [KEY_KINDS[key]] if key in KEY_KINDS else list(registry.KINDS)
     for kind in kinds:
         names = registry.available(kind)
         if name in names:
+            registry.resolve(kind, name)  # a plugin that fails to import is reported here, by name
             return names[name]
-    return name  # not a registered name: jsonargparse may still resolve a class name
+        by_class = {path.rsplit(".", 1)[-1]: path for path in names.values()}
+        if name in by_class:
+            return by_class[name]
+    if key in KEY_KINDS:
+        kind = KEY_KINDS[key]
+        known = ", ".join(registry.available(kind))
+        raise registry.RegistryError(f"{where}: unknown {kind[:-1]} {name!r} for {key!r}; known {kind}: {known}; or give a full class path")
+    return name  # jsonargparse may still resolve it
 
 
 class SaveAndLogConfig(SaveConfigCallback):
