@@ -184,6 +184,32 @@ def cmd_sample(argv: list[str]) -> int:
     return 0
 
 
+def cmd_plot_boundaries(argv: list[str]) -> int:
+    """hmrnn plot-boundaries: the paper's Figures 3-4 for a text, from a checkpoint."""
+    import argparse
+
+    from hmrnn_lightning.models.language_model import HMRNNLanguageModel
+    from hmrnn_lightning.viz import plot_boundaries
+
+    p = argparse.ArgumentParser(
+        prog="hmrnn plot-boundaries",
+        description="Draw each layer's boundaries (white/black blocks) and the l2 norm of each layer's h "
+        "for a text, as in Figures 3 and 4 of the paper.",
+    )
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit`")
+    p.add_argument("--text", required=True, help="the text to analyse (symbols of the model's vocabulary)")
+    p.add_argument("--out", default="boundaries.png", help="PNG file to write")
+    args = p.parse_args(argv)
+    if not Path(args.ckpt_path).is_file():
+        raise DataError(f"checkpoint not found: {args.ckpt_path}")
+    model = HMRNNLanguageModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    text = args.text.encode().decode("unicode_escape") if "\\" in args.text else args.text
+    z, norms = model.analyse(text)
+    path = plot_boundaries(text, z.numpy(), norms.numpy(), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_ablate(argv: list[str]) -> int:
     """hmrnn ablate: run a base config with each overlay, collect BPC into CSV and Markdown."""
     import argparse
@@ -247,7 +273,7 @@ def _split_dashdash(argv: list[str]) -> tuple[list[str], str, list[str]]:
     return argv, "", []
 
 
-COMMANDS = {"list": cmd_list, "sample": cmd_sample, "ablate": cmd_ablate}
+COMMANDS = {"list": cmd_list, "sample": cmd_sample, "ablate": cmd_ablate, "plot-boundaries": cmd_plot_boundaries}
 EXPECTED_ERRORS = (ConfigError, DataError, registry.RegistryError)
 
 
@@ -261,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         if argv and argv[0] in ("-h", "--help"):
-            print(__doc__.strip().splitlines()[0] + "\n\nextra commands: hmrnn list | sample | ablate  (each takes --help)\n")
+            print(__doc__.strip().splitlines()[0] + "\n\nextra commands: hmrnn list | sample | plot-boundaries | ablate  (each takes --help)\n")
         HMRNNCLI(args=argv)
         return 0
     except EXPECTED_ERRORS as exc:

@@ -61,6 +61,9 @@ class CharStreamDataModule(pl.LightningDataModule):
         self._arrays: dict[str, np.ndarray] = {}
         self._vocab: Vocabulary | None = None
 
+    #: symbols that end a word; their positions are the known "word" boundaries
+    word_end_symbols: tuple[str, ...] = (" ", "\n")
+
     # -- to override ---------------------------------------------------------------------------
     def read_splits(self) -> dict[str, Sequence[str]]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -132,6 +135,18 @@ class CharStreamDataModule(pl.LightningDataModule):
         self._load()
         return torch.from_numpy(np.asarray(self._arrays[split], dtype=np.int64))
 
+    def boundary_levels(self) -> list[str]:
+        """Names of the known boundary levels served with validation / test windows."""
+        return ["word"]
+
+    def boundary_labels(self, split: str) -> torch.Tensor | None:
+        """``[N, levels]`` 0/1: known boundaries after each symbol of ``split`` (None if unknown)."""
+        ids = self.split_ids(split)
+        ends = [self.vocab.index[s] for s in self.word_end_symbols if s in self.vocab.index]
+        if not ends:
+            return None
+        return torch.isin(ids, torch.tensor(ends)).to(torch.uint8).unsqueeze(-1)
+
     def setup(self, stage: str | None = None) -> None:
         self._load()
 
@@ -141,24 +156,31 @@ class CharStreamDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, split: str, streams: int, drop_last: bool) -> DataLoader:
+    def _loader(self, split: str, streams: int, drop_last: bool, labels: bool = False) -> DataLoader:
         rank, world = self._rank()
         ids = self.split_ids(split)
+        lab = self.boundary_labels(split) if labels else None
         if ids.numel() // (streams * world) <= self.seq_len and drop_last:
             raise DataError(
                 f"{type(self).__name__}: seq_len {self.seq_len} is longer than each stream of the {split} split "
                 f"({ids.numel()} symbols in {streams * world} streams)"
             )
-        return DataLoader(StreamWindows(ids, streams, self.seq_len, rank, world, drop_last), batch_size=None)
+        if ids.numel() // (streams * world) < 2:
+            raise DataError(
+                f"{type(self).__name__}: the {split} split ({ids.numel()} symbols) is too short for "
+                f"{streams * world} streams; lower the batch size"
+            )
+        windows = StreamWindows(ids, streams, self.seq_len, rank, world, drop_last, labels=lab)
+        return DataLoader(windows, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", self.eval_batch_size, drop_last=False)
+        return self._loader("valid", self.eval_batch_size, drop_last=False, labels=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, drop_last=False)
+        return self._loader("test", self.eval_batch_size, drop_last=False, labels=True)
 
 
 def read_text_file(path: Path, encoding: str = "utf-8") -> str:

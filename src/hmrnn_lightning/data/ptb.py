@@ -51,6 +51,7 @@ class PTBDataModule(CharStreamDataModule):
     """
 
     name = "ptb"
+    word_end_symbols = ("_", "\n")
     add_unknown = False  # the 50 symbols are closed; an unseen one is an error, not <unk>
 
     def __init__(

@@ -41,10 +41,13 @@ class StreamWindows(IterableDataset):
         rank: this process's rank.
         world_size: number of processes.
         drop_last: drop a final window shorter than ``seq_len`` (training keeps shapes static).
+        labels: optional ``[N, levels]`` known boundaries of every symbol; windows then come as
+            ``(inputs, targets, labels_of_inputs)``.
     """
 
     def __init__(
-        self, ids: Tensor, streams: int, seq_len: int, rank: int = 0, world_size: int = 1, drop_last: bool = False
+        self, ids: Tensor, streams: int, seq_len: int, rank: int = 0, world_size: int = 1, drop_last: bool = False,
+        labels: Tensor | None = None,
     ) -> None:
         super().__init__()
         if streams <= 0 or seq_len <= 0:
@@ -58,6 +61,11 @@ class StreamWindows(IterableDataset):
                 f"({rows.shape[1]} symbols from {ids.numel()}); use a smaller seq_len or batch size"
             )
         self.data = rows[rank * streams : (rank + 1) * streams]
+        self.labels = None
+        if labels is not None:
+            n = rows.numel()
+            lab = labels[:n].reshape(streams * world_size, rows.shape[1], -1)
+            self.labels = lab[rank * streams : (rank + 1) * streams]
         self.seq_len = seq_len
         self.drop_last = drop_last
 
@@ -69,4 +77,5 @@ class StreamWindows(IterableDataset):
         for k in range(len(self)):
             start = k * self.seq_len
             stop = min(start + self.seq_len, self.data.shape[1] - 1)
-            yield self.data[:, start:stop], self.data[:, start + 1 : stop + 1]
+            window = (self.data[:, start:stop], self.data[:, start + 1 : stop + 1])
+            yield window if self.labels is None else window + (self.labels[:, start:stop],)

@@ -127,6 +127,15 @@ class SyntheticDataModule(CharStreamDataModule):
         t = self.corpus.text
         return {"train": t[:a], "valid": t[a:b], "test": t[b:]}
 
+    def boundary_levels(self) -> list[str]:
+        return list(LEVELS)
+
+    def boundary_labels(self, split: str):
+        import torch
+
+        marks = self.split_boundaries(split)
+        return torch.from_numpy(np.stack([marks[level] for level in LEVELS], axis=-1))
+
     def split_boundaries(self, split: str) -> dict[str, np.ndarray]:
         """Known boundaries of a split, aligned with :meth:`split_ids`."""
         a, b = self._bounds()

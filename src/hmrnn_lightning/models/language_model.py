@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 from hmrnn_lightning.heads.base import Head
-from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryStatistics
+from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics
 
 StackFactory = Callable[[int], RecurrentStack]
 HeadFactory = Callable[[list[int], int], Head]
@@ -43,6 +43,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         grad_clip_norm: clip the global gradient norm to this (None: no clipping);
             a Trainer ``gradient_clip_val`` overrides it.
         vocab: the symbols, stored in checkpoints so a model can be used without its data.
+        boundary_tolerance: steps of slack when boundary F1 is scored against known boundaries.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         lr_patience: int = 0,
         grad_clip_norm: float | None = 1.0,
         vocab: list[str] | None = None,
+        boundary_tolerance: int = 0,
     ) -> None:
         super().__init__()
         if vocab_size <= 0:
@@ -79,6 +81,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         self.train_bpc, self.val_bpc, self.test_bpc = BitsPerCharacter(), BitsPerCharacter(), BitsPerCharacter()
         self.val_boundaries, self.test_boundaries = BoundaryStatistics(L), BoundaryStatistics(L)
         self._carried: dict[str, State | None] = {"train": None, "val": None, "test": None}
+        self._f1: dict[str, BoundaryF1] = {}
 
     # -- model ---------------------------------------------------------------------------
     @property
@@ -108,11 +111,24 @@ class HMRNNLanguageModel(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._carried["test"] = None
 
-    def _run(self, batch: Any, stage: str) -> tuple[Tensor, StackOutput, Tensor]:
-        inputs, targets = batch
+    def _run(self, batch: Any, stage: str) -> tuple[Tensor, StackOutput, Tensor | None]:
+        """Batches are ``(inputs, targets)`` or ``(inputs, targets, known_boundaries)``."""
+        inputs, targets, *rest = batch
         logits, out = self(inputs, self._state_for(stage, inputs.shape[0]))
         self._carried[stage] = detach_state(out.state)
-        return self.head.nll(logits, targets), out, targets
+        return self.head.nll(logits, targets), out, (rest[0] if rest else None)
+
+    def _boundary_f1(self, stage: str, labels: Tensor) -> BoundaryF1:
+        """Created on the first batch with known boundaries, named after the datamodule's levels."""
+        metric = self._f1.get(stage)
+        if metric is None:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            levels = dm.boundary_levels() if dm is not None and hasattr(dm, "boundary_levels") else None
+            if levels is None or len(levels) != labels.shape[-1]:
+                levels = [f"level{k + 1}" for k in range(labels.shape[-1])]
+            metric = BoundaryF1(self.stack.num_layers - 1, levels, self.hparams.boundary_tolerance).to(labels.device)
+            self._f1[stage] = metric
+        return metric
 
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -132,24 +148,30 @@ class HMRNNLanguageModel(pl.LightningModule):
             self.log(f"train/boundary_rate/l{l + 1}", rates[l], batch_size=B)
         return total
 
+    def _eval_step(self, batch: Any, stage: str, bpc: BitsPerCharacter, stats: BoundaryStatistics) -> None:
+        step_nll, out, labels = self._run(batch, stage)
+        bpc.update(step_nll)
+        stats.update(out.boundaries, out.operations)
+        if labels is not None and self.stack.num_layers > 1:
+            self._boundary_f1(stage, labels).update(out.boundaries, labels)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        step_nll, out, _ = self._run(batch, "val")
-        self.val_bpc.update(step_nll)
-        self.val_boundaries.update(out.boundaries, out.operations)
+        self._eval_step(batch, "val", self.val_bpc, self.val_boundaries)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        step_nll, out, _ = self._run(batch, "test")
-        self.test_bpc.update(step_nll)
-        self.test_boundaries.update(out.boundaries, out.operations)
+        self._eval_step(batch, "test", self.test_bpc, self.test_boundaries)
 
     def _log_epoch(self, stage: str, bpc: BitsPerCharacter, stats: BoundaryStatistics) -> None:
+        # metrics are already reduced across ranks by torchmetrics, hence sync_dist=False
         value = bpc.compute()
         self.log(f"{stage}/bpc", value, prog_bar=True, sync_dist=False)
         self.log(f"{stage}/nll", value * math.log(2.0), sync_dist=False)
-        for key, v in stats.compute().items():
-            self.log(f"{stage}/{key}", v, sync_dist=False)
+        metrics = [stats] + ([self._f1[stage]] if stage in self._f1 else [])
+        for metric in metrics:
+            for key, v in metric.compute().items():
+                self.log(f"{stage}/{key}", v, sync_dist=False)
+            metric.reset()
         bpc.reset()
-        stats.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val", self.val_bpc, self.val_boundaries)
@@ -203,6 +225,23 @@ class HMRNNLanguageModel(pl.LightningModule):
             state = out.state
         self.train(was_training)
         return prime + "".join(self.vocab[i] for i in produced)
+
+    @torch.no_grad()
+    def analyse(self, text: str) -> tuple[Tensor, Tensor]:
+        """Boundaries ``[time, layers]`` and hidden-state norms ``[time, layers]`` for a text."""
+        if self.vocab is None:
+            raise ValueError("HMRNNLanguageModel.analyse: this model has no vocabulary")
+        index = {s: i for i, s in enumerate(self.vocab)}
+        unknown = sorted({c for c in text if c not in index})
+        if unknown:
+            raise ValueError(f"the text contains symbols the model does not know: {unknown}")
+        was_training = self.training
+        self.eval()
+        ids = torch.tensor([[index[c] for c in text]], device=self.embedding.weight.device)
+        _, out = self(ids)
+        self.train(was_training)
+        norms = torch.stack([h[0].norm(dim=-1) for h in out.hidden], -1)
+        return out.boundaries[0].cpu(), norms.cpu()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

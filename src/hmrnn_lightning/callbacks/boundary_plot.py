@@ -1,0 +1,51 @@
+"""Draws the boundary figure at the end of validation and hands it to the logger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from hmrnn_lightning.viz.boundaries import plot_boundaries
+
+
+class BoundaryPlot(pl.Callback):
+    """After each validation run, plot a text window (Figures 3-4) into ``<log_dir>/boundaries/``
+    and log it as an image where the logger can take one (W&B, TensorBoard).
+
+    Args:
+        text: the text to draw; default: the first ``length`` symbols of the validation split.
+        length: symbols taken from the validation split when ``text`` is not given.
+        every_n_epochs: draw every this many epochs.
+    """
+
+    def __init__(self, text: str | None = None, length: int = 80, every_n_epochs: int = 1) -> None:
+        self.text, self.length, self.every_n_epochs = text, length, every_n_epochs
+
+    def _text(self, trainer: pl.Trainer) -> str | None:
+        if self.text is not None:
+            return self.text
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "split_ids"):
+            return None
+        return dm.vocab.decode(dm.split_ids("valid")[: self.length])
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch % self.every_n_epochs:
+            return
+        text = self._text(trainer)
+        if not text or getattr(pl_module, "vocab", None) is None:
+            return
+        z, norms = pl_module.analyse(text)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "boundaries"
+        path = plot_boundaries(text, z.numpy(), norms.numpy(), out_dir / f"epoch{trainer.current_epoch:04d}.png",
+                               title=f"epoch {trainer.current_epoch}")
+        logger = trainer.logger
+        if logger is None:
+            return
+        if hasattr(logger, "log_image"):  # WandbLogger
+            logger.log_image(key="boundaries", images=[str(path)], step=trainer.global_step)
+        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+            import matplotlib.image as mpimg
+
+            logger.experiment.add_image("boundaries", mpimg.imread(path), trainer.global_step, dataformats="HWC")

@@ -1,0 +1,47 @@
+import torch
+
+from hmrnn_lightning.metrics import BoundaryF1
+
+
+def test_oracle_scores_one_and_shifted_oracle_needs_tolerance():
+    true = (torch.rand(4, 200, 1) < 0.2).float()
+    z = torch.cat([true, torch.zeros(4, 200, 1)], -1)  # layer 1 = oracle, top layer column
+    m = BoundaryF1(1, ["word"])
+    m.update(z, true)
+    assert m.compute()["boundary_f1/l1_word"].item() == 1.0
+    shifted = torch.roll(true, 1, dims=1)
+    strict, loose = BoundaryF1(1, ["word"]), BoundaryF1(1, ["word"], tolerance=1)
+    strict.update(shifted, true)
+    loose.update(shifted, true)
+    assert strict.compute()["boundary_f1/l1_word"].item() < 0.35
+    assert loose.compute()["boundary_f1/l1_word"].item() > 0.97
+
+
+def test_random_detector_scores_chance():
+    torch.manual_seed(0)
+    q, r = 0.2, 0.3  # true boundary rate, prediction rate
+    true = (torch.rand(8, 5000, 1) < q).float()
+    pred = (torch.rand(8, 5000, 1) < r).float()
+    m = BoundaryF1(1, ["word"])
+    m.update(pred, true)
+    out = m.compute()
+    # independent: precision = q, recall = r, F1 = 2qr / (q + r) = 0.24; with ~8000 true and
+    # ~12000 predicted boundaries each estimate has sd < 0.0055, so 0.02 is about 4 sd
+    assert abs(out["boundary_precision/l1_word"].item() - q) < 0.02
+    assert abs(out["boundary_recall/l1_word"].item() - r) < 0.02
+    assert abs(out["boundary_f1/l1_word"].item() - 2 * q * r / (q + r)) < 0.02
+
+
+def test_layers_and_levels_are_scored_separately():
+    true = torch.zeros(1, 6, 2)
+    true[0, [1, 3, 5], 0] = 1  # words
+    true[0, [5], 1] = 1  # phrase
+    z = torch.zeros(1, 6, 3)
+    z[0, [1, 3, 5], 0] = 1
+    z[0, [5], 1] = 1
+    m = BoundaryF1(2, ["word", "phrase"])
+    m.update(z, true)
+    out = m.compute()
+    assert out["boundary_f1/l1_word"] == 1 and out["boundary_f1/l2_phrase"] == 1
+    assert abs(out["boundary_precision/l1_phrase"].item() - 1 / 3) < 1e-6
+    assert abs(out["boundary_recall/l2_word"].item() - 1 / 3) < 1e-6
