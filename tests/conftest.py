@@ -5,7 +5,8 @@ import os
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+if not os.environ.get("HMRNN_TEST_CUDA"):  # CPU unless GPU checks are asked for explicitly
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from pathlib import Path  # noqa: E402
 

@@ -10,8 +10,19 @@ from hmrnn_lightning.registry import RegistryError
 B, T, D = 3, 12, 5
 
 
+@pytest.fixture(params=["reference", "fused"], autouse=True)
+def impl(request, monkeypatch):
+    """Every test here runs on both implementations."""
+    monkeypatch.setattr("tests.cells.test_stack.IMPL", request.param)
+    return request.param
+
+
+IMPL = "reference"
+
+
 def stack(**kw):
     kw.setdefault("estimator", StepEstimator())
+    kw.setdefault("impl", IMPL if kw.get("cell", "hm_lstm") == "hm_lstm" else "reference")
     return HMStack(D, [8, 7, 6], **kw)
 
 

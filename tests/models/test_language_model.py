@@ -2,7 +2,6 @@
 
 import functools
 import math
-import time
 
 import lightning.pytorch as pl
 import pytest
@@ -61,12 +60,10 @@ def test_overfits_a_repeated_text_below_0_2_bpc():
         max_epochs=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, accelerator="cpu", callbacks=[SlopeAnnealing(a_max=3, rate=0.05)],
     )
-    start = time.time()
+    # 40 epochs of 4 batches: about 30 s on 2 cores (speed itself is measured in bench/, not here)
     trainer.fit(model, train_dataloaders=loader(ids, 8, 40), val_dataloaders=loader(ids, 8, 40))
-    elapsed = time.time() - start
     bpc = trainer.callback_metrics["val/bpc"].item()
     assert bpc < 0.2, bpc
-    assert elapsed < 90, elapsed
     assert float(model.estimator.slope) == pytest.approx(1 + 0.05 * 39)
 
 

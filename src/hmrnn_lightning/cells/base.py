@@ -10,6 +10,11 @@ from torch import Tensor, nn
 from hmrnn_lightning.cells.operations import Operations
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """fp16 / bf16 (autocast outputs) up to fp32; fp32 and fp64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class LayerState(NamedTuple):
     """State of one layer after a step.
 
@@ -83,7 +88,7 @@ class HMCell(nn.Module):
         nn.init.zeros_(self.bias)
 
     def _term(self, linear: nn.Linear, x: Tensor, norm_name: str) -> Tensor:
-        s = linear(x).float()  # elementwise maths in fp32 even under autocast
+        s = at_least_fp32(linear(x))  # elementwise maths in fp32 even under autocast
         if self.layer_norm:
             s = getattr(self, norm_name)(s)
         return s
@@ -107,9 +112,9 @@ class HMCell(nn.Module):
         recurrent, rest = self.preactivation_terms(h_below, z_below, h_prev, z_prev, h_above)
         return recurrent + rest
 
-    def initial_state(self, batch_size: int, device: torch.device | None = None) -> LayerState:
-        zeros = torch.zeros(batch_size, self.hidden_size, device=device)
-        return LayerState(zeros, zeros.clone(), torch.zeros(batch_size, device=device))
+    def initial_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> LayerState:
+        zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=dtype)
+        return LayerState(zeros, zeros.clone(), torch.zeros(batch_size, device=device, dtype=dtype))
 
     def forward(
         self, h_below: Tensor, z_below: Tensor, state: LayerState, h_above: Tensor | None

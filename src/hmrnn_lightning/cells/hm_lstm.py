@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from hmrnn_lightning.cells.base import CellStep, HMCell, LayerState
-from hmrnn_lightning.cells.operations import keep_if_copy, select_operations
+from hmrnn_lightning.cells.operations import select_operations
 
 
 class HMLSTMCell(HMCell):
@@ -42,14 +42,23 @@ class HMLSTMCell(HMCell):
 
     def forward(self, h_below: Tensor, z_below: Tensor, state: LayerState, h_above: Tensor | None) -> CellStep:
         s = self.preactivation(h_below, z_below, state.h, state.z, h_above)
-        H = self.hidden_size
-        f = torch.sigmoid(s[:, :H])
-        i = torch.sigmoid(s[:, H : 2 * H])
-        o = torch.sigmoid(s[:, 2 * H : 3 * H])
-        g = torch.tanh(s[:, 3 * H : 4 * H])
         ops = select_operations(z_below, state.z)
-
-        c = ops.update * (f * state.c + i * g) + ops.flush * (i * g) + ops.copy * state.c
-        h_new = o * torch.tanh(self.norm_cell(c))
-        h = keep_if_copy(ops, state.h, h_new)
+        c, h = hm_lstm_update(s, state.c, state.h, ops.update, ops.copy, ops.flush, self.norm_cell)
         return CellStep(h=h, c=c, boundary_logit=s[:, -1], ops=ops)
+
+
+def hm_lstm_update(
+    s: Tensor, c_prev: Tensor, h_prev: Tensor, update: Tensor, copy: Tensor, flush: Tensor, norm_cell: nn.Module
+) -> tuple[Tensor, Tensor]:
+    """Eqs. 2-3 for the LSTM: from the pre-activation ``s [batch, 4H + 1]`` and the operation
+    weights (``[batch, 1]`` each) to the new ``(c, h)``. Shared by the reference loop and
+    the fused path, so both apply the same rule."""
+    H = c_prev.shape[-1]
+    f = torch.sigmoid(s[:, :H])
+    i = torch.sigmoid(s[:, H : 2 * H])
+    o = torch.sigmoid(s[:, 2 * H : 3 * H])
+    g = torch.tanh(s[:, 3 * H : 4 * H])
+    c = update * (f * c_prev + i * g) + flush * (i * g) + copy * c_prev
+    h_new = o * torch.tanh(norm_cell(c))
+    h = copy * h_prev + (1.0 - copy) * h_new  # keep_if_copy, inlined so the function compiles alone
+    return c, h

@@ -8,6 +8,7 @@ of one layer at a time, exactly the paper's equations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -67,12 +68,17 @@ class RecurrentStack(nn.Module):
     def num_layers(self) -> int:
         return len(self.hidden_sizes)
 
-    def initial_state(self, batch_size: int, device: torch.device | None = None) -> State:
+    def initial_state(self, batch_size: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> State:
+        """Zeros; states are fp32 (fp64 when the input is fp64) whatever autocast does."""
         out = []
         for size in self.hidden_sizes:
-            zeros = torch.zeros(batch_size, size, device=device)
-            out.append(LayerState(zeros, zeros.clone(), torch.zeros(batch_size, device=device)))
+            zeros = torch.zeros(batch_size, size, device=device, dtype=dtype)
+            out.append(LayerState(zeros, zeros.clone(), torch.zeros(batch_size, device=device, dtype=dtype)))
         return out
+
+    @staticmethod
+    def state_dtype(x: Tensor) -> torch.dtype:
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def check_input(self, x: Tensor, state: State | None) -> State:
         """Validate shapes; return ``state`` or a fresh zero state."""
@@ -86,7 +92,7 @@ class RecurrentStack(nn.Module):
             )
         batch = x.shape[0]
         if state is None:
-            return self.initial_state(batch, x.device)
+            return self.initial_state(batch, x.device, self.state_dtype(x))
         if len(state) != self.num_layers:
             raise ValueError(f"{type(self).__name__}: state has {len(state)} layers, the stack has {self.num_layers}")
         for l, (s, size) in enumerate(zip(state, self.hidden_sizes), start=1):
@@ -129,6 +135,9 @@ class HMStack(RecurrentStack):
         estimator: turns boundary logits into boundary states (shared by all layers).
         cell: registered cell name (``hm_lstm``, ``hm_rnn``, or a plugin's) or a dotted class path.
         layer_norm: use the LayerNorm variant of the cell.
+        impl: ``reference`` (the readable loop below), ``fused`` (:mod:`hmrnn_lightning.cells.fused`,
+            HM-LSTM cells only, same results), or ``auto``: fused where it applies.
+        compile: ``torch.compile`` the fused elementwise update (GPU; slow to start on CPU).
     """
 
     def __init__(
@@ -138,6 +147,8 @@ class HMStack(RecurrentStack):
         estimator: BoundaryEstimator,
         cell: str = "hm_lstm",
         layer_norm: bool = False,
+        impl: Literal["auto", "reference", "fused"] = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__(input_size, hidden_sizes)
         from hmrnn_lightning.registry import resolve
@@ -149,6 +160,17 @@ class HMStack(RecurrentStack):
         self.estimator = estimator
         self.layer_norm = layer_norm
         self.cells = build_cells(cell_class, self.input_size, self.hidden_sizes, layer_norm)
+        from hmrnn_lightning.cells import fused
+
+        if impl == "fused" and not fused.supports(self):
+            raise ValueError(f"HMStack: impl='fused' supports HM-LSTM cells only, not {cell!r}")
+        self.impl = impl
+        self.compile = compile
+
+    def uses_fused(self) -> bool:
+        from hmrnn_lightning.cells import fused
+
+        return self.impl == "fused" or (self.impl == "auto" and fused.supports(self))
 
     def forward(self, x: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> StackOutput:
         """Run the sequence.
@@ -165,8 +187,13 @@ class HMStack(RecurrentStack):
         L = self.num_layers
         if boundaries is not None and boundaries.shape != (B, T, L - 1):
             raise ValueError(f"HMStack: boundaries must have shape {(B, T, L - 1)}, got {tuple(boundaries.shape)}")
-        ones = x.new_ones(B, dtype=torch.float32)
-        zeros = x.new_zeros(B, dtype=torch.float32)
+        if self.uses_fused():
+            from hmrnn_lightning.cells.fused import fused_forward
+
+            hidden, zs, logits, ops_out, state = fused_forward(self, x, state, boundaries, self.compile)
+            return self._pack(hidden, zs, logits, ops_out, state)
+        ones = x.new_ones(B, dtype=self.state_dtype(x))
+        zeros = x.new_zeros(B, dtype=self.state_dtype(x))
         hidden: list[list[Tensor]] = [[] for _ in range(L)]
         zs, logits, ops_out = [], [], []
         for t in range(T):
@@ -177,7 +204,7 @@ class HMStack(RecurrentStack):
                 h_above = state[l + 1].h if l + 1 < L else None
                 step = cell(h_below, z_below, state[l], h_above)
                 if l + 1 < L:
-                    z_new = boundaries[:, t, l].float() if boundaries is not None else self.estimator(step.boundary_logit)
+                    z_new = boundaries[:, t, l].to(ones.dtype) if boundaries is not None else self.estimator(step.boundary_logit)
                     z = keep_if_copy(step.ops, state[l].z.unsqueeze(-1), z_new.unsqueeze(-1)).squeeze(-1)
                     step_logits.append(step.boundary_logit)
                 else:
@@ -191,6 +218,10 @@ class HMStack(RecurrentStack):
             zs.append(torch.stack(step_z, -1))
             logits.append(torch.stack(step_logits, -1) if step_logits else x.new_zeros(B, 0))
             ops_out.append(torch.stack(step_ops, 1))
+        return self._pack(hidden, zs, logits, ops_out, state)
+
+    @staticmethod
+    def _pack(hidden, zs, logits, ops_out, state) -> StackOutput:
         return StackOutput(
             hidden=[torch.stack(h, 1) for h in hidden],
             boundaries=torch.stack(zs, 1),
@@ -200,4 +231,4 @@ class HMStack(RecurrentStack):
         )
 
     def extra_repr(self) -> str:
-        return f"cell={self.cell_name!r}"
+        return f"cell={self.cell_name!r}, impl={self.impl!r}"

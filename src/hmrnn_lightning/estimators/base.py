@@ -52,7 +52,8 @@ class BoundaryEstimator(nn.Module):
 
     def probability(self, logit: Tensor) -> Tensor:
         """``hard_sigm(a * z~)``: the probability-like value every estimator starts from."""
-        return hard_sigmoid(logit.float(), self.slope)
+        logit = logit.float() if logit.dtype in (torch.float16, torch.bfloat16) else logit
+        return hard_sigmoid(logit, self.slope.to(logit.dtype))
 
     def forward(self, logit: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the boundary state for ``logit`` (shape ``[batch]``)."""

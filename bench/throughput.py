@@ -1,0 +1,174 @@
+"""Training and sampling throughput: HM-LSTM (reference loop, fused path) against torch.nn.LSTM.
+
+    python bench/throughput.py --device cpu --shapes ptb --steps 3
+    python bench/throughput.py --device cuda --shapes ptb text8 --out bench/results-h100.jsonl
+
+Each measurement runs in its own subprocess (so peak memory is that run's alone) and prints one
+JSON line with keys impl, shape, device, chars_per_s, peak_mem_mb, ratio_vs_lstm (and more);
+a Markdown table follows. A training step is forward + backward + Adam on random symbols, with
+the truncated-BPTT state carried; `nn.LSTM` is the cuDNN/MKL stack of the same width and depth
+with a linear softmax head (it has no per-layer output module to feed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+SHAPES = {  # the paper's: layers x hidden, embedding, batch, length, vocab, output embedding
+    "ptb": dict(layers=3, hidden=512, emb=128, batch=64, length=100, vocab=50, out_emb=512),
+    "text8": dict(layers=3, hidden=1024, emb=128, batch=128, length=100, vocab=27, out_emb=2048),
+    "tiny": dict(layers=3, hidden=64, emb=16, batch=8, length=50, vocab=30, out_emb=64),
+}
+IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_fused_compile")
+
+
+def build(impl: str, shape: dict, device: str, layer_norm: bool):
+    import torch
+    from torch import nn
+
+    from hmrnn_lightning import HMStack, SoftmaxHead, StepEstimator
+
+    emb = nn.Embedding(shape["vocab"], shape["emb"])
+    if impl == "lstm":
+        rnn = nn.LSTM(shape["emb"], shape["hidden"], shape["layers"], batch_first=True)
+        head = nn.Linear(shape["hidden"], shape["vocab"])
+        modules = nn.ModuleList([emb, rnn, head]).to(device)
+        state = None
+
+        def step(x, y):
+            nonlocal state
+            out, st = rnn(emb(x), state)
+            state = tuple(s.detach() for s in st)
+            return nn.functional.cross_entropy(head(out).flatten(0, 1), y.flatten())
+
+        def sample_step(x, st):
+            out, st = rnn(emb(x), st)
+            return head(out[:, -1]), st
+
+        return modules, step, sample_step
+    hm_impl = "reference" if impl == "hm_reference" else "fused"
+    stack = HMStack(shape["emb"], [shape["hidden"]] * shape["layers"], StepEstimator(), layer_norm=layer_norm,
+                    impl=hm_impl, compile=impl.endswith("compile"))
+    head = SoftmaxHead([shape["hidden"]] * shape["layers"], shape["vocab"], shape["out_emb"])
+    modules = nn.ModuleList([emb, stack, head]).to(device)
+    state = None
+
+    def step(x, y):
+        nonlocal state
+        out = stack(emb(x), state)
+        state = [s.detach() for s in out.state]
+        return head.nll(head(out.hidden), y).mean()
+
+    def sample_step(x, st):
+        out = stack(emb(x), st)
+        return head([h[:, -1:] for h in out.hidden])[:, -1], out.state
+
+    return modules, step, sample_step
+
+
+def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, layer_norm: bool, precision: str) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    shape = SHAPES[shape_name]
+    modules, step, sample_step = build(impl, shape, device, layer_norm)
+    opt = torch.optim.Adam(modules.parameters(), lr=1e-3)
+    B, T, V = shape["batch"], shape["length"], shape["vocab"]
+    x = torch.randint(0, V, (B, T), device=device)
+    y = torch.randint(0, V, (B, T), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for k in range(warmup + steps):
+        if k == warmup:
+            sync()
+            start = time.perf_counter()
+        with autocast:
+            loss = step(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync()
+    elapsed = time.perf_counter() - start
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, KiB on Linux
+    # sampling: one symbol at a time for the batch, no gradient
+    n_sample = 200 if device == "cuda" else 50
+    with torch.no_grad(), autocast:
+        st, tok = None, x[:, :1]
+        for k in range(n_sample + 5):
+            if k == 5:
+                sync()
+                s0 = time.perf_counter()
+            logits, st = sample_step(tok, st)
+            tok = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+        sync()
+        sample_s = time.perf_counter() - s0
+    return {
+        "impl": impl, "shape": shape_name, "device": device, "layer_norm": layer_norm, "precision": precision,
+        "batch": B, "length": T, "hidden": shape["hidden"], "layers": shape["layers"], "steps": steps,
+        "chars_per_s": B * T * steps / elapsed, "peak_mem_mb": peak,
+        "sample_chars_per_s": B * n_sample / sample_s,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--shapes", nargs="+", default=["ptb"], choices=list(SHAPES))
+    p.add_argument("--impls", nargs="+", default=["lstm", "hm_reference", "hm_fused"], choices=IMPLS)
+    p.add_argument("--steps", type=int, default=5, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, cuDNN autotune)")
+    p.add_argument("--layer-norm", action="store_true", help="LayerNorm HM-LSTM (nn.LSTM has none)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.single:
+        impl, shape = args.single.split(":")
+        print(json.dumps(measure(impl, shape, args.device, args.steps, args.warmup, args.layer_norm, args.precision)))
+        return
+    rows = []
+    for shape in args.shapes:
+        base = None
+        for impl in args.impls:
+            cmd = [sys.executable, __file__, "--single", f"{impl}:{shape}", "--device", args.device, "--steps",
+                   str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
+            cmd += ["--layer-norm"] if args.layer_norm else []
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+            if proc.returncode != 0:
+                print(json.dumps({"impl": impl, "shape": shape, "device": args.device, "error": proc.stderr[-800:]}))
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            if impl == "lstm":
+                base = row
+            row["ratio_vs_lstm"] = row["chars_per_s"] / base["chars_per_s"] if base else None
+            row["sample_ratio_vs_lstm"] = row["sample_chars_per_s"] / base["sample_chars_per_s"] if base else None
+            row["mem_ratio_vs_lstm"] = row["peak_mem_mb"] / base["peak_mem_mb"] if base else None
+            rows.append(row)
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+    print("\n| impl | shape | device | train chars/s | vs nn.LSTM | peak MB | vs nn.LSTM | sample chars/s | vs nn.LSTM |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    for r in rows:
+        print(f"| {r['impl']} | {r['shape']} | {r['device_name']} | {r['chars_per_s']:,.0f} | {fmt(r['ratio_vs_lstm'], '.3f')} "
+              f"| {r['peak_mem_mb']:,.0f} | {fmt(r['mem_ratio_vs_lstm'], '.2f')} | {r['sample_chars_per_s']:,.0f} "
+              f"| {fmt(r['sample_ratio_vs_lstm'], '.3f')} |")
+
+
+if __name__ == "__main__":
+    main()
