@@ -141,7 +141,8 @@ def test_bad_input_exits_with_a_message(tmp_path, capsys):
 
 def test_ddp_two_cpu_processes(tmp_path):
     """A real two-process gloo run through the console script."""
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    # one thread per rank: two ranks on a 2-core machine must not oversubscribe it
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "hmrnn_lightning.cli", "fit", *tiny(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

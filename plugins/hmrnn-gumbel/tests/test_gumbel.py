@@ -18,7 +18,8 @@ def test_binary_forward_and_relaxed_gradient():
     z = est(x)
     assert set(z.unique().tolist()) <= {0.0, 1.0}
     z.sum().backward()
-    assert (x.grad > 0).all()
+    # sigm' > 0, but it underflows to exactly 0 where a noise draw saturates the sigmoid
+    assert (x.grad >= 0).all() and (x.grad > 0).float().mean() > 0.95
 
 
 def test_sampling_rate_follows_the_logit():

@@ -31,13 +31,16 @@ class BoundaryPlot(pl.Callback):
         return dm.vocab.decode(dm.split_ids("valid")[: self.length])
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch % self.every_n_epochs:
+        if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask, before rank 0 goes on alone
+        if not trainer.is_global_zero:
             return
         text = self._text(trainer)
         if not text or getattr(pl_module, "vocab", None) is None:
             return
         z, norms = pl_module.analyse(text)
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "boundaries"
+        out_dir = Path(log_dir or trainer.default_root_dir) / "boundaries"
         path = plot_boundaries(text, z.numpy(), norms.numpy(), out_dir / f"epoch{trainer.current_epoch:04d}.png",
                                title=f"epoch {trainer.current_epoch}")
         logger = trainer.logger
