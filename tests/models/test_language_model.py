@@ -85,3 +85,22 @@ def test_lstm_baseline_model_runs():
     logits, out = model(torch.randint(0, 7, (2, 9)))
     assert logits.shape == (2, 9, 7) and model.estimator is None
     assert math.isfinite(model.head.nll(logits, torch.zeros(2, 9, dtype=torch.long)).mean().item())
+
+
+def test_boundary_f1_logged_exact_and_with_tolerance():
+    """Oracle boundaries one step late: exact F1 is 0, F1 within one step is 1."""
+    model = tiny_model(layers=2)
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    x = torch.randint(0, 3, (2, 30))
+    x[:, [5, 12, 20]] = 3  # three known boundaries per row
+    labels = (x == 3).to(torch.uint8).unsqueeze(-1)
+    late = torch.roll(labels, 1, dims=1).float()
+    late[:, 0] = 0
+    original = model.stack.forward
+    model.stack.forward = lambda inp, state=None, boundaries=None: original(inp, state, late)  # oracle, one late
+    model.validation_step((x, torch.randint(0, 11, (2, 30)), labels), 0)
+    model.on_validation_epoch_end()
+    assert logged["val/boundary_f1/l1_level1"] == 0.0
+    assert logged["val/boundary_f1_tol1/l1_level1"] == 1.0
+    assert "val/update_frac/l2" in logged

@@ -43,7 +43,8 @@ class HMRNNLanguageModel(pl.LightningModule):
         grad_clip_norm: clip the global gradient norm to this (None: no clipping);
             a Trainer ``gradient_clip_val`` overrides it.
         vocab: the symbols, stored in checkpoints so a model can be used without its data.
-        boundary_tolerance: steps of slack when boundary F1 is scored against known boundaries.
+        boundary_tolerance: boundary F1 is logged exact and, when this is > 0, also allowing
+            this many steps of offset (``boundary_f1_tol1/...``).
     """
 
     def __init__(
@@ -57,7 +58,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         lr_patience: int = 0,
         grad_clip_norm: float | None = 1.0,
         vocab: list[str] | None = None,
-        boundary_tolerance: int = 0,
+        boundary_tolerance: int = 1,
     ) -> None:
         super().__init__()
         if vocab_size <= 0:
@@ -81,7 +82,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         self.train_bpc, self.val_bpc, self.test_bpc = BitsPerCharacter(), BitsPerCharacter(), BitsPerCharacter()
         self.val_boundaries, self.test_boundaries = BoundaryStatistics(L), BoundaryStatistics(L)
         self._carried: dict[str, State | None] = {"train": None, "val": None, "test": None}
-        self._f1: dict[str, BoundaryF1] = {}
+        self._f1: dict[str, list[tuple[str, BoundaryF1]]] = {}
 
     # -- model ---------------------------------------------------------------------------
     @property
@@ -118,17 +119,24 @@ class HMRNNLanguageModel(pl.LightningModule):
         self._carried[stage] = detach_state(out.state)
         return self.head.nll(logits, targets), out, (rest[0] if rest else None)
 
-    def _boundary_f1(self, stage: str, labels: Tensor) -> BoundaryF1:
-        """Created on the first batch with known boundaries, named after the datamodule's levels."""
-        metric = self._f1.get(stage)
-        if metric is None:
+    def _boundary_f1(self, stage: str, labels: Tensor) -> list[tuple[str, BoundaryF1]]:
+        """Created on the first batch with known boundaries, named after the datamodule's levels:
+        exact positions, and (when ``boundary_tolerance`` > 0) within that many steps, logged
+        with a ``_tol{k}`` suffix. A layer that fires on the symbol after each word end (as the
+        paper's Figure 3 shows) scores near 0 exactly and near 1 with tolerance 1."""
+        metrics = self._f1.get(stage)
+        if metrics is None:
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             levels = dm.boundary_levels() if dm is not None and hasattr(dm, "boundary_levels") else None
             if levels is None or len(levels) != labels.shape[-1]:
                 levels = [f"level{k + 1}" for k in range(labels.shape[-1])]
-            metric = BoundaryF1(self.stack.num_layers - 1, levels, self.hparams.boundary_tolerance).to(labels.device)
-            self._f1[stage] = metric
-        return metric
+            tolerances = sorted({0, self.hparams.boundary_tolerance})
+            metrics = [
+                ("" if tol == 0 else f"_tol{tol}", BoundaryF1(self.stack.num_layers - 1, levels, tol).to(labels.device))
+                for tol in tolerances
+            ]
+            self._f1[stage] = metrics
+        return metrics
 
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -153,7 +161,8 @@ class HMRNNLanguageModel(pl.LightningModule):
         bpc.update(step_nll)
         stats.update(out.boundaries, out.operations)
         if labels is not None and self.stack.num_layers > 1:
-            self._boundary_f1(stage, labels).update(out.boundaries, labels)
+            for _, metric in self._boundary_f1(stage, labels):
+                metric.update(out.boundaries, labels)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_bpc, self.val_boundaries)
@@ -166,10 +175,11 @@ class HMRNNLanguageModel(pl.LightningModule):
         value = bpc.compute()
         self.log(f"{stage}/bpc", value, prog_bar=True, sync_dist=False)
         self.log(f"{stage}/nll", value * math.log(2.0), sync_dist=False)
-        metrics = [stats] + ([self._f1[stage]] if stage in self._f1 else [])
-        for metric in metrics:
+        metrics = [("", stats)] + self._f1.get(stage, [])
+        for suffix, metric in metrics:
             for key, v in metric.compute().items():
-                self.log(f"{stage}/{key}", v, sync_dist=False)
+                name, _, tag = key.partition("/")
+                self.log(f"{stage}/{name}{suffix}/{tag}" if tag else f"{stage}/{key}{suffix}", v, sync_dist=False)
             metric.reset()
         bpc.reset()
 
