@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -78,6 +79,8 @@ class HMRNNCLI(LightningCLI):
     accepts registered short names, and turns bad input into one clear message."""
 
     def __init__(self, *args, **kwargs) -> None:
+        argv = kwargs.get("args")
+        self.chosen_model_class = find_model_class(rewrite_argv(list(sys.argv[1:] if argv is None else argv)))
         kwargs.setdefault("save_config_callback", SaveAndLogConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
@@ -87,12 +90,46 @@ class HMRNNCLI(LightningCLI):
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-        parser.link_arguments("data.vocab", "model.init_args.vocab", compute_fn=_symbols, apply_on="instantiate")
+        """Data-dependent sizes go from the datamodule to the model: the vocabulary for language
+        models, the offset statistics for handwriting models (whichever the model takes)."""
+        params = inspect.signature(self.chosen_model_class.__init__).parameters
+        if "vocab_size" in params:
+            parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        if "vocab" in params:
+            parser.link_arguments("data.vocab", "model.init_args.vocab", compute_fn=_symbols, apply_on="instantiate")
+        if "stats" in params:
+            parser.link_arguments("data.stats", "model.init_args.stats", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
         argv = list(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, rewrite_argv(argv))
+
+
+def find_model_class(argv: list[str]) -> type:
+    """The model class the arguments choose (the last ``model.class_path`` given), without parsing."""
+    from hmrnn_lightning.models import HMRNNLanguageModel
+
+    path = None
+    for k, arg in enumerate(argv):
+        if arg == "--config" and k + 1 < len(argv):
+            try:
+                cfg = yaml.safe_load(argv[k + 1])
+            except yaml.YAMLError:
+                continue
+            model = cfg.get("model") if isinstance(cfg, dict) else None
+            if isinstance(model, dict) and isinstance(model.get("class_path"), str):
+                path = model["class_path"]
+        elif arg.startswith(("--model=", "--model.class_path=")):
+            value = arg.split("=", 1)[1]
+            if not value.startswith("{"):
+                path = value
+    if path is None:
+        return HMRNNLanguageModel
+    try:
+        cls = registry.import_path(path) if "." in path else None
+    except registry.RegistryError:
+        cls = None  # jsonargparse reports the bad class path with its own message
+    return cls if isinstance(cls, type) else HMRNNLanguageModel
 
 
 def _symbols(vocab) -> list[str]:
@@ -210,6 +247,65 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
     return 0
 
 
+def cmd_sample_strokes(argv: list[str]) -> int:
+    """hmrnn sample-strokes: draw sampled handwriting from a checkpoint."""
+    import argparse
+
+    from hmrnn_lightning.models.handwriting import HandwritingModel
+    from hmrnn_lightning.viz import plot_strokes
+
+    p = argparse.ArgumentParser(prog="hmrnn sample-strokes", description="Sample pen strokes from a handwriting checkpoint and draw them.")
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit --config configs/iam_*.yaml`")
+    p.add_argument("--length", type=int, default=700, help="points to sample")
+    p.add_argument("--bias", type=float, default=0.5, help="sampling bias (0: unbiased; larger: neater)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default="sample.png", help="PNG file to write")
+    args = p.parse_args(argv)
+    if not Path(args.ckpt_path).is_file():
+        raise DataError(f"checkpoint not found: {args.ckpt_path}")
+    import torch
+
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model = HandwritingModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    print(f"wrote {plot_strokes(model.generate(args.length, args.bias), args.out)}")
+    return 0
+
+
+def cmd_plot_segments(argv: list[str]) -> int:
+    """hmrnn plot-segments: the paper's Figure 5 for one line of the data."""
+    import argparse
+
+    from hmrnn_lightning.data.iam import IAMOnDBDataModule
+    from hmrnn_lightning.models.handwriting import HandwritingModel
+    from hmrnn_lightning.viz import plot_segments
+
+    p = argparse.ArgumentParser(
+        prog="hmrnn plot-segments",
+        description="Draw one line twice (Figure 5 of the paper): coloured by segments from pen-up, and by "
+        "segments from the boundaries of a layer of the model.",
+    )
+    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--data_dir", default="data/iam-ondb", help="folder with lineStrokes-all.tar.xz and splits/")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--index", type=int, default=0, help="which line of the split")
+    p.add_argument("--min_length", type=int, default=300, help="as in training: lines with fewer points are dropped")
+    p.add_argument("--layer", type=int, default=2, help="layer whose boundaries colour the second drawing")
+    p.add_argument("--out", default="segments.png")
+    args = p.parse_args(argv)
+    if not Path(args.ckpt_path).is_file():
+        raise DataError(f"checkpoint not found: {args.ckpt_path}")
+    model = HandwritingModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    dm = IAMOnDBDataModule(args.data_dir, min_length=args.min_length)
+    ds = dm.dataset(args.split)
+    if not 0 <= args.index < len(ds):
+        raise DataError(f"--index {args.index} is outside the {len(ds)} lines of the {args.split} split")
+    inputs, _ = ds[args.index]
+    z = model.boundaries_of(inputs).numpy()
+    print(f"wrote {plot_segments(model._to_real(inputs), z, args.out, args.layer)}")
+    return 0
+
+
 def cmd_ablate(argv: list[str]) -> int:
     """hmrnn ablate: run a base config with each overlay, collect BPC into CSV and Markdown."""
     import argparse
@@ -273,7 +369,10 @@ def _split_dashdash(argv: list[str]) -> tuple[list[str], str, list[str]]:
     return argv, "", []
 
 
-COMMANDS = {"list": cmd_list, "sample": cmd_sample, "ablate": cmd_ablate, "plot-boundaries": cmd_plot_boundaries}
+COMMANDS = {
+    "list": cmd_list, "sample": cmd_sample, "ablate": cmd_ablate, "plot-boundaries": cmd_plot_boundaries,
+    "sample-strokes": cmd_sample_strokes, "plot-segments": cmd_plot_segments,
+}
 EXPECTED_ERRORS = (ConfigError, DataError, registry.RegistryError)
 
 
@@ -287,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         if argv and argv[0] in ("-h", "--help"):
-            print(__doc__.strip().splitlines()[0] + "\n\nextra commands: hmrnn list | sample | plot-boundaries | ablate  (each takes --help)\n")
+            print(__doc__.strip().splitlines()[0] + "\n\nextra commands: hmrnn list | sample | plot-boundaries | sample-strokes | plot-segments | ablate  (each takes --help)\n")
         HMRNNCLI(args=argv)
         return 0
     except EXPECTED_ERRORS as exc:

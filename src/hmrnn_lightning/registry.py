@@ -33,6 +33,7 @@ BUILTIN: dict[str, dict[str, str]] = {
     },
     "heads": {
         "softmax": "hmrnn_lightning.heads.SoftmaxHead",
+        "mdn": "hmrnn_lightning.heads.MixtureDensityHead",
     },
     "datamodules": {
         "ptb": "hmrnn_lightning.data.PTBDataModule",
@@ -40,6 +41,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "enwik8": "hmrnn_lightning.data.Enwik8DataModule",
         "text": "hmrnn_lightning.data.TextDataModule",
         "synthetic": "hmrnn_lightning.data.SyntheticDataModule",
+        "iam": "hmrnn_lightning.data.IAMOnDBDataModule",
     },
 }
 

@@ -29,11 +29,15 @@ class BoundaryStatistics(Metric):
         self.add_state("ops_sum", default=torch.zeros(num_layers, 3, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("steps", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, boundaries: Tensor, operations: Tensor) -> None:
-        """Args: ``boundaries [batch, time, layers]``, ``operations [batch, time, layers, 3]``."""
-        self.z_sum += boundaries.detach().double().sum(dim=(0, 1))
-        self.ops_sum += operations.detach().double().sum(dim=(0, 1))
-        self.steps += boundaries.shape[0] * boundaries.shape[1]
+    def update(self, boundaries: Tensor, operations: Tensor, mask: Tensor | None = None) -> None:
+        """Args: ``boundaries [batch, time, layers]``, ``operations [batch, time, layers, 3]``,
+        optional ``mask [batch, time]`` (1 on real steps, 0 on padding)."""
+        if mask is None:
+            mask = boundaries.new_ones(boundaries.shape[:2])
+        m = mask.detach().double()
+        self.z_sum += (boundaries.detach().double() * m.unsqueeze(-1)).sum(dim=(0, 1))
+        self.ops_sum += (operations.detach().double() * m[..., None, None]).sum(dim=(0, 1))
+        self.steps += int(mask.sum())
 
     def compute(self) -> dict[str, Tensor]:
         n = self.steps.clamp_min(1).double()

@@ -1,5 +1,6 @@
 """LightningModules."""
 
+from hmrnn_lightning.models.handwriting import HandwritingModel
 from hmrnn_lightning.models.language_model import HMRNNLanguageModel
 
-__all__ = ["HMRNNLanguageModel"]
+__all__ = ["HMRNNLanguageModel", "HandwritingModel"]

@@ -1,0 +1,301 @@
+"""IAM On-Line Handwriting Database: pen trajectories as (dx, dy, pen) sequences (section 4.2).
+
+Reads the ``lineStrokes`` tree as distributed (a folder, or ``lineStrokes-all.tar.xz``/``.tar.gz``):
+one XML file per handwritten line, ``<StrokeSet><Stroke><Point x= y= time=/>...``. Every line
+becomes offsets ``(dx, dy)`` between consecutive points and ``pen = 1`` on the last point of each
+stroke (Graves 2013). The first point's offset is (0, 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterator, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from hmrnn_lightning.data.base import DataError
+
+LINE_FILE = re.compile(r"([a-z0-9]+-[a-z0-9]+)-(\d+)\.xml$")
+
+
+def parse_line_strokes(xml: bytes | str) -> np.ndarray:
+    """``[points, 3]`` float array of absolute ``x, y`` and ``pen`` (1 on each stroke's last point).
+
+    Raises:
+        ValueError: the XML does not parse or holds no points.
+    """
+    root = ET.fromstring(xml)
+    rows = []
+    for stroke in root.iter("Stroke"):
+        points = [(float(p.get("x")), float(p.get("y"))) for p in stroke.iter("Point")]
+        for k, (x, y) in enumerate(points):
+            rows.append((x, y, 1.0 if k == len(points) - 1 else 0.0))
+    if not rows:
+        raise ValueError("no points")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def to_offsets(points: np.ndarray) -> np.ndarray:
+    """Absolute points to ``(dx, dy, pen)`` offsets; the first offset is (0, 0)."""
+    out = points.copy()
+    out[1:, :2] = points[1:, :2] - points[:-1, :2]
+    out[0, :2] = 0.0
+    return out
+
+
+def iter_line_files(source: str | Path) -> Iterator[tuple[str, bytes]]:
+    """``(line_id, xml bytes)`` for every ``*.xml`` of a lineStrokes folder or tar archive."""
+    source = Path(source)
+    if source.is_dir():
+        for path in sorted(source.rglob("*.xml")):
+            yield path.stem, path.read_bytes()
+    elif source.is_file():
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".xml"):
+                        f = tar.extractfile(member)
+                        if f is not None:
+                            yield Path(member.name).stem, f.read()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise DataError(f"{source}: cannot read the archive ({type(exc).__name__}: {exc}); partial or damaged?") from None
+    else:
+        raise DataError(f"IAM-OnDB strokes not found at {source}: give the lineStrokes folder or lineStrokes-all.tar.xz")
+
+
+def read_lines(source: str | Path, limit: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """All parseable lines as offsets, and the counts of files skipped by reason (warned once)."""
+    lines: dict[str, np.ndarray] = {}
+    skipped = {"unparseable": 0, "no points": 0}
+    for line_id, data in iter_line_files(source):
+        try:
+            lines[line_id] = to_offsets(parse_line_strokes(data))
+        except ET.ParseError:
+            skipped["unparseable"] += 1
+        except (ValueError, TypeError):
+            skipped["no points"] += 1
+        if limit is not None and len(lines) >= limit:
+            break
+    if any(skipped.values()):
+        warnings.warn(f"IAM-OnDB: skipped {skipped['unparseable']} XML files that do not parse and "
+                      f"{skipped['no points']} with no points (of {len(lines) + sum(skipped.values())} read)", stacklevel=2)
+    if not lines:
+        raise DataError(f"IAM-OnDB: no usable line in {source}")
+    return lines, skipped
+
+
+def form_of(line_id: str) -> str:
+    """``a01-000u-01`` -> ``a01-000u`` (the form ids of the official split lists)."""
+    return line_id.rsplit("-", 1)[0]
+
+
+class StrokeSequences(Dataset):
+    """Normalised sequences; item ``k`` is ``(inputs [n-1, 3], targets [n-1, 3])``."""
+
+    def __init__(self, sequences: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> None:
+        self.sequences = sequences
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, k: int):
+        seq = self.sequences[k].copy()
+        seq[:, :2] = (seq[:, :2] - self.mean) / self.std
+        seq = torch.from_numpy(seq)
+        return seq[:-1], seq[1:]
+
+
+def pad_collate(items):
+    """Pad to the longest sequence; ``mask`` is 1 on real steps, so no padded step counts."""
+    lengths = [x.shape[0] for x, _ in items]
+    T = max(lengths)
+    B = len(items)
+    inputs = torch.zeros(B, T, 3)
+    targets = torch.zeros(B, T, 3)
+    mask = torch.zeros(B, T)
+    for b, (x, y) in enumerate(items):
+        inputs[b, : len(x)] = x
+        targets[b, : len(y)] = y
+        mask[b, : len(x)] = 1
+    return inputs, targets, mask
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar lengths: shuffle, sort within chunks of ``batch_size * bucket`` by length,
+    cut into batches, shuffle the batches. Less padding, still random."""
+
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, bucket: int = 50) -> None:
+        self.lengths, self.batch_size, self.shuffle, self.seed, self.bucket = lengths, batch_size, shuffle, seed, bucket
+        self.epoch = 0
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed + self.epoch)
+        self.epoch += 1
+        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        chunk = self.batch_size * self.bucket
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: self.lengths[i])
+            batches += [part[k : k + self.batch_size] for k in range(0, len(part), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        yield from batches
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+
+class IAMOnDBDataModule(pl.LightningDataModule):
+    """IAM-OnDB lines as normalised ``(dx, dy, pen)`` sequences with masks.
+
+    Splits:
+      * ``paper``: all usable lines, shuffled with ``seed`` and cut 90 / 5 / 5 (floor, floor, rest);
+        on the real database this gives the paper's 10,465 / 581 / 582 sequences, mean length 648;
+      * ``official``: the task-1 form lists in ``splits/``: ``trainset.txt`` for training,
+        ``testset_v.txt`` for validation, ``testset_t.txt`` for test (``testset_f.txt`` is left out).
+
+    Lines shorter than ``min_length`` points are dropped. ``dx`` and ``dy`` are normalised by
+    the training set's mean and standard deviation, exposed as :attr:`stats` (the CLI links it to
+    the model, so it is stored in checkpoints).
+
+    Args:
+        data_dir: folder with ``lineStrokes-all.tar.xz`` (or a ``lineStrokes/`` folder) and ``splits/``.
+        split: ``paper`` or ``official``.
+        min_length: drop lines with fewer points.
+        max_length: cut longer lines to this many points (None: keep whole lines).
+        batch_size: sequences per batch.
+        seed: seed of the paper split and of batch shuffling.
+        cache_dir: cache folder (default ``<data_dir>/.hmrnn_cache``).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/iam-ondb",
+        split: Literal["paper", "official"] = "paper",
+        min_length: int = 300,
+        max_length: int | None = None,
+        batch_size: int = 32,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.split, self.min_length, self.max_length = split, min_length, max_length
+        self.batch_size, self.seed, self.cache_dir = batch_size, seed, cache_dir
+        self._splits: dict[str, list[np.ndarray]] | None = None
+        self._ids: dict[str, list[str]] = {}
+        self._stats: dict[str, list[float]] | None = None
+
+    def source(self) -> Path:
+        for candidate in ("lineStrokes", "lineStrokes-all.tar.xz", "lineStrokes-all.tar.gz", "lineStrokes-all.tar"):
+            if (self.data_dir / candidate).exists():
+                return self.data_dir / candidate
+        raise DataError(
+            f"IAM-OnDB strokes not found in {self.data_dir}: put lineStrokes-all.tar.xz (or the extracted "
+            f"lineStrokes/ folder) there, with splits/ beside it, or pass --data.init_args.data_dir"
+        )
+
+    @property
+    def cache_path(self) -> Path:
+        root = Path(self.cache_dir) if self.cache_dir else self.data_dir / ".hmrnn_cache"
+        src = self.source()
+        key = f"{src.resolve()}:{src.stat().st_mtime_ns}"
+        return root / f"iam-lines-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+
+    def prepare_data(self) -> None:
+        path = self.cache_path
+        if path.exists():
+            return
+        lines, _ = read_lines(self.source())
+        ids = sorted(lines)
+        lengths = np.array([len(lines[i]) for i in ids])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
+        os.close(fd)
+        try:
+            np.savez(tmp, ids=np.array(ids), lengths=lengths, points=np.concatenate([lines[i] for i in ids]))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def _official_forms(self, name: str) -> set[str]:
+        path = self.data_dir / "splits" / name
+        if not path.is_file():
+            raise DataError(f"official split list not found: {path}")
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        self.prepare_data()
+        with np.load(self.cache_path) as npz:
+            ids, lengths, points = list(npz["ids"]), npz["lengths"], npz["points"]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        seqs = {i: points[offsets[k] : offsets[k + 1]] for k, i in enumerate(ids)}
+        kept = [i for i in ids if len(seqs[i]) >= self.min_length]
+        if self.split == "paper":
+            order = np.random.default_rng(self.seed).permutation(len(kept))
+            n_train, n_valid = int(0.9 * len(kept)), int(0.05 * len(kept))  # test takes the rest
+            chosen = [kept[k] for k in order]
+            names = {"train": chosen[:n_train], "valid": chosen[n_train : n_train + n_valid], "test": chosen[n_train + n_valid :]}
+        else:
+            lists = {"train": "trainset.txt", "valid": "testset_v.txt", "test": "testset_t.txt"}
+            forms = {s: self._official_forms(f) for s, f in lists.items()}
+            names = {s: [i for i in kept if form_of(i) in forms[s]] for s in lists}
+        for s, n in names.items():
+            if not n:
+                raise DataError(f"IAM-OnDB: the {s} split is empty (split={self.split}, min_length={self.min_length})")
+        cut = (lambda a: a[: self.max_length]) if self.max_length else (lambda a: a)
+        self._ids = names
+        self._splits = {s: [cut(seqs[i]) for i in n] for s, n in names.items()}
+        train_xy = np.concatenate([a[1:, :2] for a in self._splits["train"]])
+        mean, std = train_xy.mean(0), train_xy.std(0)
+        self._stats = {"mean": mean.tolist(), "std": std.tolist()}
+
+    @property
+    def stats(self) -> dict[str, list[float]]:
+        """Mean and standard deviation of training ``dx, dy`` (what the model undoes to draw)."""
+        self.setup()
+        assert self._stats is not None
+        return self._stats
+
+    def sequences(self, split: str) -> list[np.ndarray]:
+        self.setup()
+        assert self._splits is not None
+        return self._splits[split]
+
+    def line_ids(self, split: str) -> list[str]:
+        self.setup()
+        return self._ids[split]
+
+    def dataset(self, split: str) -> StrokeSequences:
+        return StrokeSequences(self.sequences(split), np.array(self.stats["mean"]), np.array(self.stats["std"]))
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.dataset(split)
+        sampler = BucketBatchSampler([len(s) - 1 for s in ds.sequences], self.batch_size, shuffle, self.seed)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=pad_collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

@@ -1,0 +1,72 @@
+"""IAM-OnDB: the parser on real files, and the datamodule on a small generated lineStrokes tree."""
+
+import numpy as np
+import pytest
+import torch
+
+from hmrnn_lightning.data.base import DataError
+from hmrnn_lightning.data.iam import IAMOnDBDataModule, iter_line_files, parse_line_strokes, read_lines, to_offsets
+
+
+def test_parser_reads_real_files(shared_data):
+    archive = shared_data / "iam-ondb" / "lineStrokes-all.tar.xz"
+    first = {}
+    for line_id, data in iter_line_files(archive):
+        first[line_id] = parse_line_strokes(data)
+        if len(first) == 3:
+            break
+    pts = first["a01-000u-01"]
+    assert pts.shape == (568, 3)  # 568 <Point> elements in 31 <Stroke> elements
+    assert pts[:, 2].sum() == 31 and pts[-1, 2] == 1
+    assert pts[0, :2].tolist() == [1073.0, 1058.0]
+    off = to_offsets(pts)
+    assert off[0, :2].tolist() == [0.0, 0.0] and off[1, :2].tolist() == [-1.0, 27.0]
+
+
+def write_tree(root, n_lines=30, rng=None):
+    rng = rng or np.random.default_rng(0)
+    folder = root / "lineStrokes" / "a01" / "a01-000"
+    folder.mkdir(parents=True)
+    for k in range(n_lines):
+        strokes = []
+        x, y = 1000.0, 1000.0
+        for _ in range(int(rng.integers(3, 6))):
+            pts = []
+            for _ in range(int(rng.integers(20, 40))):
+                x, y = x + rng.normal(3, 2), y + rng.normal(0, 2)
+                pts.append(f'<Point x="{x:.0f}" y="{y:.0f}" time="0"/>')
+            strokes.append('<Stroke colour="black">' + "".join(pts) + "</Stroke>")
+        (folder / f"a01-000u-{k:02d}.xml").write_text("<WhiteboardCaptureSession><StrokeSet>" + "".join(strokes) + "</StrokeSet></WhiteboardCaptureSession>")
+    (folder / "a01-000u-98.xml").write_text("<WhiteboardCaptureSession><StrokeSet>")  # truncated
+    (folder / "a01-000u-99.xml").write_text("<WhiteboardCaptureSession><StrokeSet></StrokeSet></WhiteboardCaptureSession>")
+    (root / "splits").mkdir()
+    return root
+
+
+def test_bad_files_are_skipped_with_one_warning(tmp_path):
+    write_tree(tmp_path, n_lines=4)
+    with pytest.warns(UserWarning, match="skipped 1 XML files that do not parse and 1 with no points"):
+        lines, skipped = read_lines(tmp_path / "lineStrokes")
+    assert len(lines) == 4 and skipped == {"unparseable": 1, "no points": 1}
+    with pytest.raises(DataError, match="not found"):
+        IAMOnDBDataModule(str(tmp_path / "nowhere")).setup()
+
+
+def test_datamodule_split_normalisation_and_masks(tmp_path):
+    write_tree(tmp_path, n_lines=40)
+    dm = IAMOnDBDataModule(str(tmp_path), min_length=60, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="skipped"):
+        dm.setup()
+    sizes = {s: len(dm.sequences(s)) for s in ("train", "valid", "test")}
+    kept = sum(sizes.values())
+    assert sizes["train"] == int(0.9 * kept) and sizes["valid"] == int(0.05 * kept)
+    assert all(len(a) >= 60 for s in sizes for a in dm.sequences(s))
+    train = torch.cat([dm.dataset("train")[k][1][:, :2] for k in range(sizes["train"])])
+    assert torch.allclose(train.mean(0), torch.zeros(2), atol=0.02) and torch.allclose(train.std(0), torch.ones(2), atol=0.02)
+    inputs, targets, mask = next(iter(dm.train_dataloader()))
+    assert inputs.shape == targets.shape and inputs.shape[-1] == 3
+    lengths = mask.sum(1)
+    assert (mask[torch.arange(4), lengths.long() - 1] == 1).all() and torch.equal(targets[:, :-1][mask[:, 1:] > 0], inputs[:, 1:][mask[:, 1:] > 0])
+    again = IAMOnDBDataModule(str(tmp_path), min_length=60, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    again.setup()  # from the cache, same split
+    assert again.line_ids("test") == dm.line_ids("test")
