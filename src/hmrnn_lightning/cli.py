@@ -177,6 +177,11 @@ def load_config_text(path_or_text: str) -> str:
     return path_or_text
 
 
+def require_file(path: str, what: str) -> None:
+    if not Path(path).is_file():
+        raise DataError(f"{what} not found: {path}")
+
+
 # -- small commands ------------------------------------------------------------------------------------------
 
 
@@ -212,8 +217,7 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; lower is greedier)")
     p.add_argument("--seed", type=int, default=None, help="random seed")
     args = p.parse_args(argv)
-    if not Path(args.ckpt_path).is_file():
-        raise DataError(f"checkpoint not found: {args.ckpt_path}")
+    require_file(args.ckpt_path, "checkpoint")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model = HMRNNLanguageModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
@@ -237,8 +241,7 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
     p.add_argument("--text", required=True, help="the text to analyse (symbols of the model's vocabulary)")
     p.add_argument("--out", default="boundaries.png", help="PNG file to write")
     args = p.parse_args(argv)
-    if not Path(args.ckpt_path).is_file():
-        raise DataError(f"checkpoint not found: {args.ckpt_path}")
+    require_file(args.ckpt_path, "checkpoint")
     model = HMRNNLanguageModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
     text = args.text.encode().decode("unicode_escape") if "\\" in args.text else args.text
     z, norms = model.analyse(text)
@@ -261,8 +264,7 @@ def cmd_sample_strokes(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default="sample.png", help="PNG file to write")
     args = p.parse_args(argv)
-    if not Path(args.ckpt_path).is_file():
-        raise DataError(f"checkpoint not found: {args.ckpt_path}")
+    require_file(args.ckpt_path, "checkpoint")
     import torch
 
     if args.seed is not None:
@@ -293,8 +295,7 @@ def cmd_plot_segments(argv: list[str]) -> int:
     p.add_argument("--layer", type=int, default=2, help="layer whose boundaries colour the second drawing")
     p.add_argument("--out", default="segments.png")
     args = p.parse_args(argv)
-    if not Path(args.ckpt_path).is_file():
-        raise DataError(f"checkpoint not found: {args.ckpt_path}")
+    require_file(args.ckpt_path, "checkpoint")
     model = HandwritingModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
     dm = IAMOnDBDataModule(args.data_dir, min_length=args.min_length)
     ds = dm.dataset(args.split)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput
 from hmrnn_lightning.heads.mdn import MixtureDensityHead
+from hmrnn_lightning.models.common import clip_gradients_by_default
 from hmrnn_lightning.metrics import BoundaryStatistics, SequenceLogLikelihood
 
 StackFactory = Callable[[int], RecurrentStack]
@@ -121,10 +122,7 @@ class HandwritingModel(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val is None and self.hparams.grad_clip_norm is not None:
-            gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
-        if gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+        clip_gradients_by_default(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- pictures ------------------------------------------------------------------------------------
     def _to_real(self, seq: Tensor) -> np.ndarray:

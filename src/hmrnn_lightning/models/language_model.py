@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 from hmrnn_lightning.heads.base import Head
+from hmrnn_lightning.models.common import clip_gradients_by_default
 from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics
 
 StackFactory = Callable[[int], RecurrentStack]
@@ -201,10 +202,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         }
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val is None and self.hparams.grad_clip_norm is not None:
-            gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
-        if gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+        clip_gradients_by_default(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,6 +18,23 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as PNG through a temporary file and a rename, so no half-written file is left."""
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def plot_boundaries(text: str, z: np.ndarray, h_norm: np.ndarray, path: str | Path, title: str | None = None) -> Path:
     """Write a PNG: characters along x; one row of white/black blocks per layer's ``z`` (Fig. 3),
     then a heat map of ``||h^l_t||`` per layer (Fig. 4).
@@ -48,15 +65,4 @@ def plot_boundaries(text: str, z: np.ndarray, h_norm: np.ndarray, path: str | Pa
     if title:
         ax_z.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_figure(fig, path)

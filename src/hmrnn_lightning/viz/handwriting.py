@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from hmrnn_lightning.viz.boundaries import _pyplot
+from hmrnn_lightning.viz.boundaries import _pyplot, save_figure
 
 
 def _absolute(offsets: np.ndarray) -> np.ndarray:
     xy = np.cumsum(offsets[:, :2], axis=0)
     xy[:, 1] = -xy[:, 1]  # the database's y grows downward
     return xy
-
-
-def _save(fig, path: str | Path) -> Path:
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _draw(ax, xy: np.ndarray, pen: np.ndarray, segment: np.ndarray | None) -> None:
@@ -63,7 +45,7 @@ def plot_strokes(offsets: np.ndarray, path: str | Path, title: str | None = None
     _draw(ax, xy, offsets[:, 2], None)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def segment_ids(ends: np.ndarray) -> np.ndarray:
@@ -89,4 +71,4 @@ def plot_segments(offsets: np.ndarray, boundaries: np.ndarray, path: str | Path,
     _draw(b, xy, offsets[:, 2], segment_ids(boundaries[:, layer - 1]))
     b.set_title(f"segments from boundaries of layer {layer}")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
