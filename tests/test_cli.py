@@ -149,3 +149,22 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "val/bpc" in metrics[0].read_text()
+
+
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    """The W&B overlay logs offline (no account, no network): config, BPC, slope, boundary rates."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cli = HMRNNCLI(args=["fit", *tiny(tmp_path, "--config", str(ROOT / "configs" / "logger" / "wandb.yaml"),
+                                      f"--trainer.logger.init_args.save_dir={tmp_path}",
+                                      "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+                                      "--trainer.log_every_n_steps=1")])
+    assert type(cli.trainer.logger).__name__ == "WandbLogger"
+    cli.trainer.logger.experiment.finish()
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "no offline W&B run written"
+    history = list(runs[0].rglob("*.wandb"))
+    assert history and history[0].stat().st_size > 0
+    assert "val/bpc" in cli.trainer.callback_metrics and "slope" in cli.trainer.callback_metrics

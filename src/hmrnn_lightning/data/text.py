@@ -106,11 +106,11 @@ class Text8DataModule(CharStreamDataModule):
         seq_len: window length.
         eval_batch_size: streams for validation / test.
         cache_dir: cache folder.
+        split_sizes: symbols in train / valid / test, taken in order from the start of the file.
     """
 
     name = "text8"
     add_unknown = False
-    sizes = (90_000_000, 5_000_000, 5_000_000)
 
     def __init__(
         self,
@@ -120,13 +120,17 @@ class Text8DataModule(CharStreamDataModule):
         seq_len: int = 100,
         eval_batch_size: int | None = None,
         cache_dir: str | None = None,
+        split_sizes: list[int] = [90_000_000, 5_000_000, 5_000_000],  # noqa: B006 - shown as is by --help
     ) -> None:
         super().__init__(batch_size, seq_len, eval_batch_size, cache_dir)
         self.data_dir = Path(data_dir)
         self.hub_name = hub_name
+        if len(split_sizes) != 3 or any(int(n) <= 0 for n in split_sizes):
+            raise ValueError(f"{type(self).__name__}: split_sizes must be three positive counts, got {split_sizes}")
+        self.sizes = tuple(int(n) for n in split_sizes)
 
     def cache_key(self) -> str:
-        return f"{self.name}:{self.data_dir.resolve()}"
+        return f"{self.name}:{self.data_dir.resolve()}:{self.sizes}"
 
     def local_file(self) -> Path | None:
         for candidate in (self.name, f"{self.name}.zip"):
@@ -157,9 +161,11 @@ class Enwik8DataModule(Text8DataModule):
         seq_len: window length.
         eval_batch_size: streams for validation / test.
         cache_dir: cache folder.
+        split_sizes: bytes in train / valid / test, taken in order from the start of the file.
     """
 
     name = "enwik8"
+    add_unknown = True  # the test split has a few byte values the training split lacks
 
     def __init__(
         self,
@@ -169,8 +175,9 @@ class Enwik8DataModule(Text8DataModule):
         seq_len: int = 100,
         eval_batch_size: int | None = None,
         cache_dir: str | None = None,
+        split_sizes: list[int] = [90_000_000, 5_000_000, 5_000_000],  # noqa: B006
     ) -> None:
-        super().__init__(data_dir, hub_name, batch_size, seq_len, eval_batch_size, cache_dir)
+        super().__init__(data_dir, hub_name, batch_size, seq_len, eval_batch_size, cache_dir, split_sizes)
 
     def read_corpus(self):
         path = self.local_file()
