@@ -25,7 +25,7 @@ SHAPES = {  # the paper's: layers x hidden, embedding, batch, length, vocab, out
     "text8": dict(layers=3, hidden=1024, emb=128, batch=128, length=100, vocab=27, out_emb=2048),
     "tiny": dict(layers=3, hidden=64, emb=16, batch=8, length=50, vocab=30, out_emb=64),
 }
-IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_fused_compile")
+IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_fused_compile", "hm_fused_graph", "hm_fused_graph_compile")
 
 
 def build(impl: str, shape: dict, device: str, layer_norm: bool):
@@ -55,6 +55,10 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool):
     hm_impl = "reference" if impl == "hm_reference" else "fused"
     stack = HMStack(shape["emb"], [shape["hidden"]] * shape["layers"], StepEstimator(), layer_norm=layer_norm,
                     impl=hm_impl, compile=impl.endswith("compile"))
+    if "graph" in impl:
+        if device != "cuda":
+            raise SystemExit(f"{impl} captures a CUDA graph: it needs --device cuda")
+        return build_graphed(emb, stack, shape, device, layer_norm)
     head = SoftmaxHead([shape["hidden"]] * shape["layers"], shape["vocab"], shape["out_emb"])
     modules = nn.ModuleList([emb, stack, head]).to(device)
     state = None
@@ -69,6 +73,62 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool):
         out = stack(emb(x), st)
         return head([h[:, -1:] for h in out.hidden])[:, -1], out.state
 
+    return modules, step, sample_step
+
+
+def build_graphed(emb, stack, shape, device, layer_norm):
+    """The fused HM-LSTM with the whole training step (forward, backward, Adam, state carry)
+    captured in one CUDA graph: static input, target and state buffers, replayed each step."""
+    import torch
+    from torch import nn
+
+    from hmrnn_lightning import SoftmaxHead
+    from hmrnn_lightning.cells.base import LayerState
+
+    head = SoftmaxHead([shape["hidden"]] * shape["layers"], shape["vocab"], shape["out_emb"])
+    modules = nn.ModuleList([emb, stack, head]).to(device)
+    B, T = shape["batch"], shape["length"]
+    static_x = torch.zeros(B, T, dtype=torch.long, device=device)
+    static_y = torch.zeros(B, T, dtype=torch.long, device=device)
+    state = stack.initial_state(B, torch.device(device))
+    opt = torch.optim.Adam(modules.parameters(), lr=1e-3, capturable=True)
+
+    def body():
+        out = stack(emb(static_x), state)
+        loss = head.nll(head(out.hidden), static_y).mean()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for old, new in zip(state, out.state):
+                old.h.copy_(new.h)
+                old.c.copy_(new.c)
+                old.z.copy_(new.z)
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = body()
+
+    def step(x, y):
+        """Replays the graph; backward and the optimizer step are inside it."""
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        return static_loss
+
+    def sample_step(x, st):
+        out = stack(emb(x), st)
+        return head([h[:, -1:] for h in out.hidden])[:, -1], out.state
+
+    step.graphed = True
     return modules, step, sample_step
 
 
@@ -92,6 +152,8 @@ def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, la
             start = time.perf_counter()
         with autocast:
             loss = step(x, y)
+        if getattr(step, "graphed", False):
+            continue  # backward and the optimizer step are inside the graph
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
