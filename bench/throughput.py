@@ -78,7 +78,12 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool):
 
 def build_graphed(emb, stack, shape, device, layer_norm):
     """The fused HM-LSTM with the whole training step (forward, backward, Adam, state carry)
-    captured in one CUDA graph: static input, target and state buffers, replayed each step."""
+    captured in one CUDA graph: static input, target and state buffers, replayed each step.
+
+    Experimental and NOT working yet: on an H100 (2026-11-22) it stops with a device-side assert
+    during the first replays (`python bench/throughput.py --device cuda --shapes tiny --impls
+    hm_fused_graph`); the cause is not diagnosed. It measures how much of the gap to nn.LSTM is
+    kernel-launch overhead once it runs."""
     import torch
     from torch import nn
 
