@@ -310,7 +310,6 @@ def cmd_plot_segments(argv: list[str]) -> int:
 def cmd_ablate(argv: list[str]) -> int:
     """hmrnn ablate: run a base config with each overlay, collect BPC into CSV and Markdown."""
     import argparse
-    import csv
 
     p = argparse.ArgumentParser(
         prog="hmrnn ablate",
@@ -334,7 +333,7 @@ def cmd_ablate(argv: list[str]) -> int:
         cfg = ["--config", args.base] + (["--config", overlay] if overlay else [])
         run_dir = out / name
         common = cfg + [f"--trainer.default_root_dir={run_dir}"] + extra
-        cli = HMRNNCLI(args=["fit"] + common, run=False)
+        cli = HMRNNCLI(args=common, run=False)  # run=False: no subcommand; fit and test are called below
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         val = cli.trainer.callback_metrics.get("val/bpc")
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=None)

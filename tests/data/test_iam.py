@@ -70,3 +70,18 @@ def test_datamodule_split_normalisation_and_masks(tmp_path):
     again = IAMOnDBDataModule(str(tmp_path), min_length=60, batch_size=4, cache_dir=str(tmp_path / "cache"))
     again.setup()  # from the cache, same split
     assert again.line_ids("test") == dm.line_ids("test")
+
+
+def test_real_database_paper_and_official_splits(shared_data, tmp_path):
+    """The whole real archive (about a minute to parse): the paper's counts and mean length."""
+    dm = IAMOnDBDataModule(str(shared_data / "iam-ondb"), split="paper", cache_dir=str(tmp_path))
+    dm.setup()
+    sizes = [len(dm.sequences(s)) for s in ("train", "valid", "test")]
+    assert sizes == [10465, 581, 582]  # the paper: 10,465 / 581 / 582
+    lengths = [len(a) for s in ("train", "valid", "test") for a in dm.sequences(s)]
+    assert abs(np.mean(lengths) - 648) < 1  # the paper: mean length 648
+    official = IAMOnDBDataModule(str(shared_data / "iam-ondb"), split="official", cache_dir=str(tmp_path))
+    official.setup()  # same cache
+    assert [len(official.sequences(s)) for s in ("train", "valid", "test")] == [5118, 1381, 1461]
+    forms = {line.strip() for line in (shared_data / "iam-ondb" / "splits" / "testset_t.txt").read_text().split()}
+    assert all(i.rsplit("-", 1)[0] in forms for i in official.line_ids("test"))
