@@ -65,8 +65,8 @@ def plugin_entry_points(kind: str) -> dict[str, Any]:
 
 def available(kind: str) -> dict[str, str]:
     """Every name usable for ``kind`` mapped to its class path (plugins included)."""
-    names = dict(BUILTIN[kind]) if kind in BUILTIN else {}
     _check_kind(kind)
+    names = dict(BUILTIN[kind])
     for name, ep in plugin_entry_points(kind).items():
         names.setdefault(name, ep.value.replace(":", "."))
     return dict(sorted(names.items()))

@@ -104,3 +104,14 @@ def test_boundary_f1_logged_exact_and_with_tolerance():
     assert logged["val/boundary_f1/l1_level1"] == 0.0
     assert logged["val/boundary_f1_tol1/l1_level1"] == 1.0
     assert "val/update_frac/l2" in logged
+
+
+def test_generate_and_encode_need_known_symbols():
+    model = tiny_model(vocab_size=4, vocab=["a", "b", "_", "\n"])
+    text = model.generate("", length=12, temperature=0.5)
+    assert len(text) == 12 and set(text) <= {"a", "b", "_", "\n"}
+    assert model.generate("ab", length=3).startswith("ab")
+    with pytest.raises(ValueError, match="prime contains symbols the model does not know"):
+        model.generate("abc")
+    with pytest.raises(ValueError, match="no vocabulary"):
+        tiny_model().generate("a")

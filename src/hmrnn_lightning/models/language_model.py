@@ -204,6 +204,16 @@ class HMRNNLanguageModel(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients_by_default(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def encode(self, text: str, what: str = "text") -> Tensor:
+        """``[1, len(text)]`` symbol ids on the model's device; unknown symbols are an error."""
+        if self.vocab is None:
+            raise ValueError("HMRNNLanguageModel: this model has no vocabulary (train it with a datamodule)")
+        index = {s: i for i, s in enumerate(self.vocab)}
+        unknown = sorted({c for c in text if c not in index})
+        if unknown:
+            raise ValueError(f"the {what} contains symbols the model does not know: {unknown}")
+        return torch.tensor([[index[c] for c in text]], device=self.embedding.weight.device)
+
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prime: str = "", length: int = 200, temperature: float = 1.0) -> str:
@@ -215,15 +225,12 @@ class HMRNNLanguageModel(pl.LightningModule):
             raise ValueError("HMRNNLanguageModel.generate: this model has no vocabulary (train it with a datamodule)")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        index = {s: i for i, s in enumerate(self.vocab)}
-        unknown = sorted({c for c in prime if c not in index})
-        if unknown:
-            raise ValueError(f"the prime contains symbols the model does not know: {unknown}")
+        # an empty prime starts after an end of line (the start of a sentence), else after symbol 0
+        start = prime or ("\n" if "\n" in self.vocab else None)
+        ids = self.encode(start, "prime") if start else torch.zeros(1, 1, dtype=torch.long, device=self.embedding.weight.device)
         was_training = self.training
         self.eval()
-        device = self.embedding.weight.device
-        ids = [index[c] for c in prime] or [0]
-        logits, out = self(torch.tensor([ids], device=device))
+        logits, out = self(ids)
         state, produced = out.state, []
         for _ in range(length):
             probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
@@ -237,15 +244,9 @@ class HMRNNLanguageModel(pl.LightningModule):
     @torch.no_grad()
     def analyse(self, text: str) -> tuple[Tensor, Tensor]:
         """Boundaries ``[time, layers]`` and hidden-state norms ``[time, layers]`` for a text."""
-        if self.vocab is None:
-            raise ValueError("HMRNNLanguageModel.analyse: this model has no vocabulary")
-        index = {s: i for i, s in enumerate(self.vocab)}
-        unknown = sorted({c for c in text if c not in index})
-        if unknown:
-            raise ValueError(f"the text contains symbols the model does not know: {unknown}")
+        ids = self.encode(text, "text")
         was_training = self.training
         self.eval()
-        ids = torch.tensor([[index[c] for c in text]], device=self.embedding.weight.device)
         _, out = self(ids)
         self.train(was_training)
         norms = torch.stack([h[0].norm(dim=-1) for h in out.hidden], -1)
