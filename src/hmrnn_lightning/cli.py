@@ -1,4 +1,4 @@
-"""The ``hmrnn`` command: LightningCLI plus listing, sampling and ablation tables.
+"""hmrnn: train, test and study Hierarchical Multiscale RNNs (LightningCLI, plus small commands).
 
 ``hmrnn fit|validate|test|predict`` are LightningCLI subcommands; ``hmrnn list``,
 ``hmrnn sample`` and ``hmrnn ablate`` are small commands of their own (``hmrnn <cmd> --help``).
