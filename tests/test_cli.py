@@ -129,7 +129,15 @@ def test_broken_plugin_gives_one_message(tmp_path, monkeypatch, capsys):
 def test_bad_input_exits_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["fit", *tiny(tmp_path, "--model.init_args.stak.init_args.hidden_sizes=[3]")])
-    assert exc.value.code != 0
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hmrnn: error:") and "stak" in err and "usage:" not in err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_epochz: 3\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(typo)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "max_epochz" in err and len(err.splitlines()) < 10
     assert main(["fit", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     code = main(["fit", "--config", str(ROOT / "configs" / "ptb_step.yaml"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from hmrnn_lightning import registry
 from hmrnn_lightning.data.base import DataError
@@ -74,6 +74,17 @@ class SaveAndLogConfig(SaveConfigCallback):
             trainer.logger.log_hyperparams({"config": yaml.safe_load(flat)})
 
 
+class HMRNNArgumentParser(LightningArgumentParser):
+    """Reports bad arguments as ``hmrnn: error: ...`` without the long usage block
+    (``--help`` shows the options; ``HMRNN_DEBUG=1`` restores jsonargparse's full report)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if os.environ.get("HMRNN_DEBUG"):
+            return super().error(message, ex)
+        sys.stderr.write(f"hmrnn: error: {message.strip()}\n(--help lists the options)\n")
+        raise SystemExit(2)
+
+
 class HMRNNCLI(LightningCLI):
     """LightningCLI for hmrnn-lightning: links the vocabulary from the datamodule to the model,
     accepts registered short names, and turns bad input into one clear message."""
@@ -87,6 +98,7 @@ class HMRNNCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        kwargs.setdefault("parser_class", HMRNNArgumentParser)
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
