@@ -315,7 +315,7 @@ def cmd_plot_segments(argv: list[str]) -> int:
         raise DataError(f"--index {args.index} is outside the {len(ds)} lines of the {args.split} split")
     inputs, _ = ds[args.index]
     z = model.boundaries_of(inputs).numpy()
-    print(f"wrote {plot_segments(model._to_real(inputs), z, args.out, args.layer)}")
+    print(f"wrote {plot_segments(model.to_real_units(inputs), z, args.out, args.layer)}")
     return 0
 
 

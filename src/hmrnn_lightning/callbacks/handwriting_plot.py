@@ -37,7 +37,7 @@ class HandwritingPlot(pl.Callback):
             ds = dm.dataset("valid")
             inputs, _ = ds[min(self.index, len(ds) - 1)]
             z = pl_module.boundaries_of(inputs).numpy()
-            paths.append(plot_segments(pl_module._to_real(inputs), z, out / f"segments_epoch{e:04d}.png"))
+            paths.append(plot_segments(pl_module.to_real_units(inputs), z, out / f"segments_epoch{e:04d}.png"))
         logger = trainer.logger
         if logger is not None and hasattr(logger, "log_image"):
             logger.log_image(key="handwriting", images=[str(p) for p in paths], step=trainer.global_step)

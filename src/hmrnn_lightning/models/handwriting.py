@@ -125,7 +125,7 @@ class HandwritingModel(pl.LightningModule):
         clip_gradients_by_default(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- pictures ------------------------------------------------------------------------------------
-    def _to_real(self, seq: Tensor) -> np.ndarray:
+    def to_real_units(self, seq: Tensor) -> np.ndarray:
         out = seq.detach().cpu().numpy().astype(np.float64).copy()
         if self.stats is not None:
             out[:, :2] = out[:, :2] * np.array(self.stats["std"]) + np.array(self.stats["mean"])
@@ -145,7 +145,7 @@ class HandwritingModel(pl.LightningModule):
             produced.append(nxt[0])
             x = nxt.view(1, 1, 3)
         self.train(was_training)
-        return self._to_real(torch.stack(produced))
+        return self.to_real_units(torch.stack(produced))
 
     @torch.no_grad()
     def boundaries_of(self, inputs: Tensor) -> Tensor:
