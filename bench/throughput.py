@@ -29,7 +29,6 @@ IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_fused_compile", "hm_fused_graph
 
 
 def build(impl: str, shape: dict, device: str, layer_norm: bool):
-    import torch
     from torch import nn
 
     from hmrnn_lightning import HMStack, SoftmaxHead, StepEstimator
@@ -88,7 +87,6 @@ def build_graphed(emb, stack, shape, device, layer_norm):
     from torch import nn
 
     from hmrnn_lightning import SoftmaxHead
-    from hmrnn_lightning.cells.base import LayerState
 
     head = SoftmaxHead([shape["hidden"]] * shape["layers"], shape["vocab"], shape["out_emb"])
     modules = nn.ModuleList([emb, stack, head]).to(device)

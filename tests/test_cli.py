@@ -10,7 +10,6 @@ import torch
 import yaml
 
 from hmrnn_lightning.cli import HMRNNCLI, main, rewrite_argv
-from hmrnn_lightning.estimators import StepEstimator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))

@@ -9,11 +9,7 @@ stroke (Graves 2013). The first point's offset is (0, 0).
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
-import re
-import shutil
 import tarfile
 import tempfile
 import warnings
@@ -27,9 +23,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hmrnn_lightning.data.base import DataError
-
-LINE_FILE = re.compile(r"([a-z0-9]+-[a-z0-9]+)-(\d+)\.xml$")
-
 
 def parse_line_strokes(xml: bytes | str) -> np.ndarray:
     """``[points, 3]`` float array of absolute ``x, y`` and ``pen`` (1 on each stroke's last point).
