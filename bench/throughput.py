@@ -25,7 +25,7 @@ SHAPES = {  # the paper's: layers x hidden, embedding, batch, length, vocab, out
     "text8": dict(layers=3, hidden=1024, emb=128, batch=128, length=100, vocab=27, out_emb=2048),
     "tiny": dict(layers=3, hidden=64, emb=16, batch=8, length=50, vocab=30, out_emb=64),
 }
-IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_fused_compile", "hm_fused_graph", "hm_fused_graph_compile")
+IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_sequence", "hm_fused_compile", "hm_fused_graph", "hm_fused_graph_compile")
 
 
 def build(impl: str, shape: dict, device: str, layer_norm: bool):
@@ -51,7 +51,7 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool):
             return head(out[:, -1]), st
 
         return modules, step, sample_step
-    hm_impl = "reference" if impl == "hm_reference" else "fused"
+    hm_impl = {"hm_reference": "reference", "hm_sequence": "sequence"}.get(impl, "fused")
     stack = HMStack(shape["emb"], [shape["hidden"]] * shape["layers"], StepEstimator(), layer_norm=layer_norm,
                     impl=hm_impl, compile=impl.endswith("compile"))
     if "graph" in impl:

@@ -61,3 +61,17 @@ def select_operations(z_below: Tensor, z_prev: Tensor) -> Operations:
 def keep_if_copy(ops: Operations, old: Tensor, new: Tensor) -> Tensor:
     """``old`` where the layer copies, ``new`` where it updates or flushes (eq. 3)."""
     return ops.copy * old + (1.0 - ops.copy) * new
+
+
+def operations_from_boundaries(boundaries: Tensor, first_z: Tensor) -> Tensor:
+    """Eq. 2 for a whole sequence at once: the ``[batch, time, layers, 3]`` weights of
+    UPDATE, COPY, FLUSH from the boundary states the stack produced.
+
+    Args:
+        boundaries: ``z^l_t``, ``[batch, time, layers]``.
+        first_z: ``z^l_{-1}`` (the state the sequence started from), ``[batch, layers]``.
+    """
+    z_prev = torch.cat([first_z.unsqueeze(1), boundaries[:, :-1]], dim=1)
+    z_below = torch.cat([torch.ones_like(boundaries[..., :1]), boundaries[..., :-1]], dim=-1)
+    not_flush = 1.0 - z_prev
+    return torch.stack([not_flush * z_below, not_flush * (1.0 - z_below), z_prev], dim=-1)

@@ -135,9 +135,13 @@ class HMStack(RecurrentStack):
         estimator: turns boundary logits into boundary states (shared by all layers).
         cell: registered cell name (``hm_lstm``, ``hm_rnn``, or a plugin's) or a dotted class path.
         layer_norm: use the LayerNorm variant of the cell.
-        impl: ``reference`` (the readable loop below), ``fused`` (:mod:`hmrnn_lightning.cells.fused`,
-            HM-LSTM cells only, same results), or ``auto``: fused where it applies.
-        compile: ``torch.compile`` the fused elementwise update (GPU; slow to start on CPU).
+        impl: ``reference`` (the readable loop below); ``sequence``
+            (:mod:`hmrnn_lightning.cells.sequence`: one autograd function over the whole
+            sequence with a hand-written backward; HM-LSTM without layer norm, estimators
+            without trainable parameters); ``fused`` (:mod:`hmrnn_lightning.cells.fused`:
+            per-step autograd with merged matrix products; any HM-LSTM); or ``auto``: the
+            first of sequence, fused, reference that applies. All give the same results.
+        compile: ``torch.compile`` the fused path's elementwise update (GPU; slow to start on CPU).
     """
 
     def __init__(
@@ -147,7 +151,7 @@ class HMStack(RecurrentStack):
         estimator: BoundaryEstimator,
         cell: str = "hm_lstm",
         layer_norm: bool = False,
-        impl: Literal["auto", "reference", "fused"] = "auto",
+        impl: Literal["auto", "reference", "fused", "sequence"] = "auto",
         compile: bool = False,
     ) -> None:
         super().__init__(input_size, hidden_sizes)
@@ -160,17 +164,35 @@ class HMStack(RecurrentStack):
         self.estimator = estimator
         self.layer_norm = layer_norm
         self.cells = build_cells(cell_class, self.input_size, self.hidden_sizes, layer_norm)
-        from hmrnn_lightning.cells import fused
-
-        if impl == "fused" and not fused.supports(self):
-            raise ValueError(f"HMStack: impl='fused' supports HM-LSTM cells only, not {cell!r}")
+        if impl not in ("auto", "reference", "fused", "sequence"):
+            raise ValueError(f"HMStack: impl must be auto, reference, fused or sequence, got {impl!r}")
         self.impl = impl
         self.compile = compile
+        self.active_impl()  # fail now, not at the first batch
+
+    def active_impl(self) -> str:
+        """The path :meth:`forward` takes: ``sequence``, ``fused`` or ``reference``. Checked per
+        call, because the estimator (or layer norm) can be swapped after construction."""
+        from hmrnn_lightning.cells import fused, sequence
+
+        if self.impl == "reference":
+            return "reference"
+        if self.impl == "sequence" and not sequence.supports(self):
+            raise ValueError(
+                "HMStack: impl='sequence' needs HM-LSTM cells without layer norm and an estimator without "
+                f"trainable parameters (cell={self.cell_name!r}, layer_norm={self.layer_norm}, "
+                f"estimator={type(self.estimator).__name__}); use impl='auto'"
+            )
+        if self.impl == "fused" and not fused.supports(self):
+            raise ValueError(f"HMStack: impl='fused' supports HM-LSTM cells only, not {self.cell_name!r}")
+        if self.impl in ("sequence", "fused"):
+            return self.impl
+        if sequence.supports(self):
+            return "sequence"
+        return "fused" if fused.supports(self) else "reference"
 
     def uses_fused(self) -> bool:
-        from hmrnn_lightning.cells import fused
-
-        return self.impl == "fused" or (self.impl == "auto" and fused.supports(self))
+        return self.active_impl() != "reference"
 
     def forward(self, x: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> StackOutput:
         """Run the sequence.
@@ -187,7 +209,15 @@ class HMStack(RecurrentStack):
         L = self.num_layers
         if boundaries is not None and boundaries.shape != (B, T, L - 1):
             raise ValueError(f"HMStack: boundaries must have shape {(B, T, L - 1)}, got {tuple(boundaries.shape)}")
-        if self.uses_fused():
+        impl = self.active_impl()
+        if impl == "sequence":
+            from hmrnn_lightning.cells.operations import operations_from_boundaries
+            from hmrnn_lightning.cells.sequence import sequence_forward
+
+            first_z = torch.stack([s.z for s in state], dim=-1)
+            hidden, z_all, logits, state = sequence_forward(self, x, state, boundaries)
+            return StackOutput(hidden, z_all, logits, operations_from_boundaries(z_all, first_z), state)
+        if impl == "fused":
             from hmrnn_lightning.cells.fused import fused_forward
 
             hidden, zs, logits, ops_out, state = fused_forward(self, x, state, boundaries, self.compile)

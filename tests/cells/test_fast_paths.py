@@ -1,0 +1,181 @@
+"""The fast paths (``fused``: per-step autograd; ``sequence``: hand-written backward over the
+whole sequence) give the reference loop's outputs, boundaries and gradients."""
+
+import copy
+
+import pytest
+import torch
+
+from hmrnn_lightning import HMStack
+from hmrnn_lightning.estimators import BernoulliEstimator, ReinforceEstimator, SoftEstimator, StepEstimator
+from hmrnn_lightning.heads import SoftmaxHead
+
+ESTIMATORS = [StepEstimator, BernoulliEstimator, SoftEstimator, ReinforceEstimator]
+
+
+def run(stack, head, x, y, state, seed, all_outputs=True):
+    """Loss with every output of the stack in it (hidden, boundaries, logits, final state),
+    so that every gradient path of the fast backward is exercised; returns the gradients of
+    the parameters, the input and the initial state."""
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_()
+    state = [type(s)(*(t.clone().requires_grad_() for t in s)) for s in state]
+    out = stack(x, state)
+    step_nll = head.nll(head(out.hidden), y)
+    loss = step_nll.mean()
+    aux = stack.estimator.auxiliary_loss(out, step_nll.detach())
+    if aux is not None:
+        loss = loss + aux
+    if all_outputs:
+        weights = torch.linspace(0.1, 1.0, out.boundaries.numel(), dtype=x.dtype).view_as(out.boundaries)
+        loss = loss + 0.1 * (weights * out.boundaries).sum() + 0.01 * out.boundary_logits.pow(2).mean()
+        loss = loss + sum(0.1 * (s.h.sum() + s.c.pow(2).mean() + s.z.sum()) for s in out.state)
+    stack.zero_grad()
+    head.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in stack.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.clone()
+    for l, s in enumerate(state):
+        for name, t in zip("hcz", s):
+            grads[f"state{l}.{name}"] = t.grad.clone()
+    return out, loss.detach(), grads
+
+
+def normwise(rel):
+    """|a - b|_max <= rel * |a|_max: for tensors whose entries span many magnitudes."""
+
+    def check(actual, expected, msg=None):
+        err = (actual - expected).abs().max().item()
+        assert err <= rel * expected.abs().max().item() + 1e-12, (msg, err, expected.abs().max().item())
+
+    return check
+
+
+def close(tol):
+    def check(actual, expected, msg=None):
+        torch.testing.assert_close(actual, expected, **tol, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+    return check
+
+
+def compare(estimator, layer_norm, dtype, check, device="cpu", impl="fused", all_outputs=True):
+    torch.manual_seed(0)
+    ref = HMStack(6, [16, 12, 10], estimator(slope=2.0), layer_norm=layer_norm, impl="reference")
+    with torch.no_grad():
+        for cell in ref.cells:
+            cell.bias[-1] = 0.3  # boundaries of both kinds early on
+    head = SoftmaxHead([16, 12, 10], 9, 8)
+    ref, head = ref.to(device, dtype), head.to(device, dtype)
+    fast = copy.deepcopy(ref)
+    fast.impl = impl
+    assert fast.active_impl() == impl
+    x, y = torch.randn(5, 30, 6, dtype=dtype, device=device), torch.randint(0, 9, (5, 30), device=device)
+    state = [s.detach() for s in ref(torch.randn(5, 7, 6, dtype=dtype, device=device)).state]  # non-zero start, some z = 1
+    a, la, ga = run(ref, head, x, y, state, seed=1, all_outputs=all_outputs)
+    b, lb, gb = run(fast, head, x, y, state, seed=1, all_outputs=all_outputs)
+    if ref.estimator.discrete:
+        assert torch.equal(a.boundaries, b.boundaries)
+    else:
+        check(b.boundaries, a.boundaries, "boundaries")
+    assert 0 < a.boundaries[..., :2].mean() < 1
+    for l, (ha, hb) in enumerate(zip(a.hidden, b.hidden)):
+        check(hb, ha, f"h{l + 1}")
+    check(b.boundary_logits, a.boundary_logits, "boundary logits")
+    for l, (sa, sb) in enumerate(zip(a.state, b.state)):
+        for name, ta, tb in zip("hcz", sa, sb):
+            check(tb, ta, f"final state {name}{l + 1}")
+    check(b.operations, a.operations, "operations")
+    check(lb, la, "loss")
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        check(gb[name], ga[name], name)
+
+
+FAST = [("fused", False), ("fused", True), ("sequence", False)]  # (impl, layer norm)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("impl,layer_norm", FAST)
+def test_fast_equals_reference_in_fp64(estimator, impl, layer_norm):
+    """Same arithmetic up to summation order: within 1e-9 of each tensor's largest entry."""
+    compare(estimator, layer_norm, torch.float64, normwise(1e-9), impl=impl)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("impl", ["fused", "sequence"])
+def test_fast_equals_reference_in_fp32(estimator, impl):
+    compare(estimator, False, torch.float32, close(dict(rtol=1e-5, atol=1e-6)), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["fused", "sequence"])
+def test_fast_equals_reference_with_given_boundaries(impl):
+    """Oracle boundaries (``boundaries=``) replace the estimator on every path."""
+    torch.manual_seed(0)
+    ref = HMStack(5, [8, 7, 6], StepEstimator(), impl="reference").double()
+    fast = copy.deepcopy(ref)
+    fast.impl = impl
+    x = torch.randn(3, 12, 5, dtype=torch.float64)
+    oracle = (torch.rand(3, 12, 2) < 0.4).double()
+    a, b = ref(x, boundaries=oracle), fast(x, boundaries=oracle)
+    assert torch.equal(a.boundaries, b.boundaries)
+    assert torch.equal(a.operations, b.operations)
+    for ha, hb in zip(a.hidden, b.hidden):
+        torch.testing.assert_close(hb, ha, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(sum(h.sum() for h in a.hidden), list(ref.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(sum(h.sum() for h in b.hidden), list(fast.parameters()), allow_unused=True)
+    for u, v in zip(ga, gb):
+        assert (u is None) == (v is None) or (u if v is None else v).abs().max() == 0
+        if u is not None and v is not None:
+            torch.testing.assert_close(v, u, rtol=1e-10, atol=1e-12)
+
+
+def test_sequence_keeps_copy_bit_exact_and_runs_without_grad():
+    torch.manual_seed(0)
+    stack = HMStack(4, [6, 5], StepEstimator(), impl="sequence")
+    x = torch.randn(2, 9, 4)
+    oracle = torch.zeros(2, 9, 1)
+    oracle[:, 3] = 1.0  # layer 1 ends a segment at step 3 only: layer 2 updates at 3, copies elsewhere
+    with torch.no_grad():
+        out = stack(x, boundaries=oracle)
+    top = out.hidden[1]
+    assert torch.equal(top[:, 4:], top[:, 3:4].expand_as(top[:, 4:]))  # bit for bit
+    assert torch.equal(top[:, :3], torch.zeros_like(top[:, :3]))
+    assert not top.requires_grad
+
+
+@pytest.mark.parametrize("estimator", [StepEstimator, BernoulliEstimator], ids=lambda c: c.__name__)
+def test_fused_layer_norm_fp32_same_boundaries(estimator):
+    """With layer norm, LN(c) of a cell still near 0 divides by a tiny std, so fp32 rounding of
+    the (differently ordered) sums, 6e-8 at the first step, grows over 30 steps, and gradients
+    at initialisation reach 4e4; measured: every gradient off by the same 1.8e-4 of its largest
+    entry. The fp64 test above shows the arithmetic is the same; here boundaries must agree
+    exactly and values to 1e-3 of each tensor's largest entry, with the task loss alone (the
+    extra terms on the state make those gradients larger still)."""
+    compare(estimator, True, torch.float32, normwise(1e-3), all_outputs=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run with HMRNN_TEST_CUDA=1)")
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_fast_equals_reference_on_cuda(estimator, layer_norm):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for impl in ["fused"] + ([] if layer_norm else ["sequence"]):
+        compare(estimator, layer_norm, torch.float64, normwise(1e-9), device="cuda", impl=impl)
+        if not layer_norm:
+            compare(estimator, layer_norm, torch.float32, close(dict(rtol=1e-5, atol=1e-6)), device="cuda", impl=impl)
+
+
+def test_auto_picks_the_fastest_path_that_applies():
+    assert HMStack(4, [5, 5], StepEstimator()).active_impl() == "sequence"
+    assert HMStack(4, [5, 5], StepEstimator(), layer_norm=True).active_impl() == "fused"
+    assert HMStack(4, [5, 5], StepEstimator(), cell="hm_rnn").active_impl() == "reference"
+    assert HMStack(4, [5, 5], StepEstimator(), impl="reference").active_impl() == "reference"
+    learnable = StepEstimator()
+    learnable.temperature = torch.nn.Parameter(torch.ones(()))  # a plugin's learnable estimator
+    assert HMStack(4, [5, 5], learnable).active_impl() == "fused"
+    with pytest.raises(ValueError, match="HM-LSTM cells only"):
+        HMStack(4, [5], StepEstimator(), cell="hm_rnn", impl="fused")
+    with pytest.raises(ValueError, match="without layer norm"):
+        HMStack(4, [5], StepEstimator(), layer_norm=True, impl="sequence")
+    with pytest.raises(ValueError, match="impl must be"):
+        HMStack(4, [5], StepEstimator(), impl="fast")
