@@ -44,6 +44,12 @@ from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
 
 
+#: Skip the rows of the top-down and bottom-up products whose gate ``z`` is 0 (None: on CPU
+#: only). Finding the rows costs a device-to-host copy per step, which a GPU pays in stalls
+#: more than it saves in arithmetic.
+SKIP_GATED_ROWS: bool | None = None
+
+
 def supports(stack) -> bool:
     """HM-LSTM cells without layer norm, and an estimator without trainable parameters."""
     return (
@@ -88,7 +94,8 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     biases = [cell.bias for cell in stack.cells]
     flat_state = [t for s in state for t in (s.h, s.c, s.z)]
     L = len(stack.cells)
-    meta = _Meta(stack.estimator, boundaries, mm_dtype, L)
+    skip = SKIP_GATED_ROWS if SKIP_GATED_ROWS is not None else x.device.type == "cpu"
+    meta = _Meta(stack.estimator, boundaries, mm_dtype, L, skip)
     tensors = [x_proj, *weights, *biases, *flat_state]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         outs = _HMLSTMSequence.apply(meta, *tensors)
@@ -104,27 +111,66 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
 class _Meta:
     """The non-tensor inputs of the autograd function."""
 
-    def __init__(self, estimator, boundaries: Tensor | None, mm_dtype: torch.dtype | None, layers: int) -> None:
+    def __init__(self, estimator, boundaries: Tensor | None, mm_dtype: torch.dtype | None, layers: int, skip_rows: bool) -> None:
         self.estimator = estimator
         self.boundaries = boundaries
         self.mm_dtype = mm_dtype
         self.layers = layers
+        self.skip_rows = skip_rows
 
 
 class _Kept:
-    """What the backward pass needs beyond the function's inputs and outputs."""
+    """What the backward pass needs beyond the function's inputs and outputs. Time-major
+    (``[T, B, ...]``) so that each step's slice is one contiguous block."""
 
     def __init__(self) -> None:
-        self.gates: list[Tensor] = []  # per layer [B, T, 4H]: f, i, o after sigm, g after tanh
-        self.cells: list[Tensor] = []  # per layer [B, T, H]
+        self.inputs: list[Tensor] = []  # per layer, a_t for every step [T, B, K_l]
+        self.gates: list[Tensor] = []  # per layer [T, B, 4H]: f, i, o after sigm, g after tanh
+        self.cells: list[Tensor] = []  # per layer [T, B, H]
         self.estimates: Tensor | None = None  # e = estimator(logit) before COPY keeps z, [B, T, L - 1]
         self.graphs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (t, l) -> (logit leaf, e)
 
 
-def _mm(a: Tensor, w_t: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
+def _mm(a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
     if mm_dtype is None or mm_dtype == a.dtype:
-        return a @ w_t
-    return (a.to(mm_dtype) @ w_t.to(mm_dtype)).to(a.dtype)
+        return a @ w
+    return (a.to(mm_dtype) @ w.to(mm_dtype)).to(a.dtype)
+
+
+def _affine(bias: Tensor, a: Tensor, w_t: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
+    if mm_dtype is None or mm_dtype == a.dtype:
+        return torch.addmm(bias, a, w_t)
+    return (a.to(mm_dtype) @ w_t).to(a.dtype).add_(bias)
+
+
+def _open_rows(gate: Tensor) -> Tensor:
+    return gate.squeeze(-1).nonzero().squeeze(-1)
+
+
+def _gated_addmm_(s: Tensor, gate: Tensor, gated_x: Tensor, w_t: Tensor, mm_dtype) -> None:
+    """``s += gated_x @ w_t`` where ``gated_x = gate * x``: rows whose gate is 0 are zero and
+    are skipped."""
+    rows = _open_rows(gate)
+    if rows.numel() == s.shape[0]:
+        s += _mm(gated_x, w_t, mm_dtype)
+    elif rows.numel() > 0:
+        s.index_add_(0, rows, _mm(gated_x.index_select(0, rows), w_t, mm_dtype))
+
+
+def _cell_forward(s: Tensor, c_prev: Tensor, h_prev: Tensor, u: Tensor, k: Tensor, zp: Tensor, act: Tensor, c_out: Tensor, h_out: Tensor) -> None:
+    """Gates and eqs. 2-3 into ``act`` ``[B, 4H]``, ``c_out`` and ``h_out``.
+
+    ``c = (u f + k) c_prev + (u + z_prev) i g`` is the reference's
+    ``u (f c_prev + i g) + z_prev i g + k c_prev`` regrouped; with binary weights COPY
+    (``k = 1``) still gives ``c_prev`` exactly, and ``lerp`` returns its end point exactly
+    at weight 1, so ``h`` is copied bit for bit too."""
+    H = c_prev.shape[-1]
+    torch.sigmoid(s[:, : 3 * H], out=act[:, : 3 * H])
+    torch.tanh(s[:, 3 * H : 4 * H], out=act[:, 3 * H :])
+    f, i, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
+    torch.addcmul(k, u, f, out=c_out)
+    c_out.mul_(c_prev).addcmul_(i * g, u + zp)
+    torch.lerp(torch.tanh(c_out).mul_(o), h_prev, k, out=h_out)
 
 
 def _forward(meta: _Meta, x_proj: Tensor, weights, biases, flat_state, keep: _Kept | None):
@@ -139,40 +185,48 @@ def _forward(meta: _Meta, x_proj: Tensor, weights, biases, flat_state, keep: _Ke
     z = [flat_state[3 * l + 2] for l in range(L)]
     # [K, 4H + 1] contiguous: measured 17% faster than the transposed view on a 2-core CPU
     w_t = [(w.to(meta.mm_dtype) if meta.mm_dtype else w).t().contiguous() for w in weights]
-    xb = x_proj + biases[0]
+    xb = (x_proj + biases[0]).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
     hidden = [x_proj.new_empty(B, T, H) for H in sizes]
     z_all = x_proj.new_zeros(B, T, L)
     logits = x_proj.new_empty(B, T, L - 1)
-    a_buf = [x_proj.new_empty(B, w.shape[1]) for w in weights]
+    steps = T if keep is not None else 1
+    inputs = [x_proj.new_empty(steps, B, w.shape[1]) for w in weights]
+    gates = [x_proj.new_empty(steps, B, 4 * H) for H in sizes]
     if keep is not None:
-        keep.gates = [x_proj.new_empty(B, T, 4 * H) for H in sizes]
-        keep.cells = [x_proj.new_empty(B, T, H) for H in sizes]
+        keep.inputs, keep.gates = inputs, gates
+        keep.cells = [x_proj.new_empty(T, B, H) for H in sizes]
         keep.estimates = x_proj.new_empty(B, T, L - 1)
-    ones = torch.ones(B, dtype=dtype, device=device)
+    ones = torch.ones(B, 1, dtype=dtype, device=device)
     zeros = torch.zeros(B, dtype=dtype, device=device)
     for t in range(T):
-        z_below = ones
+        slot = t if keep is not None else 0
+        zb = ones
         for l in range(L):
             H = sizes[l]
-            a = a_buf[l]
+            a = inputs[l][slot]
             a[:, :H] = h[l]
             col = H
-            z_prev = z[l]
+            zp = z[l].unsqueeze(-1)
             if l + 1 < L:
-                torch.mul(h[l + 1], z_prev.unsqueeze(-1), out=a[:, col : col + sizes[l + 1]])
+                torch.mul(h[l + 1], zp, out=a[:, col : col + sizes[l + 1]])
                 col += sizes[l + 1]
             if l > 0:
-                torch.mul(h[l - 1], z_below.unsqueeze(-1), out=a[:, col:])
-            s = _mm(a, w_t[l], meta.mm_dtype)
-            s += xb[:, t] if l == 0 else biases[l]
-            gates = torch.sigmoid(s[:, : 3 * H])
-            f, i, o = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H :]
-            g = torch.tanh(s[:, 3 * H : 4 * H])
-            zp, zb = z_prev.unsqueeze(-1), z_below.unsqueeze(-1)
+                torch.mul(h[l - 1], zb, out=a[:, col:])
+            bias = xb[t] if l == 0 else biases[l]
+            if meta.skip_rows:  # the three terms apart, each gated term on its open rows only
+                s = _affine(bias, a[:, :H], w_t[l][:H], meta.mm_dtype)
+                col = H
+                if l + 1 < L:
+                    _gated_addmm_(s, zp, a[:, col : col + sizes[l + 1]], w_t[l][col : col + sizes[l + 1]], meta.mm_dtype)
+                    col += sizes[l + 1]
+                if l > 0:
+                    _gated_addmm_(s, zb, a[:, col:], w_t[l][col:], meta.mm_dtype)
+            else:
+                s = _affine(bias, a, w_t[l], meta.mm_dtype)
             u = (1.0 - zp) * zb
             k = (1.0 - zp) * (1.0 - zb)
-            c_new = (u * f + k) * c[l] + (u + zp) * (i * g)
-            h_new = k * h[l] + (1.0 - k) * (o * torch.tanh(c_new))
+            c_new = keep.cells[l][t] if keep is not None else torch.empty_like(c[l])
+            _cell_forward(s, c[l], h[l], u, k, zp, gates[l][slot], c_new, hidden[l][:, t])
             if l + 1 < L:
                 logit = s[:, 4 * H]
                 logits[:, t, l] = logit
@@ -182,25 +236,20 @@ def _forward(meta: _Meta, x_proj: Tensor, weights, biases, flat_state, keep: _Ke
                     with torch.enable_grad():
                         leaf = logit.detach().requires_grad_()
                         e_graph = meta.estimator(leaf)
-                    e = e_graph.detach()
+                    e = e_graph.detach().to(dtype)
                     if e_graph.requires_grad:
                         keep.graphs[(t, l)] = (leaf, e_graph)
                 else:
-                    e = meta.estimator(logit)
-                e = e.to(dtype)
-                z_new = k.squeeze(-1) * z_prev + (1.0 - k.squeeze(-1)) * e
+                    e = meta.estimator(logit).to(dtype)
                 if keep is not None:
                     keep.estimates[:, t, l] = e
+                k1 = k.squeeze(-1)
+                z_new = k1 * z[l] + (1.0 - k1) * e
             else:
                 z_new = zeros
-            if keep is not None:
-                keep.gates[l][:, t, : 3 * H] = gates
-                keep.gates[l][:, t, 3 * H :] = g
-                keep.cells[l][:, t] = c_new
-            hidden[l][:, t] = h_new
             z_all[:, t, l] = z_new
-            h[l], c[l], z[l] = h_new, c_new, z_new
-            z_below = z_new
+            h[l], c[l], z[l] = hidden[l][:, t], c_new, z_new
+            zb = z_new.unsqueeze(-1)
     final = [t for l in range(L) for t in (h[l].clone(), c[l].clone(), z[l].clone())]
     return (*hidden, z_all, logits, *final)
 
@@ -231,11 +280,42 @@ class _HMLSTMSequence(torch.autograd.Function):
         hidden = saved[4 * L : 5 * L]
         z_all = saved[5 * L]
         with torch.autocast(weights[0].device.type, enabled=False):
-            return (None, *_backward(meta, keep, weights, flat_state, hidden, z_all, grads))
+            out = _backward(meta, keep, weights, flat_state, hidden, z_all, grads)
+        ctx.keep = None  # free the stored activations now, not when the graph goes
+        return (None, *out)
 
 
 def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * b)`` over the last axis, kept as ``[B, 1]``."""
+    return torch.linalg.vecdot(a, b).unsqueeze(-1)
+
+
+def _cell_backward(act, c_t, c_prev, h_prev, u, k, zp, dh, dc, ds):
+    """The chain rule of :func:`_cell_forward`: writes ``d s[:, :4H]`` into ``ds`` and returns
+    ``(dc_prev, dh_prev, du, dk, dzp)`` where ``dh_prev`` is only the part through COPY and
+    ``dzp`` only the part through FLUSH (the caller adds the matrix-product parts)."""
+    H = c_t.shape[-1]
+    f, i, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
+    tc = torch.tanh(c_t)
+    h_new = o * tc
+    dh_new = (1.0 - k) * dh
+    dk = _rowdot(h_prev - h_new, dh)
+    torch.mul(tc * dh_new, o * (1.0 - o), out=ds[:, 2 * H : 3 * H])  # output gate
+    dct = torch.addcmul(dc, o * dh_new, 1.0 - tc * tc)
+    torch.mul(u * c_prev * dct, f * (1.0 - f), out=ds[:, :H])  # forget gate
+    uz_dct = (u + zp) * dct
+    torch.mul(uz_dct * g, i * (1.0 - i), out=ds[:, H : 2 * H])  # input gate
+    torch.mul(uz_dct * i, 1.0 - g * g, out=ds[:, 3 * H : 4 * H])  # candidate
+    dc_prev = torch.addcmul(k, u, f) * dct
+    ig = i * g
+    du = _rowdot(torch.addcmul(ig, f, c_prev), dct)
+    dzp = _rowdot(ig, dct)  # FLUSH's weight is z_prev itself
+    dk = dk + _rowdot(c_prev, dct)
+    return dc_prev, k * dh, du, dk, dzp
 
 
 def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grads):
@@ -252,45 +332,37 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
     c0 = [flat_state[3 * l + 1] for l in range(L)]
     z0 = [flat_state[3 * l + 2] for l in range(L)]
     # gradients arriving at (h, c, z) of each layer from the step after (or the final state)
-    dh_next = [_zero_if_none(g_final[3 * l], h0[l]).clone() for l in range(L)]
-    dc_next = [_zero_if_none(g_final[3 * l + 1], c0[l]).clone() for l in range(L)]
-    dz_next = [_zero_if_none(g_final[3 * l + 2], z0[l]).clone() for l in range(L)]
-    dz_next[L - 1].zero_()  # the top layer's z is the constant 0
-    d_pre = [hidden[l].new_empty(B, T, 4 * sizes[l] + 1) for l in range(L)]  # ds for every step
+    dh_next = [_zero_if_none(g_final[3 * l], h0[l]) for l in range(L)]
+    dc_next = [_zero_if_none(g_final[3 * l + 1], c0[l]) for l in range(L)]
+    dz_next = [_zero_if_none(g_final[3 * l + 2], z0[l]).unsqueeze(-1) for l in range(L)]
+    dz_next[L - 1] = torch.zeros_like(dz_next[L - 1])  # the top layer's z is the constant 0
+    d_pre = [hidden[l].new_empty(T, B, 4 * sizes[l] + 1) for l in range(L)]  # ds of every step
     for t in range(T - 1, -1, -1):
-        dh_from_above = None  # d h^{l}_t through layer l+1's bottom-up term
-        dz_from_above = None
-        dh_above_prev = [None] * L  # d h^{l+1}_{t-1} through layer l's top-down term
+        dh_from_above = dz_from_above = None  # d h^l_t, d z^l_t through layer l+1's bottom-up term
         for l in range(L - 1, -1, -1):
             H = sizes[l]
             top = l + 1 == L
             h_prev = hidden[l][:, t - 1] if t > 0 else h0[l]
-            c_prev = keep.cells[l][:, t - 1] if t > 0 else c0[l]
+            c_prev = keep.cells[l][t - 1] if t > 0 else c0[l]
             zp = (z_all[:, t - 1, l] if t > 0 else z0[l]).unsqueeze(-1)
-            zb = z_all[:, t, l - 1].unsqueeze(-1) if l > 0 else None
-            gates = keep.gates[l][:, t]
-            f, i, o, g = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H : 3 * H], gates[:, 3 * H :]
-            c_t = keep.cells[l][:, t]
-            tc = torch.tanh(c_t)
-            if zb is None:
-                u, k = 1.0 - zp, torch.zeros_like(zp)
-            else:
+            if l > 0:
+                zb = z_all[:, t, l - 1].unsqueeze(-1)
                 u, k = (1.0 - zp) * zb, (1.0 - zp) * (1.0 - zb)
+            else:
+                u, k = 1.0 - zp, torch.zeros_like(zp)
             dh = g_hidden[l][:, t] + dh_next[l]
             if dh_from_above is not None:
                 dh = dh + dh_from_above
-            dc = dc_next[l]
-            h_new = o * tc
-            dh_new = (1.0 - k) * dh
-            d_hprev = k * dh
-            dk = ((h_prev - h_new) * dh).sum(-1, keepdim=True)
-            dzp = torch.zeros_like(zp)
+            ds = d_pre[l][t]
+            dc_next[l], dh_prev, du, dk, dzp = _cell_backward(
+                keep.gates[l][t], keep.cells[l][t], c_prev, h_prev, u, k, zp, dh, dc_next[l], ds
+            )
             d_logit = None
             if not top:
-                dz = (g_z[:, t, l] + dz_next[l]).unsqueeze(-1)
+                dz = g_z[:, t, l : l + 1] + dz_next[l]
                 if dz_from_above is not None:
                     dz = dz + dz_from_above
-                e = keep.estimates[:, t, l].unsqueeze(-1)
+                e = keep.estimates[:, t, l : l + 1]
                 dzp = dzp + k * dz
                 dk = dk + (zp - e) * dz
                 graph = keep.graphs.get((t, l))
@@ -299,60 +371,55 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
                     (d_logit,) = torch.autograd.grad(e_graph, leaf, ((1.0 - k) * dz).squeeze(-1).to(e_graph.dtype))
                 if g_logits is not None:
                     d_logit = g_logits[:, t, l] if d_logit is None else d_logit + g_logits[:, t, l]
-            do = tc * dh_new
-            dct = dc + o * dh_new * (1.0 - tc * tc)
-            ig = i * g
-            ds = d_pre[l][:, t]
-            ds[:, :H] = (u * c_prev * dct) * f * (1.0 - f)
-            ds[:, H : 2 * H] = ((u + zp) * g * dct) * i * (1.0 - i)
-            ds[:, 2 * H : 3 * H] = do * o * (1.0 - o)
-            ds[:, 3 * H : 4 * H] = ((u + zp) * i * dct) * (1.0 - g * g)
             ds[:, 4 * H] = 0.0 if d_logit is None else d_logit
-            dc_next[l] = (u * f + k) * dct
-            du = ((f * c_prev + ig) * dct).sum(-1, keepdim=True)
-            dzp = dzp + (ig * dct).sum(-1, keepdim=True)
-            dk = dk + (c_prev * dct).sum(-1, keepdim=True)
-            if zb is None:
-                dzp = dzp - du
-            else:
+            # u = (1 - z_prev) z_below, k = (1 - z_prev)(1 - z_below)
+            if l > 0:
                 dzp = dzp - zb * du - (1.0 - zb) * dk
                 dzb = (1.0 - zp) * (du - dk)
+            else:
+                dzp = dzp - du
+            h_above = (hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]) if not top else None
+            h_below = hidden[l - 1][:, t] if l > 0 else None
+            # one product for the three terms: the closed rows of a gated term still need it,
+            # for the straight-through gradient of the boundary that closed them
             da = _mm(ds, w_mm[l], mm_dtype)
-            d_hprev = d_hprev + da[:, :H]
-            col = H
+            dh_prev = dh_prev + da[:, :H]
             if not top:
-                Ha = sizes[l + 1]
-                h_above = hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]
-                da_above = da[:, col : col + Ha]
-                dh_above_prev[l] = zp * da_above
-                dzp = dzp + (h_above * da_above).sum(-1, keepdim=True)
-                col += Ha
+                da_above = da[:, H : H + sizes[l + 1]]
+                d_above, d_gate = zp * da_above, _rowdot(h_above, da_above)
             if l > 0:
-                da_below = da[:, col:]
-                h_below = hidden[l - 1][:, t]
-                dh_from_above = zb * da_below
-                dz_from_above = dzb + (h_below * da_below).sum(-1, keepdim=True)
-            dh_next[l] = d_hprev
-            dz_next[l] = dzp.squeeze(-1)
-        for l in range(L - 1):  # layer l's top-down term read h^{l+1}_{t-1}
-            dh_next[l + 1] = dh_next[l + 1] + dh_above_prev[l]
-    # weight gradients: one product over all steps, with the inputs rebuilt from h and z
+                da_below = da[:, da.shape[1] - sizes[l - 1] :]
+                d_below, d_gate_below = zb * da_below, _rowdot(h_below, da_below)
+            if not top:
+                dh_next[l + 1] = dh_next[l + 1] + d_above  # layer l+1 at step t is done
+                dzp = dzp + d_gate
+            if l > 0:
+                dh_from_above = d_below
+                dz_from_above = dzb + d_gate_below
+            dh_next[l] = dh_prev
+            dz_next[l] = dzp
+    # weight gradients: one product over all steps
     d_weights, d_biases = [], []
     for l in range(L):
-        parts = [_shift(hidden[l], h0[l])]
-        zp_all = _shift(z_all[..., l], z0[l]).unsqueeze(-1)
-        if l + 1 < L:
-            parts.append(zp_all * _shift(hidden[l + 1], h0[l + 1]))
-        if l > 0:
-            parts.append(z_all[..., l - 1 : l] * hidden[l - 1])
-        a_all = torch.cat(parts, dim=-1).flatten(0, 1)
         ds_all = d_pre[l].flatten(0, 1)
-        d_weights.append(_mm(ds_all.t(), a_all, mm_dtype).to(weights[l].dtype))
+        a_all = keep.inputs[l].flatten(0, 1)
+        if meta.skip_rows:  # rows of a gated term whose gate was 0 hold zeros: leave them out
+            H = sizes[l]
+            parts = [_mm(ds_all.t(), a_all[:, :H], mm_dtype)]
+            gates = []
+            if l + 1 < L:
+                gates.append((torch.cat([z0[l].unsqueeze(0), z_all[:, :-1, l].t()]), sizes[l + 1]))
+            if l > 0:
+                gates.append((z_all[:, :, l - 1].t(), sizes[l - 1]))
+            col = H
+            for gate, width in gates:
+                rows = gate.flatten().nonzero().squeeze(-1)
+                block = a_all[:, col : col + width].index_select(0, rows)
+                parts.append(_mm(ds_all.index_select(0, rows).t(), block, mm_dtype))
+                col += width
+            d_weights.append(torch.cat(parts, dim=1).to(weights[l].dtype))
+        else:
+            d_weights.append(_mm(ds_all.t(), a_all, mm_dtype).to(weights[l].dtype))
         d_biases.append(ds_all.sum(0).to(weights[l].dtype))
-    d_state = [t for l in range(L) for t in (dh_next[l], dc_next[l], dz_next[l])]
-    return (d_pre[0], *d_weights, *d_biases, *d_state)
-
-
-def _shift(seq: Tensor, first: Tensor) -> Tensor:
-    """``[first, seq_0, ..., seq_{T-2}]`` along time: the previous step's value at each step."""
-    return torch.cat([first.unsqueeze(1), seq[:, :-1]], dim=1)
+    d_state = [t for l in range(L) for t in (dh_next[l], dc_next[l], dz_next[l].squeeze(-1))]
+    return (d_pre[0].transpose(0, 1), *d_weights, *d_biases, *d_state)
