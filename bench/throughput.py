@@ -69,8 +69,8 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool):
         return head.nll(head(out.hidden), y).mean()
 
     def sample_step(x, st):
-        out = stack(emb(x), st)
-        return head([h[:, -1:] for h in out.hidden])[:, -1], out.state
+        out = stack.step(emb(x[:, -1]), st)
+        return head(out.hidden)[:, -1], out.state
 
     return modules, step, sample_step
 

@@ -131,30 +131,37 @@ class _Kept:
         self.graphs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (t, l) -> (logit leaf, e)
 
 
-def _mm(a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
+def _matmul(a: Tensor, b: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
     if mm_dtype is None or mm_dtype == a.dtype:
-        return a @ w
-    return (a.to(mm_dtype) @ w.to(mm_dtype)).to(a.dtype)
+        return a @ b
+    return (a.to(mm_dtype) @ b.to(mm_dtype)).to(a.dtype)
 
 
-def _affine(bias: Tensor, a: Tensor, w_t: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
+def _linear(a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
+    """``a @ w^T`` for a weight ``w`` in ``[out, in]`` layout, computed as ``(w @ a^T)^T``: with
+    a batch of 64 rows that order ran 15-20% faster on a 2-core CPU (MKL) than ``a @ w^T``."""
+    return _matmul(w, a.t(), mm_dtype).t()
+
+
+def _affine(bias: Tensor, a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
+    """``bias + a @ w^T``; ``bias`` is ``[out]`` or ``[batch, out]``."""
     if mm_dtype is None or mm_dtype == a.dtype:
-        return torch.addmm(bias, a, w_t)
-    return (a.to(mm_dtype) @ w_t).to(a.dtype).add_(bias)
+        return torch.addmm(bias.unsqueeze(-1) if bias.dim() == 1 else bias.t(), w, a.t()).t()
+    return _linear(a, w, mm_dtype).add_(bias)
 
 
 def _open_rows(gate: Tensor) -> Tensor:
     return gate.squeeze(-1).nonzero().squeeze(-1)
 
 
-def _gated_addmm_(s: Tensor, gate: Tensor, gated_x: Tensor, w_t: Tensor, mm_dtype) -> None:
-    """``s += gated_x @ w_t`` where ``gated_x = gate * x``: rows whose gate is 0 are zero and
+def _gated_addmm_(s: Tensor, gate: Tensor, gated_x: Tensor, w: Tensor, mm_dtype) -> None:
+    """``s += gated_x @ w^T`` where ``gated_x = gate * x``: rows whose gate is 0 are zero and
     are skipped."""
     rows = _open_rows(gate)
     if rows.numel() == s.shape[0]:
-        s += _mm(gated_x, w_t, mm_dtype)
+        s += _linear(gated_x, w, mm_dtype)
     elif rows.numel() > 0:
-        s.index_add_(0, rows, _mm(gated_x.index_select(0, rows), w_t, mm_dtype))
+        s.index_add_(0, rows, _linear(gated_x.index_select(0, rows), w, mm_dtype))
 
 
 def _cell_forward(s: Tensor, c_prev: Tensor, h_prev: Tensor, u: Tensor, k: Tensor, zp: Tensor, act: Tensor, c_out: Tensor, h_out: Tensor) -> None:
@@ -183,8 +190,7 @@ def _forward(meta: _Meta, x_proj: Tensor, weights, biases, flat_state, keep: _Ke
     h = [flat_state[3 * l] for l in range(L)]
     c = [flat_state[3 * l + 1] for l in range(L)]
     z = [flat_state[3 * l + 2] for l in range(L)]
-    # [K, 4H + 1] contiguous: measured 17% faster than the transposed view on a 2-core CPU
-    w_t = [(w.to(meta.mm_dtype) if meta.mm_dtype else w).t().contiguous() for w in weights]
+    w_mm = [w.to(meta.mm_dtype) if meta.mm_dtype else w for w in weights]
     xb = (x_proj + biases[0]).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
     hidden = [x_proj.new_empty(B, T, H) for H in sizes]
     z_all = x_proj.new_zeros(B, T, L)
@@ -214,15 +220,15 @@ def _forward(meta: _Meta, x_proj: Tensor, weights, biases, flat_state, keep: _Ke
                 torch.mul(h[l - 1], zb, out=a[:, col:])
             bias = xb[t] if l == 0 else biases[l]
             if meta.skip_rows:  # the three terms apart, each gated term on its open rows only
-                s = _affine(bias, a[:, :H], w_t[l][:H], meta.mm_dtype)
+                s = _affine(bias, a[:, :H], w_mm[l][:, :H], meta.mm_dtype)
                 col = H
                 if l + 1 < L:
-                    _gated_addmm_(s, zp, a[:, col : col + sizes[l + 1]], w_t[l][col : col + sizes[l + 1]], meta.mm_dtype)
+                    _gated_addmm_(s, zp, a[:, col : col + sizes[l + 1]], w_mm[l][:, col : col + sizes[l + 1]], meta.mm_dtype)
                     col += sizes[l + 1]
                 if l > 0:
-                    _gated_addmm_(s, zb, a[:, col:], w_t[l][col:], meta.mm_dtype)
+                    _gated_addmm_(s, zb, a[:, col:], w_mm[l][:, col:], meta.mm_dtype)
             else:
-                s = _affine(bias, a, w_t[l], meta.mm_dtype)
+                s = _affine(bias, a, w_mm[l], meta.mm_dtype)
             u = (1.0 - zp) * zb
             k = (1.0 - zp) * (1.0 - zb)
             c_new = keep.cells[l][t] if keep is not None else torch.empty_like(c[l])
@@ -323,7 +329,7 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
     B, T, _ = z_all.shape
     sizes = [w.shape[0] // 4 for w in weights]
     mm_dtype = meta.mm_dtype
-    w_mm = [w.to(mm_dtype) if mm_dtype else w for w in weights]
+    w_t = [(w.to(mm_dtype) if mm_dtype else w).t().contiguous() for w in weights]  # for ds @ W
     g_hidden = [_zero_if_none(grads[l], hidden[l]) for l in range(L)]
     g_z = _zero_if_none(grads[L], z_all)
     g_logits = grads[L + 1]
@@ -382,7 +388,7 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
             h_below = hidden[l - 1][:, t] if l > 0 else None
             # one product for the three terms: the closed rows of a gated term still need it,
             # for the straight-through gradient of the boundary that closed them
-            da = _mm(ds, w_mm[l], mm_dtype)
+            da = _linear(ds, w_t[l], mm_dtype)
             dh_prev = dh_prev + da[:, :H]
             if not top:
                 da_above = da[:, H : H + sizes[l + 1]]
@@ -405,7 +411,7 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
         a_all = keep.inputs[l].flatten(0, 1)
         if meta.skip_rows:  # rows of a gated term whose gate was 0 hold zeros: leave them out
             H = sizes[l]
-            parts = [_mm(ds_all.t(), a_all[:, :H], mm_dtype)]
+            parts = [_matmul(ds_all.t(), a_all[:, :H], mm_dtype)]
             gates = []
             if l + 1 < L:
                 gates.append((torch.cat([z0[l].unsqueeze(0), z_all[:, :-1, l].t()]), sizes[l + 1]))
@@ -415,11 +421,11 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
             for gate, width in gates:
                 rows = gate.flatten().nonzero().squeeze(-1)
                 block = a_all[:, col : col + width].index_select(0, rows)
-                parts.append(_mm(ds_all.index_select(0, rows).t(), block, mm_dtype))
+                parts.append(_matmul(ds_all.index_select(0, rows).t(), block, mm_dtype))
                 col += width
             d_weights.append(torch.cat(parts, dim=1).to(weights[l].dtype))
         else:
-            d_weights.append(_mm(ds_all.t(), a_all, mm_dtype).to(weights[l].dtype))
+            d_weights.append(_matmul(ds_all.t(), a_all, mm_dtype).to(weights[l].dtype))
         d_biases.append(ds_all.sum(0).to(weights[l].dtype))
     d_state = [t for l in range(L) for t in (dh_next[l], dc_next[l], dz_next[l].squeeze(-1))]
     return (d_pre[0].transpose(0, 1), *d_weights, *d_biases, *d_state)

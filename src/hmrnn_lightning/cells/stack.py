@@ -107,6 +107,14 @@ class RecurrentStack(nn.Module):
     def forward(self, x: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> StackOutput:
         raise NotImplementedError  # pragma: no cover
 
+    @torch.no_grad()
+    def step(self, x: Tensor, state: State | None = None) -> StackOutput:
+        """One time step without gradients, for generation: ``x`` is ``[batch, input_size]``;
+        the output has a time axis of length 1. Stacks may override it with a faster path."""
+        if x.dim() != 2:
+            raise ValueError(f"{type(self).__name__}.step: expected input of shape [batch, {self.input_size}], got {tuple(x.shape)}")
+        return self.forward(x.unsqueeze(1), state)
+
 
 def build_cells(cell_class: type[HMCell], input_size: int, hidden_sizes: list[int], layer_norm: bool) -> nn.ModuleList:
     below = [input_size] + hidden_sizes[:-1]
@@ -249,6 +257,28 @@ class HMStack(RecurrentStack):
             logits.append(torch.stack(step_logits, -1) if step_logits else x.new_zeros(B, 0))
             ops_out.append(torch.stack(step_ops, 1))
         return self._pack(hidden, zs, logits, ops_out, state)
+
+    @torch.no_grad()
+    def step(self, x: Tensor, state: State | None = None) -> StackOutput:
+        """One time step without gradients, for generation (``x``: ``[batch, input_size]``).
+
+        Where the sequence path applies, rows whose layer is in COPY are not computed at all
+        (:mod:`hmrnn_lightning.cells.generation`); their boundary logits read NaN. Elsewhere
+        this is :meth:`forward` on a sequence of length 1."""
+        from hmrnn_lightning.cells import sequence
+
+        if self.impl == "reference" or not sequence.supports(self):
+            return super().step(x, state)
+        if x.dim() != 2:
+            raise ValueError(f"HMStack.step: expected input of shape [batch, {self.input_size}], got {tuple(x.shape)}")
+        from hmrnn_lightning.cells.generation import generation_step
+        from hmrnn_lightning.cells.operations import operations_from_boundaries
+
+        state = self.check_input(x.unsqueeze(1), state)
+        hidden, zs, logits, new_state = generation_step(self, x, state)
+        first_z = torch.stack([s.z for s in state], dim=-1)
+        z_seq = zs.unsqueeze(1)
+        return StackOutput([h.unsqueeze(1) for h in hidden], z_seq, logits.unsqueeze(1), operations_from_boundaries(z_seq, first_z), new_state)
 
     @staticmethod
     def _pack(hidden, zs, logits, ops_out, state) -> StackOutput:

@@ -139,8 +139,8 @@ class HandwritingModel(pl.LightningModule):
         x = torch.zeros(1, 1, 3, device=self.head.params.weight.device)
         state, produced = None, []
         for _ in range(length):
-            params, out = self(x, state)
-            state = out.state
+            out = self.stack.step(x[:, 0], state)  # skips the work COPY leaves out
+            params, state = self.head(out.hidden), out.state
             nxt = self.head.sample(params[:, -1], bias)
             produced.append(nxt[0])
             x = nxt.view(1, 1, 3)

@@ -236,8 +236,8 @@ class HMRNNLanguageModel(pl.LightningModule):
             probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1)
             produced.append(int(nxt))
-            logits, out = self(nxt, state)
-            state = out.state
+            out = self.stack.step(self.embedding(nxt[:, 0]), state)  # skips the work COPY leaves out
+            logits, state = self.head(out.hidden), out.state
         self.train(was_training)
         return prime + "".join(self.vocab[i] for i in produced)
 

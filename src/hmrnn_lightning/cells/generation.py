@@ -1,0 +1,111 @@
+"""One step of an HM-LSTM stack for generation, doing only the work the step needs.
+
+Sampling feeds one symbol at a time, so nothing can be batched over time; what can be
+saved is the work that the UPDATE / COPY / FLUSH rule (:mod:`hmrnn_lightning.cells.operations`)
+makes unnecessary:
+
+* a row (sequence of the batch) whose layer is in COPY keeps ``h``, ``c`` and ``z`` as they
+  are, so the layer computes nothing for it; upper layers copy most of the time once a
+  model has learnt its boundaries, so this is most of their work;
+* the top-down term only for rows with ``z^l_{t-1} = 1`` and the bottom-up term only for
+  rows with ``z^{l-1}_t = 1`` (their gate is 0 elsewhere);
+* the weights are transposed once and kept until a parameter changes.
+
+The values are the reference loop's up to summation order. One difference is visible:
+the boundary logit of a row in COPY is not computed, and :meth:`HMStack.step` reports it
+as NaN. Stochastic estimators draw only for the rows they decide, so their random
+stream differs from the reference loop's (the distribution is the same).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hmrnn_lightning.cells.base import LayerState
+from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_, _linear, _matmul_dtype, layer_weights
+
+
+def _prepared_weights(stack) -> list[list[Tensor]]:
+    """Per layer ``[W_x or None, U_l, U_{l+1} or None, W_{l-1} or None]``, contiguous;
+    rebuilt when a parameter is replaced or updated in place (its version counter moves)."""
+    params = [p for cell in stack.cells for p in (cell.recurrent.weight, cell.bottom_up.weight, cell.top_down.weight if cell.top_down is not None else cell.bias)]
+    key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+    cached = getattr(stack, "_generation_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    prepared = []
+    for l, (cell, w) in enumerate(zip(stack.cells, layer_weights(stack))):
+        H = cell.hidden_size
+        w = w.detach()
+        above = cell.above_size or 0
+        prepared.append([  # [out, in] blocks, as _linear wants them
+            cell.bottom_up.weight.detach() if l == 0 else None,
+            w[:, :H].contiguous(),
+            w[:, H : H + above].contiguous() if above else None,
+            w[:, H + above :].contiguous() if l > 0 else None,
+        ])
+    stack._generation_cache = (key, prepared)
+    return prepared
+
+
+@torch.no_grad()
+def generation_step(stack, x: Tensor, state: list[LayerState]):
+    """``x`` ``[batch, input_size]`` -> ``(h per layer, z [batch, layers], logits [batch, layers - 1], state)``."""
+    mm_dtype = _matmul_dtype(x)
+    dtype = stack.state_dtype(x)
+    x = x.to(dtype)
+    weights = _prepared_weights(stack)
+    cells = stack.cells
+    L = len(cells)
+    B = x.shape[0]
+    zs = x.new_zeros(B, L, dtype=dtype)
+    logits = x.new_full((B, max(L - 1, 0)), float("nan"), dtype=dtype)
+    new_state: list[LayerState] = []
+    zb = torch.ones(B, 1, dtype=dtype, device=x.device)
+    for l, cell in enumerate(cells):
+        w_x, w_rec, w_above, w_below = weights[l]
+        prev = state[l]
+        zp = prev.z.unsqueeze(-1)
+        u = (1.0 - zp) * zb
+        k = (1.0 - zp) * (1.0 - zb)
+        rows = (k.squeeze(-1) != 1).nonzero().squeeze(-1) if l > 0 else None  # not in COPY
+        if rows is not None and rows.numel() == 0:
+            new_state.append(prev)  # the whole layer copies; z stays (it is 0 in COPY)
+            zs[:, l] = prev.z
+            zb = prev.z.unsqueeze(-1)
+            continue
+        part = rows is not None and rows.numel() < B
+
+        def pick(t: Tensor) -> Tensor:
+            return t.index_select(0, rows) if part else t
+
+        h_prev, c_prev, zp_r, zb_r, u_r, k_r = (pick(t) for t in (prev.h, prev.c, zp, zb, u, k))
+        s = _affine(cell.bias, h_prev, w_rec, mm_dtype)
+        if l == 0:
+            s += _linear(pick(x), w_x, mm_dtype)
+        if w_above is not None:
+            _gated_addmm_(s, zp_r, zp_r * pick(state[l + 1].h), w_above, mm_dtype)
+        if w_below is not None:
+            _gated_addmm_(s, zb_r, zb_r * pick(new_state[l - 1].h), w_below, mm_dtype)
+        H = cell.hidden_size
+        act, c_new, h_new = s.new_empty(s.shape[0], 4 * H), torch.empty_like(c_prev), torch.empty_like(h_prev)
+        _cell_forward(s, c_prev, h_prev, u_r, k_r, zp_r, act, c_new, h_new)
+        if l + 1 < L:
+            logit = s[:, 4 * H]
+            k1 = k_r.squeeze(-1)
+            z_new = k1 * zp_r.squeeze(-1) + (1.0 - k1) * stack.estimator(logit).to(dtype)
+        else:
+            z_new = torch.zeros_like(zp_r.squeeze(-1))
+        if part:
+            h_new = prev.h.index_copy(0, rows, h_new)
+            c_new = prev.c.index_copy(0, rows, c_new)
+            z_new = prev.z.index_copy(0, rows, z_new) if l + 1 < L else torch.zeros_like(prev.z)
+            if l + 1 < L:
+                logits[:, l].index_copy_(0, rows, logit)
+        elif l + 1 < L:
+            logits[:, l] = logit
+        new_state.append(LayerState(h_new, c_new, z_new))
+        zs[:, l] = z_new
+        zb = z_new.unsqueeze(-1)
+    return [s.h for s in new_state], zs, logits, new_state
