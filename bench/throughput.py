@@ -1,13 +1,22 @@
-"""Training and sampling throughput: HM-LSTM (reference loop, fused path) against torch.nn.LSTM.
+"""Training and sampling throughput: HM-LSTM (reference loop and fast paths) against torch.nn.LSTM.
 
-    python bench/throughput.py --device cpu --shapes ptb --steps 3
-    python bench/throughput.py --device cuda --shapes ptb text8 --out bench/results-h100.jsonl
+    python bench/throughput.py --device cpu --shapes ptb --steps 3 --warmup 1
+    python bench/throughput.py --device cpu --shapes ptb --impls lstm hm_sequence --boundary-bias -1
+    python bench/throughput.py --device cuda --shapes ptb text8 --out bench/results/h100.jsonl
 
 Each measurement runs in its own subprocess (so peak memory is that run's alone) and prints one
 JSON line with keys impl, shape, device, chars_per_s, peak_mem_mb, ratio_vs_lstm (and more);
 a Markdown table follows. A training step is forward + backward + Adam on random symbols, with
-the truncated-BPTT state carried; `nn.LSTM` is the cuDNN/MKL stack of the same width and depth
-with a linear softmax head (it has no per-layer output module to feed).
+the truncated-BPTT state carried; the HM-LSTM has the paper's gated output module and
+`nn.LSTM` (cuDNN on GPU, oneDNN on CPU) a linear softmax head, so the HM side does more work.
+Sampling feeds one symbol at a time without gradients, for the whole batch and for one sequence
+(`HMStack.step`: rows in COPY cost nothing, so its speed depends on how often layers fire;
+the JSON line records the rates seen). Peak memory is the GPU's peak allocation on CUDA and
+the process's peak resident size on CPU.
+
+Impls: lstm; hm_reference (the readable loop); hm_fused (per-step autograd, merged products);
+hm_sequence (one autograd function over the sequence, what `impl="auto"` picks for HM-LSTM
+without layer norm); hm_fused_compile (hm_fused with torch.compile on the elementwise update).
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ SHAPES = {  # the paper's: layers x hidden, embedding, batch, length, vocab, out
     "text8": dict(layers=3, hidden=1024, emb=128, batch=128, length=100, vocab=27, out_emb=2048),
     "tiny": dict(layers=3, hidden=64, emb=16, batch=8, length=50, vocab=30, out_emb=64),
 }
-IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_sequence", "hm_fused_compile", "hm_fused_graph", "hm_fused_graph_compile")
+IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_sequence", "hm_fused_compile")
 
 
-def build(impl: str, shape: dict, device: str, layer_norm: bool):
+def build(impl: str, shape: dict, device: str, layer_norm: bool, boundary_bias: float | None = None):
+    import torch
     from torch import nn
 
     from hmrnn_lightning import HMStack, SoftmaxHead, StepEstimator
@@ -54,10 +64,10 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool):
     hm_impl = {"hm_reference": "reference", "hm_sequence": "sequence"}.get(impl, "fused")
     stack = HMStack(shape["emb"], [shape["hidden"]] * shape["layers"], StepEstimator(), layer_norm=layer_norm,
                     impl=hm_impl, compile=impl.endswith("compile"))
-    if "graph" in impl:
-        if device != "cuda":
-            raise SystemExit(f"{impl} captures a CUDA graph: it needs --device cuda")
-        return build_graphed(emb, stack, shape, device, layer_norm)
+    if boundary_bias is not None:
+        with torch.no_grad():
+            for cell in stack.cells[:-1]:
+                cell.bias[-1] = boundary_bias
     head = SoftmaxHead([shape["hidden"]] * shape["layers"], shape["vocab"], shape["out_emb"])
     modules = nn.ModuleList([emb, stack, head]).to(device)
     state = None
@@ -75,72 +85,13 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool):
     return modules, step, sample_step
 
 
-def build_graphed(emb, stack, shape, device, layer_norm):
-    """The fused HM-LSTM with the whole training step (forward, backward, Adam, state carry)
-    captured in one CUDA graph: static input, target and state buffers, replayed each step.
-
-    Experimental and NOT working yet: on an H100 (2026-11-22) it stops with a device-side assert
-    during the first replays (`python bench/throughput.py --device cuda --shapes tiny --impls
-    hm_fused_graph`); the cause is not diagnosed. It measures how much of the gap to nn.LSTM is
-    kernel-launch overhead once it runs."""
-    import torch
-    from torch import nn
-
-    from hmrnn_lightning import SoftmaxHead
-
-    head = SoftmaxHead([shape["hidden"]] * shape["layers"], shape["vocab"], shape["out_emb"])
-    modules = nn.ModuleList([emb, stack, head]).to(device)
-    B, T = shape["batch"], shape["length"]
-    static_x = torch.zeros(B, T, dtype=torch.long, device=device)
-    static_y = torch.zeros(B, T, dtype=torch.long, device=device)
-    state = stack.initial_state(B, torch.device(device))
-    opt = torch.optim.Adam(modules.parameters(), lr=1e-3, capturable=True)
-
-    def body():
-        out = stack(emb(static_x), state)
-        loss = head.nll(head(out.hidden), static_y).mean()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for old, new in zip(state, out.state):
-                old.h.copy_(new.h)
-                old.c.copy_(new.c)
-                old.z.copy_(new.z)
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = body()
-
-    def step(x, y):
-        """Replays the graph; backward and the optimizer step are inside it."""
-        static_x.copy_(x)
-        static_y.copy_(y)
-        graph.replay()
-        return static_loss
-
-    def sample_step(x, st):
-        out = stack(emb(x), st)
-        return head([h[:, -1:] for h in out.hidden])[:, -1], out.state
-
-    step.graphed = True
-    return modules, step, sample_step
-
-
-def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, layer_norm: bool, precision: str) -> dict:
+def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, layer_norm: bool, precision: str,
+            boundary_bias: float | None = None) -> dict:
     import torch
 
     torch.manual_seed(0)
     shape = SHAPES[shape_name]
-    modules, step, sample_step = build(impl, shape, device, layer_norm)
+    modules, step, sample_step = build(impl, shape, device, layer_norm, boundary_bias)
     opt = torch.optim.Adam(modules.parameters(), lr=1e-3)
     B, T, V = shape["batch"], shape["length"], shape["vocab"]
     x = torch.randint(0, V, (B, T), device=device)
@@ -155,8 +106,6 @@ def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, la
             start = time.perf_counter()
         with autocast:
             loss = step(x, y)
-        if getattr(step, "graphed", False):
-            continue  # backward and the optimizer step are inside the graph
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -166,25 +115,32 @@ def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, la
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, KiB on Linux
-    # sampling: one symbol at a time for the batch, no gradient
-    n_sample = 200 if device == "cuda" else 50
-    with torch.no_grad(), autocast:
-        st, tok = None, x[:, :1]
-        for k in range(n_sample + 5):
-            if k == 5:
-                sync()
-                s0 = time.perf_counter()
-            logits, st = sample_step(tok, st)
-            tok = torch.multinomial(torch.softmax(logits.float(), -1), 1)
-        sync()
-        sample_s = time.perf_counter() - s0
-    return {
+    row = {
         "impl": impl, "shape": shape_name, "device": device, "layer_norm": layer_norm, "precision": precision,
-        "batch": B, "length": T, "hidden": shape["hidden"], "layers": shape["layers"], "steps": steps,
-        "chars_per_s": B * T * steps / elapsed, "peak_mem_mb": peak,
-        "sample_chars_per_s": B * n_sample / sample_s,
+        "boundary_bias": boundary_bias, "batch": B, "length": T, "hidden": shape["hidden"], "layers": shape["layers"],
+        "steps": steps, "chars_per_s": B * T * steps / elapsed, "peak_mem_mb": peak,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
     }
+    # sampling: one symbol at a time, no gradient, for the whole batch and for one sequence
+    n_sample = 200 if device == "cuda" else 60
+    for key, batch in (("sample_chars_per_s", B), ("sample1_chars_per_s", 1)):
+        rates = []
+        with torch.no_grad(), autocast:
+            st, tok = None, x[:batch, :1]
+            for k in range(n_sample + 10):
+                if k == 10:
+                    sync()
+                    s0 = time.perf_counter()
+                logits, st = sample_step(tok, st)
+                tok = torch.multinomial(torch.softmax(logits.float(), -1), 1)
+                if isinstance(st, list):  # an HM state: keep the boundaries, average them after the clock
+                    rates.append([s.z for s in st])
+            sync()
+            row[key] = batch * n_sample / (time.perf_counter() - s0)
+        if rates and batch == B:  # how often each layer fired while sampling: the work COPY saved
+            row["sample_boundary_rate"] = [round(float(torch.stack([r[l] for r in rates]).float().mean()), 3)
+                                           for l in range(len(rates[0]))]
+    return row
 
 
 def main() -> None:
@@ -196,12 +152,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, cuDNN autotune)")
     p.add_argument("--layer-norm", action="store_true", help="LayerNorm HM-LSTM (nn.LSTM has none)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--boundary-bias", type=float, default=None,
+                   help="set the boundary detectors' bias (e.g. -1: sparse boundaries, as after training); "
+                        "the JSON line records the firing rates seen while sampling")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
         impl, shape = args.single.split(":")
-        print(json.dumps(measure(impl, shape, args.device, args.steps, args.warmup, args.layer_norm, args.precision)))
+        print(json.dumps(measure(impl, shape, args.device, args.steps, args.warmup, args.layer_norm, args.precision,
+                                 args.boundary_bias)))
         return
     rows = []
     for shape in args.shapes:
@@ -210,6 +170,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--single", f"{impl}:{shape}", "--device", args.device, "--steps",
                    str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
             cmd += ["--layer-norm"] if args.layer_norm else []
+            cmd += ["--boundary-bias", str(args.boundary_bias)] if args.boundary_bias is not None else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if proc.returncode != 0:
                 print(json.dumps({"impl": impl, "shape": shape, "device": args.device, "error": proc.stderr[-800:]}))
@@ -219,6 +180,7 @@ def main() -> None:
                 base = row
             row["ratio_vs_lstm"] = row["chars_per_s"] / base["chars_per_s"] if base else None
             row["sample_ratio_vs_lstm"] = row["sample_chars_per_s"] / base["sample_chars_per_s"] if base else None
+            row["sample1_ratio_vs_lstm"] = row["sample1_chars_per_s"] / base["sample1_chars_per_s"] if base else None
             row["mem_ratio_vs_lstm"] = row["peak_mem_mb"] / base["peak_mem_mb"] if base else None
             rows.append(row)
             line = json.dumps(row)
@@ -226,13 +188,15 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
-    print("\n| impl | shape | device | train chars/s | vs nn.LSTM | peak MB | vs nn.LSTM | sample chars/s | vs nn.LSTM |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| impl | shape | device | train chars/s | vs nn.LSTM | peak MB | vs nn.LSTM | sample chars/s (batch) "
+          "| vs nn.LSTM | sample chars/s (1) | vs nn.LSTM | boundary rate while sampling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         print(f"| {r['impl']} | {r['shape']} | {r['device_name']} | {r['chars_per_s']:,.0f} | {fmt(r['ratio_vs_lstm'], '.3f')} "
               f"| {r['peak_mem_mb']:,.0f} | {fmt(r['mem_ratio_vs_lstm'], '.2f')} | {r['sample_chars_per_s']:,.0f} "
-              f"| {fmt(r['sample_ratio_vs_lstm'], '.3f')} |")
+              f"| {fmt(r['sample_ratio_vs_lstm'], '.3f')} | {r['sample1_chars_per_s']:,.0f} "
+              f"| {fmt(r['sample1_ratio_vs_lstm'], '.3f')} | {r.get('sample_boundary_rate', '')} |")
 
 
 if __name__ == "__main__":

@@ -179,3 +179,33 @@ def test_auto_picks_the_fastest_path_that_applies():
         HMStack(4, [5], StepEstimator(), layer_norm=True, impl="sequence")
     with pytest.raises(ValueError, match="impl must be"):
         HMStack(4, [5], StepEstimator(), impl="fast")
+
+
+@pytest.mark.parametrize("impl", ["fused", "sequence"])
+def test_bf16_autocast_products_with_fp32_state(impl):
+    """Mixed precision: bf16 matrix products, fp32 states, gates and decisions. With the
+    boundaries fixed (a flipped decision would change the whole trajectory), values and
+    gradients stay within bf16 rounding of the fp32 run."""
+    torch.manual_seed(0)
+    stack = HMStack(8, [32, 24, 16], StepEstimator(), impl=impl)
+    x = torch.randn(4, 20, 8)
+    oracle = (torch.rand(4, 20, 2) < 0.4).float()
+
+    def run_once(autocast):
+        stack.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = stack(x, boundaries=oracle)
+        loss = sum((h * h).sum() for h in out.hidden)
+        loss.backward()
+        return out, {n: p.grad.clone() for n, p in stack.named_parameters()}
+
+    exact, g_exact = run_once(False)
+    mixed, g_mixed = run_once(True)
+    assert all(h.dtype == torch.float32 for h in mixed.hidden) and mixed.state[0].c.dtype == torch.float32
+    assert torch.equal(mixed.boundaries, exact.boundaries)
+    assert any(not torch.equal(a, b) for a, b in zip(mixed.hidden, exact.hidden))  # bf16 really was used
+    for a, b in zip(mixed.hidden, exact.hidden):
+        torch.testing.assert_close(a, b, rtol=0, atol=3e-2)
+    for name in g_exact:
+        err = (g_mixed[name] - g_exact[name]).abs().max() / g_exact[name].abs().max().clamp_min(1e-12)
+        assert err < 5e-2, (name, float(err))

@@ -132,9 +132,13 @@ class _Kept:
 
 
 def _matmul(a: Tensor, b: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
-    if mm_dtype is None or mm_dtype == a.dtype:
+    """``a @ b``; under autocast the product runs in ``mm_dtype`` and the result comes back in
+    the state dtype (whichever operand is not already in ``mm_dtype``, else fp32)."""
+    if mm_dtype is None:
         return a @ b
-    return (a.to(mm_dtype) @ b.to(mm_dtype)).to(a.dtype)
+    out = a.dtype if a.dtype != mm_dtype else b.dtype
+    out = torch.float32 if out == mm_dtype else out
+    return (a.to(mm_dtype) @ b.to(mm_dtype)).to(out)
 
 
 def _linear(a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
