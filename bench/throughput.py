@@ -78,9 +78,15 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool, boundary_bias: 
         state = [s.detach() for s in out.state]
         return head.nll(head(out.hidden), y).mean()
 
+    cache = None
+
     def sample_step(x, st):
+        nonlocal cache
+        if st is None:
+            cache = None
         out = stack.step(emb(x[:, -1]), st)
-        return head(out.hidden)[:, -1], out.state
+        logits, cache = head.step(out, cache)
+        return logits[:, -1], out.state
 
     return modules, step, sample_step
 

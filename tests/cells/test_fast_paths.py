@@ -107,6 +107,15 @@ def test_fast_equals_reference_in_fp32(estimator, impl):
     compare(estimator, False, torch.float32, close(dict(rtol=1e-5, atol=1e-6)), impl=impl)
 
 
+@pytest.mark.parametrize("estimator", [StepEstimator, SoftEstimator], ids=lambda c: c.__name__)
+def test_sequence_without_row_skipping_equals_reference(estimator, monkeypatch):
+    """The dense variant of the sequence path (what a GPU runs) on CPU."""
+    from hmrnn_lightning.cells import sequence
+
+    monkeypatch.setattr(sequence, "SKIP_GATED_ROWS", False)
+    compare(estimator, False, torch.float64, normwise(1e-9), impl="sequence")
+
+
 @pytest.mark.parametrize("impl", ["fused", "sequence"])
 def test_fast_equals_reference_with_given_boundaries(impl):
     """Oracle boundaries (``boundaries=``) replace the estimator on every path."""

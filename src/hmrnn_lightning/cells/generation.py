@@ -29,7 +29,8 @@ from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_
 def _prepared_weights(stack) -> list[list[Tensor]]:
     """Per layer ``[W_x or None, U_l, U_{l+1} or None, W_{l-1} or None]``, contiguous;
     rebuilt when a parameter is replaced or updated in place (its version counter moves)."""
-    params = [p for cell in stack.cells for p in (cell.recurrent.weight, cell.bottom_up.weight, cell.top_down.weight if cell.top_down is not None else cell.bias)]
+    params = [cell.recurrent.weight for cell in stack.cells] + [cell.bottom_up.weight for cell in stack.cells]
+    params += [cell.top_down.weight for cell in stack.cells if cell.top_down is not None]
     key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
     cached = getattr(stack, "_generation_cache", None)
     if cached is not None and cached[0] == key:
@@ -47,6 +48,10 @@ def _prepared_weights(stack) -> list[list[Tensor]]:
         ])
     stack._generation_cache = (key, prepared)
     return prepared
+
+
+def _pick(t: Tensor, rows: Tensor | None) -> Tensor:
+    return t if rows is None else t.index_select(0, rows)
 
 
 @torch.no_grad()
@@ -76,18 +81,16 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
             zb = prev.z.unsqueeze(-1)
             continue
         part = rows is not None and rows.numel() < B
-
-        def pick(t: Tensor) -> Tensor:
-            return t.index_select(0, rows) if part else t
-
-        h_prev, c_prev, zp_r, zb_r, u_r, k_r = (pick(t) for t in (prev.h, prev.c, zp, zb, u, k))
+        if not part:
+            rows = None
+        h_prev, c_prev, zp_r, zb_r, u_r, k_r = (_pick(t, rows) for t in (prev.h, prev.c, zp, zb, u, k))
         s = _affine(cell.bias, h_prev, w_rec, mm_dtype)
         if l == 0:
-            s += _linear(pick(x), w_x, mm_dtype)
+            s += _linear(_pick(x, rows), w_x, mm_dtype)
         if w_above is not None:
-            _gated_addmm_(s, zp_r, zp_r * pick(state[l + 1].h), w_above, mm_dtype)
+            _gated_addmm_(s, zp_r, zp_r * _pick(state[l + 1].h, rows), w_above, mm_dtype)
         if w_below is not None:
-            _gated_addmm_(s, zb_r, zb_r * pick(new_state[l - 1].h), w_below, mm_dtype)
+            _gated_addmm_(s, zb_r, zb_r * _pick(new_state[l - 1].h, rows), w_below, mm_dtype)
         H = cell.hidden_size
         act, c_new, h_new = s.new_empty(s.shape[0], 4 * H), torch.empty_like(c_prev), torch.empty_like(h_prev)
         _cell_forward(s, c_prev, h_prev, u_r, k_r, zp_r, act, c_new, h_new)

@@ -63,6 +63,9 @@ class MixtureDensityHead(Head):
     def forward(self, hidden: list[Tensor]) -> Tensor:
         return self.params(self.output_module(hidden))
 
+    def readout(self, embedding: Tensor) -> Tensor:
+        return self.params(embedding)
+
     def mixture(self, out: Tensor, bias: float = 0.0) -> Mixture:
         """Split raw outputs into parameters; ``bias`` > 0 sharpens (Graves 2013, section 5.4)."""
         out = out.float()

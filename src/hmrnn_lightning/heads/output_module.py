@@ -27,6 +27,28 @@ class GatedOutputModule(nn.Module):
     def forward(self, hidden: list[Tensor]) -> Tensor:
         if len(hidden) != len(self.layer_sizes):
             raise ValueError(f"GatedOutputModule: got {len(hidden)} layers, built for {len(self.layer_sizes)}")
+        return self.combine(hidden, [proj(h) for proj, h in zip(self.project, hidden)])
+
+    def combine(self, hidden: list[Tensor], projections: list[Tensor]) -> Tensor:
+        """Eq. 11-12 given the projections ``W^e_l h^l``."""
         g = torch.sigmoid(self.gates(torch.cat(hidden, dim=-1)))
-        mixed = sum(g[..., l : l + 1] * proj(h) for l, (proj, h) in enumerate(zip(self.project, hidden)))
-        return torch.relu(mixed)
+        return torch.relu(sum(g[..., l : l + 1] * p for l, p in enumerate(projections)))
+
+    @torch.no_grad()
+    def step(self, hidden: list[Tensor], previous: list[Tensor] | None, copied: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """One generation step: ``hidden`` per layer ``[batch, hidden_l]``; ``copied``
+        ``[batch, layers]`` is True where a layer copied its state, so ``W^e_l h^l`` is the
+        ``previous`` projection and is not recomputed. Returns ``(h^e, projections)``."""
+        projections = []
+        for l, (proj, h) in enumerate(zip(self.project, hidden)):
+            if previous is None or copied is None:
+                projections.append(proj(h))
+                continue
+            rows = (~copied[:, l]).nonzero().squeeze(-1)
+            if rows.numel() == h.shape[0]:
+                projections.append(proj(h))
+            elif rows.numel() == 0:
+                projections.append(previous[l])
+            else:
+                projections.append(previous[l].index_copy(0, rows, proj(h.index_select(0, rows)).to(previous[l].dtype)))
+        return self.combine(hidden, projections), projections

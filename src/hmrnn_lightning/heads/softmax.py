@@ -26,6 +26,9 @@ class SoftmaxHead(Head):
     def forward(self, hidden: list[Tensor]) -> Tensor:
         return self.logits(self.output_module(hidden))
 
+    def readout(self, embedding: Tensor) -> Tensor:
+        return self.logits(embedding)
+
     def nll(self, out: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy per step in nats, computed in fp32."""
         return F.cross_entropy(out.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)

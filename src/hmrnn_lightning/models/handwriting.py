@@ -137,10 +137,10 @@ class HandwritingModel(pl.LightningModule):
         was_training = self.training
         self.eval()
         x = torch.zeros(1, 1, 3, device=self.head.params.weight.device)
-        state, produced = None, []
+        state, produced, cache = None, [], None
         for _ in range(length):
             out = self.stack.step(x[:, 0], state)  # skips the work COPY leaves out
-            params, state = self.head(out.hidden), out.state
+            (params, cache), state = self.head.step(out, cache), out.state
             nxt = self.head.sample(params[:, -1], bias)
             produced.append(nxt[0])
             x = nxt.view(1, 1, 3)

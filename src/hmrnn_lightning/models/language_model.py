@@ -231,13 +231,13 @@ class HMRNNLanguageModel(pl.LightningModule):
         was_training = self.training
         self.eval()
         logits, out = self(ids)
-        state, produced = out.state, []
+        state, produced, cache = out.state, [], None
         for _ in range(length):
             probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1)
             produced.append(int(nxt))
             out = self.stack.step(self.embedding(nxt[:, 0]), state)  # skips the work COPY leaves out
-            logits, state = self.head(out.hidden), out.state
+            (logits, cache), state = self.head.step(out, cache), out.state
         self.train(was_training)
         return prime + "".join(self.vocab[i] for i in produced)
 
