@@ -58,12 +58,12 @@ def close(tol):
     return check
 
 
-def compare(estimator, layer_norm, dtype, check, device="cpu", impl="fused", all_outputs=True):
+def compare(estimator, layer_norm, dtype, check, device="cpu", impl="fused", all_outputs=True, boundary_bias=0.0):
     torch.manual_seed(0)
     ref = HMStack(6, [16, 12, 10], estimator(slope=2.0), layer_norm=layer_norm, impl="reference")
     with torch.no_grad():
         for cell in ref.cells:
-            cell.bias[-1] = 0.3  # boundaries of both kinds early on
+            cell.bias[-1] = boundary_bias  # 0: layer 1 fires on about 40% of steps, layers 2-3 copy on 37% and 69%
     head = SoftmaxHead([16, 12, 10], 9, 8)
     ref, head = ref.to(device, dtype), head.to(device, dtype)
     fast = copy.deepcopy(ref)
@@ -78,6 +78,8 @@ def compare(estimator, layer_norm, dtype, check, device="cpu", impl="fused", all
     else:
         check(b.boundaries, a.boundaries, "boundaries")
     assert 0 < a.boundaries[..., :2].mean() < 1
+    if boundary_bias == 0.0:
+        assert a.operations[..., 1:, 1].mean() > 0.1  # upper layers copy on some rows
     for l, (ha, hb) in enumerate(zip(a.hidden, b.hidden)):
         check(hb, ha, f"h{l + 1}")
     check(b.boundary_logits, a.boundary_logits, "boundary logits")
@@ -105,6 +107,13 @@ def test_fast_equals_reference_in_fp64(estimator, impl, layer_norm):
 @pytest.mark.parametrize("impl", ["fused", "sequence"])
 def test_fast_equals_reference_in_fp32(estimator, impl):
     compare(estimator, False, torch.float32, close(dict(rtol=1e-5, atol=1e-6)), impl=impl)
+
+
+@pytest.mark.parametrize("estimator", [StepEstimator, ReinforceEstimator], ids=lambda c: c.__name__)
+def test_sequence_with_the_task_loss_alone(estimator):
+    """Without gradients on the boundary logits, rows in COPY have ds = 0 and the backward
+    pass leaves them out of its products; the gradients must not change."""
+    compare(estimator, False, torch.float64, normwise(1e-9), impl="sequence", all_outputs=False)
 
 
 @pytest.mark.parametrize("estimator", [StepEstimator, SoftEstimator], ids=lambda c: c.__name__)
@@ -159,8 +168,10 @@ def test_fused_layer_norm_fp32_same_boundaries(estimator):
     at initialisation reach 4e4; measured: every gradient off by the same 1.8e-4 of its largest
     entry. The fp64 test above shows the arithmetic is the same; here boundaries must agree
     exactly and values to 1e-3 of each tensor's largest entry, with the task loss alone (the
-    extra terms on the state make those gradients larger still)."""
-    compare(estimator, True, torch.float32, normwise(1e-3), all_outputs=False)
+    extra terms on the state make those gradients larger still), and with boundaries biased to
+    fire (0.3), which keeps the upper layers out of COPY (LN of cells held by COPY amplifies the
+    rounding further: 2.6e-2 of the largest entry was seen)."""
+    compare(estimator, True, torch.float32, normwise(1e-3), all_outputs=False, boundary_bias=0.3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run with HMRNN_TEST_CUDA=1)")

@@ -351,6 +351,7 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
     dz_next = [_zero_if_none(g_final[3 * l + 2], z0[l]).unsqueeze(-1) for l in range(L)]
     dz_next[L - 1] = torch.zeros_like(dz_next[L - 1])  # the top layer's z is the constant 0
     d_pre = [hidden[l].new_empty(T, B, 4 * sizes[l] + 1) for l in range(L)]  # ds of every step
+    live_rows = [torch.ones(T, B, dtype=torch.bool, device=z_all.device) for _ in range(L)]  # ds row not 0
     for t in range(T - 1, -1, -1):
         dh_from_above = dz_from_above = None  # d h^l_t, d z^l_t through layer l+1's bottom-up term
         for l in range(L - 1, -1, -1):
@@ -395,8 +396,20 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
             h_above = (hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]) if not top else None
             h_below = hidden[l - 1][:, t] if l > 0 else None
             # one product for the three terms: the closed rows of a gated term still need it,
-            # for the straight-through gradient of the boundary that closed them
-            da = _linear(ds, w_t[l], mm_dtype)
+            # for the straight-through gradient of the boundary that closed them. Rows in COPY
+            # have ds = 0 exactly (every gate term carries a factor u, u + z_prev or 1 - k), so
+            # unless something outside gave their logit a gradient they are left out.
+            live = None
+            if meta.skip_rows and l > 0:
+                live_mask = (k.squeeze(-1) != 1) | (ds[:, 4 * H] != 0)
+                live_rows[l][t] = live_mask
+                live = live_mask.nonzero().squeeze(-1)
+            if live is None or live.numel() == B:
+                da = _linear(ds, w_t[l], mm_dtype)
+            else:
+                da = ds.new_zeros(B, w_t[l].shape[0])
+                if live.numel() > 0:
+                    da.index_copy_(0, live, _linear(ds.index_select(0, live), w_t[l], mm_dtype))
             dh_prev = dh_prev + da[:, :H]
             if not top:
                 da_above = da[:, H : H + sizes[l + 1]]
@@ -417,9 +430,14 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
     for l in range(L):
         ds_all = d_pre[l].flatten(0, 1)
         a_all = keep.inputs[l].flatten(0, 1)
-        if meta.skip_rows:  # rows of a gated term whose gate was 0 hold zeros: leave them out
+        if meta.skip_rows:  # leave out rows with ds = 0 (COPY) and rows a closed gate zeroed
             H = sizes[l]
-            parts = [_matmul(ds_all.t(), a_all[:, :H], mm_dtype)]
+            live = live_rows[l].flatten()
+            rows = live.nonzero().squeeze(-1)
+            if rows.numel() == live.numel():
+                parts = [_matmul(ds_all.t(), a_all[:, :H], mm_dtype)]
+            else:
+                parts = [_matmul(ds_all.index_select(0, rows).t(), a_all[:, :H].index_select(0, rows), mm_dtype)]
             gates = []
             if l + 1 < L:
                 gates.append((torch.cat([z0[l].unsqueeze(0), z_all[:, :-1, l].t()]), sizes[l + 1]))
@@ -427,7 +445,7 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
                 gates.append((z_all[:, :, l - 1].t(), sizes[l - 1]))
             col = H
             for gate, width in gates:
-                rows = gate.flatten().nonzero().squeeze(-1)
+                rows = ((gate.flatten() != 0) & live).nonzero().squeeze(-1)
                 block = a_all[:, col : col + width].index_select(0, rows)
                 parts.append(_matmul(ds_all.index_select(0, rows).t(), block, mm_dtype))
                 col += width
