@@ -14,9 +14,14 @@ with the backward written out by hand:
   open (:data:`SKIP_GATED_ROWS`). Kept for the backward pass: ``a_t``, ``c`` and the four
   gate activations.
 * backward: walks time backwards; per layer and step one product ``ds_t @ W`` gives the
-  gradients of the inputs (all rows: a closed gate still gets the straight-through
-  gradient of the term it kept out). The weight gradients wait until the end and are one
-  product over all steps, ``dS^T @ A``, again without the rows a closed gate zeroed.
+  gradients of the inputs. A closed gate's rows stay in it (the straight-through gradient
+  of the boundary asks what the term it kept out would have changed), but rows in COPY
+  have ``ds = 0`` and, on CPU, are left out. The weight gradients wait until the end and
+  are one product over all steps, ``dS^T @ A``, again without the rows that are zero.
+
+The forward pass cannot skip COPY rows in training: the straight-through gradient of the
+COPY decision needs the ``h`` and ``c`` that an UPDATE would have produced. Generation,
+which needs no gradient, does skip them (:mod:`hmrnn_lightning.cells.generation`).
 
 The boundary estimator is called exactly as in the reference (same order, so the same
 random draws); its own small graph from logit to ``z`` is kept and differentiated per step,
@@ -47,10 +52,11 @@ from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
 
 
-#: Skip the rows of the top-down and bottom-up products whose gate ``z`` is 0. None: on CPU
-#: only, where it measured 10% faster per training step (PTB shape, 2 cores). Finding the
-#: rows reads ``z`` on the host, which on a GPU would stall the stream once per layer and
-#: step, so it stays off there.
+#: Skip rows whose contribution is zero: in the forward pass the rows of the top-down and
+#: bottom-up products whose gate ``z`` is 0, in the backward pass also the rows in COPY.
+#: None: on CPU only, where the forward skip measured 10% and the two together 16% per
+#: stack step (PTB shape, 2 cores). Finding the rows reads ``z`` on the host, which on a
+#: GPU would stall the stream once per layer and step, so it stays off there.
 SKIP_GATED_ROWS: bool | None = None
 
 
