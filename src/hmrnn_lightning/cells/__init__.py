@@ -4,7 +4,10 @@ Where things live:
   * the UPDATE / COPY / FLUSH rule (eq. 2): :mod:`hmrnn_lightning.cells.operations`
   * pre-activation terms (eqs. 4-7) and the cell interface: :mod:`hmrnn_lightning.cells.base`
   * HM-LSTM layer: :mod:`hmrnn_lightning.cells.hm_lstm`; HM-RNN layer: :mod:`hmrnn_lightning.cells.hm_rnn`
-  * the time loop over a sequence: :mod:`hmrnn_lightning.cells.stack`
+  * the time loop over a sequence: :mod:`hmrnn_lightning.cells.stack` (the reference);
+    fast paths behind it: :mod:`hmrnn_lightning.cells.sequence` (hand-written backward),
+    :mod:`hmrnn_lightning.cells.fused` (per step, layer norm), and
+    :mod:`hmrnn_lightning.cells.generation` (one step for sampling)
   * LSTM baselines: :mod:`hmrnn_lightning.cells.lstm`
 """
 

@@ -199,8 +199,6 @@ class HMStack(RecurrentStack):
             return "sequence"
         return "fused" if fused.supports(self) else "reference"
 
-    def uses_fused(self) -> bool:
-        return self.active_impl() != "reference"
 
     def forward(self, x: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> StackOutput:
         """Run the sequence.
