@@ -27,7 +27,7 @@ from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_
 
 
 def _prepared_weights(stack) -> list[list[Tensor]]:
-    """Per layer ``[W_x or None, U_l, U_{l+1} or None, W_{l-1} or None]``, contiguous;
+    """Per layer ``[[W_x, U_l] or None, U_l, U_{l+1} or None, W_{l-1} or None]``, contiguous;
     rebuilt when a parameter is replaced or updated in place (its version counter moves)."""
     params = [cell.recurrent.weight for cell in stack.cells] + [cell.bottom_up.weight for cell in stack.cells]
     params += [cell.top_down.weight for cell in stack.cells if cell.top_down is not None]
@@ -41,7 +41,8 @@ def _prepared_weights(stack) -> list[list[Tensor]]:
         w = w.detach()
         above = cell.above_size or 0
         prepared.append([  # [out, in] blocks, as _linear wants them
-            cell.bottom_up.weight.detach() if l == 0 else None,
+            # the first layer's input and recurrent weights side by side: one product for both
+            torch.cat([cell.bottom_up.weight.detach(), w[:, :H]], dim=1) if l == 0 else None,
             w[:, :H].contiguous(),
             w[:, H : H + above].contiguous() if above else None,
             w[:, H + above :].contiguous() if l > 0 else None,
@@ -84,9 +85,10 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         if not part:
             rows = None
         h_prev, c_prev, zp_r, zb_r, u_r, k_r = (_pick(t, rows) for t in (prev.h, prev.c, zp, zb, u, k))
-        s = _affine(cell.bias, h_prev, w_rec, mm_dtype)
         if l == 0:
-            s += _linear(_pick(x, rows), w_x, mm_dtype)
+            s = _affine(cell.bias, torch.cat([x, h_prev], dim=1), w_x, mm_dtype)
+        else:
+            s = _affine(cell.bias, h_prev, w_rec, mm_dtype)
         if w_above is not None:
             _gated_addmm_(s, zp_r, zp_r * _pick(state[l + 1].h, rows), w_above, mm_dtype)
         if w_below is not None:
