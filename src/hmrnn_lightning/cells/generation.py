@@ -9,7 +9,7 @@ makes unnecessary:
   model has learnt its boundaries, so this is most of their work;
 * the top-down term only for rows with ``z^l_{t-1} = 1`` and the bottom-up term only for
   rows with ``z^{l-1}_t = 1`` (their gate is 0 elsewhere);
-* the weights are transposed once and kept until a parameter changes.
+* the weights are cut into per-term blocks once and kept until a parameter changes.
 
 The values are the reference loop's up to summation order. One difference is visible:
 the boundary logit of a row in COPY is not computed, and :meth:`HMStack.step` reports it
