@@ -49,6 +49,9 @@ def fused_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor 
     x_proj = at_least_fp32(first.bottom_up(x))
     if first.layer_norm:
         x_proj = first.norm_bottom_up(x_proj)
+    # one unbind, not x_proj[:, t] per step: each indexing's backward would write a zero tensor of
+    # the whole [B, T, 4H + 1] (measured: a quarter of a PTB-shape training step on 2 CPU cores)
+    x_steps = x_proj.unbind(1)
     weights = []
     for l, cell in enumerate(cells):
         if cell.layer_norm:
@@ -80,10 +83,10 @@ def fused_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor 
                     inputs.append(z_below * h_below)
                 s = at_least_fp32(torch.addmm(cell.bias, torch.cat(inputs, dim=1).to(weights[l].dtype), weights[l]))
                 if l == 0:
-                    s = s + x_proj[:, t]
+                    s = s + x_steps[t]
             else:
                 s = cell.norm_recurrent(at_least_fp32(cell.recurrent(prev.h))) + cell.bias
-                s = s + (x_proj[:, t] if l == 0 else z_below * cell.norm_bottom_up(at_least_fp32(cell.bottom_up(h_below))))
+                s = s + (x_steps[t] if l == 0 else z_below * cell.norm_bottom_up(at_least_fp32(cell.bottom_up(h_below))))
                 if h_above is not None:
                     s = s + z_prev * cell.norm_top_down(at_least_fp32(cell.top_down(h_above)))
             not_flush = 1.0 - z_prev
