@@ -23,6 +23,7 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm import HMLSTMCell, hm_lstm_update
+from hmrnn_lightning.cells.operations import select_operations
 
 _COMPILED: dict[str, object] = {}
 
@@ -89,8 +90,8 @@ def fused_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor 
                 s = s + (x_steps[t] if l == 0 else z_below * cell.norm_bottom_up(at_least_fp32(cell.bottom_up(h_below))))
                 if h_above is not None:
                     s = s + z_prev * cell.norm_top_down(at_least_fp32(cell.top_down(h_above)))
-            not_flush = 1.0 - z_prev
-            update, copy = not_flush * z_below, not_flush * (1.0 - z_below)
+            ops = select_operations(z_below.squeeze(-1), prev.z)
+            update, copy = ops.update, ops.copy
             c, h = update_fn(s, prev.c, prev.h, update, copy, z_prev, cell.norm_cell)
             if l + 1 < L:
                 logit = s[:, -1]
@@ -102,7 +103,7 @@ def fused_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor 
             new_state.append(LayerState(h, c, z))
             hidden[l].append(h)
             step_z.append(z)
-            step_ops.append(torch.cat([update, copy, z_prev], dim=-1))
+            step_ops.append(ops.stacked())
             h_below, z_below = h, z.unsqueeze(-1)
         state = new_state
         zs.append(torch.stack(step_z, -1))

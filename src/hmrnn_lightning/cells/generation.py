@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from hmrnn_lightning.cells.base import LayerState
+from hmrnn_lightning.cells.operations import select_operations
 from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_, _linear, _matmul_dtype, layer_weights
 
 
@@ -72,9 +73,8 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
     for l, cell in enumerate(cells):
         w_x, w_rec, w_above, w_below = weights[l]
         prev = state[l]
-        zp = prev.z.unsqueeze(-1)
-        u = (1.0 - zp) * zb
-        k = (1.0 - zp) * (1.0 - zb)
+        ops = select_operations(zb.squeeze(-1), prev.z)
+        u, k, zp = ops.update, ops.copy, ops.flush
         rows = (k.squeeze(-1) != 1).nonzero().squeeze(-1) if l > 0 else None  # not in COPY
         if rows is not None and rows.numel() == 0:
             new_state.append(prev)  # the whole layer copies; z stays (it is 0 in COPY)

@@ -49,7 +49,8 @@ def select_operations(z_below: Tensor, z_prev: Tensor) -> Operations:
     """Eq. 2's case analysis as weights.
 
     Args:
-        z_below: ``z^{l-1}_t``, shape ``[batch]`` (all ones for the first layer).
+        z_below: ``z^{l-1}_t``, shape ``[batch]`` (all ones for the first layer), or any shape
+            with ``z_prev``'s; the weights get a trailing axis of 1.
         z_prev: ``z^l_{t-1}``, shape ``[batch]``.
     """
     z_below = z_below.unsqueeze(-1)
@@ -73,5 +74,4 @@ def operations_from_boundaries(boundaries: Tensor, first_z: Tensor) -> Tensor:
     """
     z_prev = torch.cat([first_z.unsqueeze(1), boundaries[:, :-1]], dim=1)
     z_below = torch.cat([torch.ones_like(boundaries[..., :1]), boundaries[..., :-1]], dim=-1)
-    not_flush = 1.0 - z_prev
-    return torch.stack([not_flush * z_below, not_flush * (1.0 - z_below), z_prev], dim=-1)
+    return select_operations(z_below, z_prev).stacked()

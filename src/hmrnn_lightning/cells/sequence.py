@@ -50,6 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
+from hmrnn_lightning.cells.operations import select_operations
 
 
 #: Skip rows whose contribution is zero: in the forward pass the rows of the top-down and
@@ -243,8 +244,8 @@ def _forward(meta: _Meta, x_proj: Tensor, weights, biases, flat_state, keep: _Ke
                     _gated_addmm_(s, zb, a[:, col:], w_mm[l][:, col:], meta.mm_dtype)
             else:
                 s = _affine(bias, a, w_mm[l], meta.mm_dtype)
-            u = (1.0 - zp) * zb
-            k = (1.0 - zp) * (1.0 - zb)
+            ops = select_operations(zb.squeeze(-1), z[l])
+            u, k = ops.update, ops.copy
             c_new = keep.cells[l][t] if keep is not None else torch.empty_like(c[l])
             _cell_forward(s, c[l], h[l], u, k, zp, gates[l][slot], c_new, hidden[l][:, t])
             if l + 1 < L:
@@ -357,6 +358,7 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
     dz_next = [_zero_if_none(g_final[3 * l + 2], z0[l]).unsqueeze(-1) for l in range(L)]
     dz_next[L - 1] = torch.zeros_like(dz_next[L - 1])  # the top layer's z is the constant 0
     d_pre = [hidden[l].new_empty(T, B, 4 * sizes[l] + 1) for l in range(L)]  # ds of every step
+    ones = z_all.new_ones(B)  # z^0_t: the input always "ends a segment"
     live_rows = [torch.ones(T, B, dtype=torch.bool, device=z_all.device) for _ in range(L)]  # ds row not 0
     for t in range(T - 1, -1, -1):
         dh_from_above = dz_from_above = None  # d h^l_t, d z^l_t through layer l+1's bottom-up term
@@ -365,12 +367,9 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
             top = l + 1 == L
             h_prev = hidden[l][:, t - 1] if t > 0 else h0[l]
             c_prev = keep.cells[l][t - 1] if t > 0 else c0[l]
-            zp = (z_all[:, t - 1, l] if t > 0 else z0[l]).unsqueeze(-1)
-            if l > 0:
-                zb = z_all[:, t, l - 1].unsqueeze(-1)
-                u, k = (1.0 - zp) * zb, (1.0 - zp) * (1.0 - zb)
-            else:
-                u, k = 1.0 - zp, torch.zeros_like(zp)
+            ops = select_operations(z_all[:, t, l - 1] if l > 0 else ones, z_all[:, t - 1, l] if t > 0 else z0[l])
+            u, k, zp = ops.update, ops.copy, ops.flush
+            zb = z_all[:, t, l - 1 : l] if l > 0 else None
             dh = g_hidden[l][:, t] + dh_next[l]
             if dh_from_above is not None:
                 dh = dh + dh_from_above
