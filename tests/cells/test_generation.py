@@ -68,7 +68,7 @@ def test_copy_rows_are_not_touched():
 
 
 def test_step_sees_weights_changed_in_place():
-    """The per-term weight blocks are cached; an optimizer step must invalidate them."""
+    """The prepared weights are cached; an optimizer step must invalidate them."""
     torch.manual_seed(0)
     stack = HMStack(4, [6, 5], StepEstimator()).eval()
     x = torch.randn(2, 4)

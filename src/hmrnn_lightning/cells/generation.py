@@ -9,7 +9,8 @@ makes unnecessary:
   model has learnt its boundaries, so this is most of their work;
 * the top-down term only for rows with ``z^l_{t-1} = 1`` and the bottom-up term only for
   rows with ``z^{l-1}_t = 1`` (their gate is 0 elsewhere);
-* the weights are cut into per-term blocks once and kept until a parameter changes.
+* the weights are prepared once (detached, the first layer's two side by side) and kept
+  until a parameter changes.
 
 The values are the reference loop's up to summation order. One difference is visible:
 the boundary logit of a row in COPY is not computed, and :meth:`HMStack.step` reports it
@@ -24,12 +25,14 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.operations import select_operations
-from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_, _linear, _matmul_dtype, layer_weights
+from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_, _matmul_dtype
 
 
-def _prepared_weights(stack) -> list[list[Tensor]]:
-    """Per layer ``[[W_x, U_l] or None, U_l, U_{l+1} or None, W_{l-1} or None]``, contiguous;
-    rebuilt when a parameter is replaced or updated in place (its version counter moves)."""
+def _prepared_weights(stack) -> list[list[Tensor | None]]:
+    """Per layer ``[first, U_{l+1} or None, W_{l-1} or None]`` in ``[out, in]`` layout, where
+    ``first`` is ``U_l``, and ``[W_x, U_l]`` side by side for the first layer (one product for
+    its input and recurrent terms); rebuilt when a parameter is replaced or updated in place
+    (its version counter moves)."""
     params = [cell.recurrent.weight for cell in stack.cells] + [cell.bottom_up.weight for cell in stack.cells]
     params += [cell.top_down.weight for cell in stack.cells if cell.top_down is not None]
     key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
@@ -37,16 +40,12 @@ def _prepared_weights(stack) -> list[list[Tensor]]:
     if cached is not None and cached[0] == key:
         return cached[1]
     prepared = []
-    for l, (cell, w) in enumerate(zip(stack.cells, layer_weights(stack))):
-        H = cell.hidden_size
-        w = w.detach()
-        above = cell.above_size or 0
-        prepared.append([  # [out, in] blocks, as _linear wants them
-            # the first layer's input and recurrent weights side by side: one product for both
-            torch.cat([cell.bottom_up.weight.detach(), w[:, :H]], dim=1) if l == 0 else None,
-            w[:, :H].contiguous(),
-            w[:, H : H + above].contiguous() if above else None,
-            w[:, H + above :].contiguous() if l > 0 else None,
+    for l, cell in enumerate(stack.cells):
+        recurrent = cell.recurrent.weight.detach()
+        prepared.append([
+            torch.cat([cell.bottom_up.weight.detach(), recurrent], dim=1) if l == 0 else recurrent,
+            cell.top_down.weight.detach() if cell.top_down is not None else None,
+            cell.bottom_up.weight.detach() if l > 0 else None,
         ])
     stack._generation_cache = (key, prepared)
     return prepared
@@ -71,7 +70,7 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
     new_state: list[LayerState] = []
     zb = torch.ones(B, 1, dtype=dtype, device=x.device)
     for l, cell in enumerate(cells):
-        w_x, w_rec, w_above, w_below = weights[l]
+        w_first, w_above, w_below = weights[l]
         prev = state[l]
         ops = select_operations(zb.squeeze(-1), prev.z)
         u, k, zp = ops.update, ops.copy, ops.flush
@@ -85,10 +84,8 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         if not part:
             rows = None
         h_prev, c_prev, zp_r, zb_r, u_r, k_r = (_pick(t, rows) for t in (prev.h, prev.c, zp, zb, u, k))
-        if l == 0:
-            s = _affine(cell.bias, torch.cat([x, h_prev], dim=1), w_x, mm_dtype)
-        else:
-            s = _affine(cell.bias, h_prev, w_rec, mm_dtype)
+        first = torch.cat([x, h_prev], dim=1) if l == 0 else h_prev
+        s = _affine(cell.bias, first, w_first, mm_dtype)
         if w_above is not None:
             _gated_addmm_(s, zp_r, zp_r * _pick(state[l + 1].h, rows), w_above, mm_dtype)
         if w_below is not None:
