@@ -24,6 +24,7 @@ from torch import Tensor
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm import HMLSTMCell, hm_lstm_update
 from hmrnn_lightning.cells.operations import select_operations
+from hmrnn_lightning.cells.sequence import layer_weights
 
 _COMPILED: dict[str, object] = {}
 
@@ -53,17 +54,9 @@ def fused_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor 
     # one unbind, not x_proj[:, t] per step: each indexing's backward would write a zero tensor of
     # the whole [B, T, 4H + 1] (measured: a quarter of a PTB-shape training step on 2 CPU cores)
     x_steps = x_proj.unbind(1)
-    weights = []
-    for l, cell in enumerate(cells):
-        if cell.layer_norm:
-            weights.append(None)
-            continue
-        parts = [cell.recurrent.weight]
-        if cell.top_down is not None:
-            parts.append(cell.top_down.weight)
-        if l > 0:
-            parts.append(cell.bottom_up.weight)
-        weights.append(torch.cat(parts, dim=1).t())
+    # layer norm normalises each term apart, so its layers cannot share one product (a stack's
+    # cells all have the same layer_norm)
+    weights = [None] * L if first.layer_norm else [w.t() for w in layer_weights(stack)]
     ones = x.new_ones(B, 1, dtype=stack.state_dtype(x))
     zeros = x.new_zeros(B, dtype=stack.state_dtype(x))
     hidden = [[] for _ in range(L)]
