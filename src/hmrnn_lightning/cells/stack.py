@@ -110,9 +110,12 @@ class RecurrentStack(nn.Module):
     @torch.no_grad()
     def step(self, x: Tensor, state: State | None = None) -> StackOutput:
         """One time step without gradients, for generation: ``x`` is ``[batch, input_size]``;
-        the output has a time axis of length 1. Stacks may override it with a faster path."""
+        the output has a time axis of length 1. Stacks with a faster path override :meth:`_step`."""
         if x.dim() != 2:
             raise ValueError(f"{type(self).__name__}.step: expected input of shape [batch, {self.input_size}], got {tuple(x.shape)}")
+        return self._step(x, state)
+
+    def _step(self, x: Tensor, state: State | None) -> StackOutput:
         return self.forward(x.unsqueeze(1), state)
 
 
@@ -256,19 +259,14 @@ class HMStack(RecurrentStack):
             ops_out.append(torch.stack(step_ops, 1))
         return self._pack(hidden, zs, logits, ops_out, state)
 
-    @torch.no_grad()
-    def step(self, x: Tensor, state: State | None = None) -> StackOutput:
-        """One time step without gradients, for generation (``x``: ``[batch, input_size]``).
-
-        Where the sequence path applies, rows whose layer is in COPY are not computed at all
+    def _step(self, x: Tensor, state: State | None) -> StackOutput:
+        """Where the sequence path applies, rows whose layer is in COPY are not computed at all
         (:mod:`hmrnn_lightning.cells.generation`); their boundary logits read NaN. Elsewhere
         this is :meth:`forward` on a sequence of length 1."""
         from hmrnn_lightning.cells import sequence
 
         if self.impl == "reference" or not sequence.supports(self):
-            return super().step(x, state)
-        if x.dim() != 2:
-            raise ValueError(f"HMStack.step: expected input of shape [batch, {self.input_size}], got {tuple(x.shape)}")
+            return super()._step(x, state)
         from hmrnn_lightning.cells.generation import generation_step
         from hmrnn_lightning.cells.operations import operations_from_boundaries
 
