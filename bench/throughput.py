@@ -15,8 +15,8 @@ the JSON line records the rates seen). Peak memory is the GPU's peak allocation 
 the process's peak resident size on CPU.
 
 Impls: lstm; hm_reference (the readable loop); hm_fused (per-step autograd, merged products);
-hm_sequence (one autograd function over the sequence, what `impl="auto"` picks for HM-LSTM
-without layer norm); hm_fused_compile (hm_fused with torch.compile on the elementwise update).
+hm_sequence (one autograd function over the sequence, what `impl="auto"` picks for the
+HM-LSTM, with or without layer norm); hm_fused_compile (hm_fused with torch.compile on the elementwise update).
 """
 
 from __future__ import annotations

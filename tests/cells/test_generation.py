@@ -52,9 +52,10 @@ def test_step_by_step_equals_the_whole_sequence(kwargs):
     assert torch.all(whole.operations[..., :-1, 1][~computed] == 1)
 
 
-def test_copy_rows_are_not_touched():
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_copy_rows_are_not_touched(layer_norm):
     torch.manual_seed(0)
-    stack = HMStack(4, [6, 5, 4], StepEstimator()).eval()
+    stack = HMStack(4, [6, 5, 4], StepEstimator(), layer_norm=layer_norm).eval()
     state = [s for s in stack(torch.randn(3, 5, 4)).state]
     state = [type(s)(s.h.detach(), s.c.detach(), torch.zeros_like(s.z)) for s in state]  # nobody fired
     with torch.no_grad():

@@ -6,7 +6,7 @@ Where things live:
   * HM-LSTM layer: :mod:`hmrnn_lightning.cells.hm_lstm`; HM-RNN layer: :mod:`hmrnn_lightning.cells.hm_rnn`
   * the time loop over a sequence: :mod:`hmrnn_lightning.cells.stack` (the reference);
     fast paths behind it: :mod:`hmrnn_lightning.cells.sequence` (hand-written backward),
-    :mod:`hmrnn_lightning.cells.fused` (per step, layer norm), and
+    :mod:`hmrnn_lightning.cells.fused` (per step, for estimators with trainable parameters), and
     :mod:`hmrnn_lightning.cells.generation` (one step for sampling)
   * LSTM baselines: :mod:`hmrnn_lightning.cells.lstm`
 """

@@ -1,7 +1,7 @@
 """Per-step fast path for HM-LSTM stacks: the same equations as the reference loop, with less
 work per step, and autograd for the backward pass. ``impl="auto"`` uses it where the faster
-:mod:`hmrnn_lightning.cells.sequence` does not apply: the LayerNorm HM-LSTM, and estimators
-with trainable parameters.
+:mod:`hmrnn_lightning.cells.sequence` does not apply: estimators with trainable parameters
+(a plugin's), whose gradients need autograd to see every step.
 
 What it changes, and why it gives the same numbers:
   * the first layer's bottom-up term ``W x_t`` is one matrix product over all steps before the

@@ -12,6 +12,9 @@ makes unnecessary:
 * the weights are prepared once (detached, the first layer's two side by side) and kept
   until a parameter changes.
 
+With layer norm each term is normalised on its own (:class:`~hmrnn_lightning.cells.base.HMCell`),
+so the first layer's two products stay apart; the rest is the same.
+
 The values are the reference loop's up to summation order. One difference is visible:
 the boundary logit of a row in COPY is not computed, and :meth:`HMStack.step` reports it
 as NaN. Stochastic estimators draw only for the rows they decide, so their random
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.operations import select_operations
-from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_, _matmul_dtype
+from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_, _matmul_dtype, _open_rows, ln_term
 
 
 def _prepared_weights(stack) -> list[list[Tensor | None]]:
@@ -43,9 +46,9 @@ def _prepared_weights(stack) -> list[list[Tensor | None]]:
     for l, cell in enumerate(stack.cells):
         recurrent = cell.recurrent.weight.detach()
         prepared.append([
-            torch.cat([cell.bottom_up.weight.detach(), recurrent], dim=1) if l == 0 else recurrent,
+            torch.cat([cell.bottom_up.weight.detach(), recurrent], dim=1) if l == 0 and not cell.layer_norm else recurrent,
             cell.top_down.weight.detach() if cell.top_down is not None else None,
-            cell.bottom_up.weight.detach() if l > 0 else None,
+            cell.bottom_up.weight.detach() if l > 0 or cell.layer_norm else None,
         ])
     stack._generation_cache = (key, prepared)
     return prepared
@@ -84,15 +87,21 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         if not part:
             rows = None
         h_prev, c_prev, zp_r, zb_r, u_r, k_r = (_pick(t, rows) for t in (prev.h, prev.c, zp, zb, u, k))
-        first = torch.cat([x, h_prev], dim=1) if l == 0 else h_prev
-        s = _affine(cell.bias, first, w_first, mm_dtype)
-        if w_above is not None:
-            _gated_addmm_(s, zp_r, zp_r * _pick(state[l + 1].h, rows), w_above, mm_dtype)
-        if w_below is not None:
-            _gated_addmm_(s, zb_r, zb_r * _pick(new_state[l - 1].h, rows), w_below, mm_dtype)
+        h_above = _pick(state[l + 1].h, rows) if w_above is not None else None
+        h_below = (x if l == 0 else _pick(new_state[l - 1].h, rows)) if w_below is not None else None
+        if cell.layer_norm:
+            s = _ln_preactivation(cell, w_first, w_above, w_below, h_prev, h_above, h_below, zp_r, zb_r, mm_dtype)
+        else:
+            first = torch.cat([x, h_prev], dim=1) if l == 0 else h_prev
+            s = _affine(cell.bias, first, w_first, mm_dtype)
+            if w_above is not None:
+                _gated_addmm_(s, zp_r, zp_r * h_above, w_above, mm_dtype)
+            if w_below is not None:
+                _gated_addmm_(s, zb_r, zb_r * h_below, w_below, mm_dtype)
         H = cell.hidden_size
         act, c_new, h_new = s.new_empty(s.shape[0], 4 * H), torch.empty_like(c_prev), torch.empty_like(h_prev)
-        _cell_forward(s, c_prev, h_prev, u_r, k_r, zp_r, act, c_new, h_new)
+        norm = cell.norm_cell
+        _cell_forward(s, c_prev, h_prev, u_r, k_r, zp_r, act, c_new, h_new, (norm.weight, norm.bias, norm.eps) if cell.layer_norm else None)
         if l + 1 < L:
             logit = s[:, 4 * H]
             k1 = k_r.squeeze(-1)
@@ -111,3 +120,24 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         zs[:, l] = z_new
         zb = z_new.unsqueeze(-1)
     return [s.h for s in new_state], zs, logits, new_state
+
+
+def _ln_preactivation(cell, w_rec, w_above, w_below, h_prev, h_above, h_below, zp, zb, mm_dtype) -> Tensor:
+    """``b + LN(U_l h_prev) + z_prev LN(U_{l+1} h_above) + z_below LN(W_{l-1} h_below)``, each
+    gated term for its open rows only."""
+    eps = cell.norm_cell.eps
+    params = {"bias": cell.bias}
+    for name, norm in (("rec", cell.norm_recurrent), ("above", getattr(cell, "norm_top_down", None)), ("below", cell.norm_bottom_up)):
+        if norm is not None:
+            params[f"gamma_{name}"], params[f"beta_{name}"] = norm.weight.detach(), norm.bias.detach()
+    s = ln_term(params, "rec", h_prev, w_rec, eps, mm_dtype)[0].add_(cell.bias)
+    for name, w, x, gate in (("above", w_above, h_above, zp), ("below", w_below, h_below, zb)):
+        if w is None:
+            continue
+        rows = _open_rows(gate)
+        if rows.numel() == s.shape[0]:
+            s.addcmul_(ln_term(params, name, x, w, eps, mm_dtype)[0], gate)
+        elif rows.numel() > 0:
+            term = ln_term(params, name, x.index_select(0, rows), w, eps, mm_dtype)[0]
+            s.index_add_(0, rows, term.mul_(gate.index_select(0, rows)))
+    return s

@@ -6,18 +6,26 @@ computes each weight gradient as ``T`` thin products (``[hidden x batch] @ [batc
 and walks tens of graph nodes per layer and step. This module computes the same numbers
 with the backward written out by hand:
 
-* forward: per layer and step, the pre-activation ``a_t @ W^T`` where
+* forward, without layer norm: per layer and step, the pre-activation ``a_t @ W^T`` where
   ``a_t = [h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1}, z^{l-1}_t h^{l-1}_t]`` and ``W`` is
   ``[U_l; U_{l+1}; W_{l-1}]`` side by side (gating the input rows equals gating the terms,
   because they are linear); the first layer's ``W x_t`` is one product over all steps
   before the loop. On CPU the gated blocks are multiplied only for the rows whose gate is
   open (:data:`SKIP_GATED_ROWS`). Kept for the backward pass: ``a_t``, ``c`` and the four
   gate activations.
-* backward: walks time backwards; per layer and step one product ``ds_t @ W`` gives the
-  gradients of the inputs. A closed gate's rows stay in it (the straight-through gradient
+* forward, with layer norm: each term is normalised on its own before its gate multiplies
+  it (:class:`~hmrnn_lightning.cells.base.HMCell`), so the three products stay apart. Kept:
+  each term's product before normalisation with its mean and 1/std (the normalised term is
+  recomputed from them), ``c`` with its statistics, and the gates. In training every row
+  of a gated term is computed, closed or not: the straight-through gradient of its gate is
+  ``<LN(W h), ds>`` and needs it.
+* backward: walks time backwards; per layer and step the products ``ds_t @ W`` give the
+  gradients of the inputs. A closed gate's rows stay in them (the straight-through gradient
   of the boundary asks what the term it kept out would have changed), but rows in COPY
-  have ``ds = 0`` and, on CPU, are left out. The weight gradients wait until the end and
-  are one product over all steps, ``dS^T @ A``, again without the rows that are zero.
+  have ``ds = 0`` and, on CPU, are left out. The weight gradients are products over many
+  steps at once, ``dS^T @ A``, again without the rows that are zero: over the whole window
+  without layer norm, over chunks of steps with it (:data:`LN_CHUNK_ROWS`), which keeps the
+  per-term buffers small.
 
 The forward pass cannot skip COPY rows in training: the straight-through gradient of the
 COPY decision needs the ``h`` and ``c`` that an UPDATE would have produced. Generation,
@@ -32,20 +40,23 @@ so :func:`supports` sends them to the other paths.
 The derivatives, with ``u = (1 - z_prev) z_below`` (UPDATE), ``k = (1 - z_prev)(1 - z_below)``
 (COPY) and ``z_prev`` (FLUSH) as in :mod:`hmrnn_lightning.cells.operations`::
 
-    c = (u f + k) c_prev + (u + z_prev) i g        h = k h_prev + (1 - k) o tanh(c)
+    c = (u f + k) c_prev + (u + z_prev) i g        h = k h_prev + (1 - k) o tanh(N(c))
     z = k z_prev + (1 - k) e,  e = estimator(s[4H])
 
-are the chain rule of these three lines and of the gates ``f, i, o = sigm``, ``g = tanh``;
-``tests/cells/test_fast_paths.py`` checks them against autograd on the reference loop.
+(``N`` is the cell's layer norm, or the identity) are the chain rule of these three lines,
+of the gates ``f, i, o = sigm``, ``g = tanh``, and of layer norm (PyTorch's own kernels,
+``native_layer_norm`` and its backward); ``tests/cells/test_fast_paths.py`` checks them
+against autograd on the reference loop.
 
 Mixed precision: under autocast the matrix products run in the autocast dtype (bf16 on
-CPU or GPU, fp16 on GPU) and everything else (states, gates, boundary decisions) in fp32.
+CPU or GPU, fp16 on GPU) and everything else (states, gates, layer norm, boundary
+decisions) in fp32.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
@@ -54,19 +65,37 @@ from hmrnn_lightning.cells.operations import select_operations
 
 
 #: Skip rows whose contribution is zero: in the forward pass the rows of the top-down and
-#: bottom-up products whose gate ``z`` is 0, in the backward pass also the rows in COPY.
-#: None: on CPU only, where the forward skip measured 10% and the two together 16% per
-#: stack step (PTB shape, 2 cores). Finding the rows reads ``z`` on the host, which on a
-#: GPU would stall the stream once per layer and step, so it stays off there.
+#: bottom-up products whose gate ``z`` is 0 (without layer norm, or without gradients), in
+#: the backward pass also the rows in COPY. None: on CPU only, where the forward skip
+#: measured 10% and the two together 16% per stack step (PTB shape, 2 cores). Finding the
+#: rows reads ``z`` on the host, which on a GPU would stall the stream once per layer and
+#: step, so it stays off there.
 SKIP_GATED_ROWS: bool | None = None
+
+#: With layer norm, the weight gradients are one product per term over this many rows
+#: (steps x batch) at a time: big enough to run at full speed, small enough that the
+#: per-term buffers stay small.
+LN_CHUNK_ROWS = 1024
+
+
+def _norms(cell: HMLSTMCell) -> list[nn.Module]:
+    names = ("norm_recurrent", "norm_top_down", "norm_bottom_up", "norm_cell")
+    return [getattr(cell, n) for n in names if getattr(cell, n, None) is not None]
 
 
 def supports(stack) -> bool:
-    """HM-LSTM cells without layer norm, and an estimator without trainable parameters."""
-    return (
-        all(type(cell) is HMLSTMCell and not cell.layer_norm for cell in stack.cells)
-        and not any(p.requires_grad for p in stack.estimator.parameters())
-    )
+    """HM-LSTM cells (with or without layer norm; a layer norm with its affine weight and
+    bias, as the cells build it) and an estimator without trainable parameters."""
+    if not all(type(cell) is HMLSTMCell for cell in stack.cells):
+        return False
+    if any(p.requires_grad for p in stack.estimator.parameters()):
+        return False
+    for cell in stack.cells:
+        if cell.layer_norm and not all(
+            isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in _norms(cell)
+        ):
+            return False
+    return True
 
 
 def _matmul_dtype(x: Tensor) -> torch.dtype | None:
@@ -91,6 +120,38 @@ def layer_weights(stack) -> list[Tensor]:
     return out
 
 
+def term_names(layer: int, layers: int) -> list[str]:
+    """The pre-activation terms that layer ``layer`` multiplies inside the loop: ``rec``
+    (``U_l h^l_{t-1}``), ``above`` (``U_{l+1} h^{l+1}_{t-1}``, gated by ``z^l_{t-1}``) and
+    ``below`` (``W_{l-1} h^{l-1}_t``, gated by ``z^{l-1}_t``; the first layer's is hoisted)."""
+    return ["rec"] + (["above"] if layer + 1 < layers else []) + (["below"] if layer > 0 else [])
+
+
+def layer_params(stack) -> list[dict[str, Tensor]]:
+    """Per layer, the tensors the sequence function takes: ``bias`` and ``w`` (the merged
+    weight of :func:`layer_weights`) without layer norm; with it ``bias``, per term
+    ``w_<term>``, ``gamma_<term>``, ``beta_<term>``, and ``gamma_cell``, ``beta_cell``."""
+    L = len(stack.cells)
+    merged = None if stack.cells[0].layer_norm else layer_weights(stack)
+    out = []
+    for l, cell in enumerate(stack.cells):
+        p = {"bias": cell.bias}
+        if merged is not None:
+            p["w"] = merged[l]
+        else:
+            modules = {
+                "rec": (cell.recurrent, cell.norm_recurrent),
+                "above": (cell.top_down, getattr(cell, "norm_top_down", None)),
+                "below": (cell.bottom_up, cell.norm_bottom_up),
+            }
+            for name in term_names(l, L):
+                linear, norm = modules[name]
+                p[f"w_{name}"], p[f"gamma_{name}"], p[f"beta_{name}"] = linear.weight, norm.weight, norm.bias
+            p["gamma_cell"], p["beta_cell"] = cell.norm_cell.weight, cell.norm_cell.bias
+        out.append(p)
+    return out
+
+
 def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
     """The body of :meth:`HMStack.forward` on this path.
 
@@ -100,19 +161,23 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     mm_dtype = _matmul_dtype(x)
     dtype = stack.state_dtype(x)
     first = stack.cells[0]
-    x_proj = at_least_fp32(first.bottom_up(x)).to(dtype)
-    weights = layer_weights(stack)
-    biases = [cell.bias for cell in stack.cells]
+    x_proj = at_least_fp32(first.bottom_up(x))
+    if first.layer_norm:  # the hoisted term is normalised (and differentiated) by autograd
+        x_proj = first.norm_bottom_up(x_proj)
+    x_proj = x_proj.to(dtype)
+    params = layer_params(stack)
+    flat_params = [t for p in params for t in p.values()]
     flat_state = [t for s in state for t in (s.h, s.c, s.z)]
     L = len(stack.cells)
     skip = SKIP_GATED_ROWS if SKIP_GATED_ROWS is not None else x.device.type == "cpu"
-    meta = _Meta(stack.estimator, boundaries, mm_dtype, L, skip)
-    tensors = [x_proj, *weights, *biases, *flat_state]
+    eps = first.norm_cell.eps if first.layer_norm else 0.0
+    meta = _Meta(stack.estimator, boundaries, mm_dtype, L, skip, [list(p) for p in params], eps)
+    tensors = [x_proj, *flat_params, *flat_state]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         outs = _HMLSTMSequence.apply(meta, *tensors)
     else:
         with torch.no_grad():
-            outs = _forward(meta, x_proj, weights, biases, flat_state, keep=None)
+            outs = _forward(meta, x_proj, params, flat_state, keep=None)
     hidden = list(outs[:L])
     z_all, logits = outs[L], outs[L + 1]
     final = [LayerState(*outs[L + 2 + 3 * l : L + 5 + 3 * l]) for l in range(L)]
@@ -122,12 +187,25 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
 class _Meta:
     """The non-tensor inputs of the autograd function."""
 
-    def __init__(self, estimator, boundaries: Tensor | None, mm_dtype: torch.dtype | None, layers: int, skip_rows: bool) -> None:
+    def __init__(
+        self, estimator, boundaries: Tensor | None, mm_dtype: torch.dtype | None, layers: int, skip_rows: bool,
+        keys: list[list[str]], eps: float,
+    ) -> None:
         self.estimator = estimator
         self.boundaries = boundaries
         self.mm_dtype = mm_dtype
         self.layers = layers
         self.skip_rows = skip_rows
+        self.keys = keys  # per layer, the names of its tensors in the flat argument list
+        self.layer_norm = "w" not in keys[0]
+        self.eps = eps
+
+    def unflatten(self, flat) -> list[dict[str, Tensor]]:
+        out, i = [], 0
+        for keys in self.keys:
+            out.append(dict(zip(keys, flat[i : i + len(keys)])))
+            i += len(keys)
+        return out
 
 
 class _Kept:
@@ -135,9 +213,14 @@ class _Kept:
     (``[T, B, ...]``) so that each step's slice is one contiguous block."""
 
     def __init__(self) -> None:
-        self.inputs: list[Tensor] = []  # per layer, a_t for every step [T, B, K_l]
+        self.inputs: list[Tensor] = []  # without LN, per layer, a_t for every step [T, B, K_l]
         self.gates: list[Tensor] = []  # per layer [T, B, 4H]: f, i, o after sigm, g after tanh
         self.cells: list[Tensor] = []  # per layer [T, B, H]
+        # with LN, per layer and term: the product before normalisation [T, B, 4H + 1] and its
+        # mean and 1/std [T, B, 1]; per layer the cell's mean and 1/std
+        self.raw: list[dict[str, Tensor]] = []
+        self.mean: list[dict[str, Tensor]] = []
+        self.rstd: list[dict[str, Tensor]] = []
         self.estimates: Tensor | None = None  # e = estimator(logit) before COPY keeps z, [B, T, L - 1]
         self.graphs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (t, l) -> (logit leaf, e)
 
@@ -179,8 +262,31 @@ def _gated_addmm_(s: Tensor, gate: Tensor, gated_x: Tensor, w: Tensor, mm_dtype)
         s.index_add_(0, rows, _linear(gated_x.index_select(0, rows), w, mm_dtype))
 
 
-def _cell_forward(s: Tensor, c_prev: Tensor, h_prev: Tensor, u: Tensor, k: Tensor, zp: Tensor, act: Tensor, c_out: Tensor, h_out: Tensor) -> None:
-    """Gates and eqs. 2-3 into ``act`` ``[B, 4H]``, ``c_out`` and ``h_out``.
+def _layer_norm(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(LN(x), mean, 1/std)`` from the kernel ``nn.LayerNorm`` runs, so values match it bit for bit."""
+    return torch.native_layer_norm(x, (x.shape[-1],), gamma, beta, eps)
+
+
+def _layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, gamma: Tensor, beta: Tensor):
+    """``(dx, dgamma, dbeta)`` of :func:`_layer_norm` (PyTorch's own backward kernel)."""
+    return torch.ops.aten.native_layer_norm_backward(dy, x, (x.shape[-1],), mean, rstd, gamma, beta, [True, True, True])
+
+
+def ln_term(
+    p: dict[str, Tensor], name: str, x: Tensor, w: Tensor, eps: float, mm_dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer-normalised term, ``LN_name(x @ W_name^T)``; returns ``(term, product, mean, 1/std)``."""
+    raw = _linear(x, w, mm_dtype)
+    term, mean, rstd = _layer_norm(raw, p[f"gamma_{name}"], p[f"beta_{name}"], eps)
+    return term, raw, mean, rstd
+
+
+def _cell_forward(
+    s: Tensor, c_prev: Tensor, h_prev: Tensor, u: Tensor, k: Tensor, zp: Tensor, act: Tensor, c_out: Tensor,
+    h_out: Tensor, cell_norm: tuple[Tensor, Tensor, float] | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """Gates and eqs. 2-3 into ``act`` ``[B, 4H]``, ``c_out`` and ``h_out``; with ``cell_norm``
+    ``(gamma, beta, eps)``, ``h = o tanh(LN(c))`` and the cell's ``(mean, 1/std)`` are returned.
 
     ``c = (u f + k) c_prev + (u + z_prev) i g`` is the reference's
     ``u (f c_prev + i g) + z_prev i g + k c_prev`` regrouped; with binary weights COPY
@@ -192,62 +298,104 @@ def _cell_forward(s: Tensor, c_prev: Tensor, h_prev: Tensor, u: Tensor, k: Tenso
     f, i, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
     torch.addcmul(k, u, f, out=c_out)
     c_out.mul_(c_prev).addcmul_(i * g, u + zp)
-    torch.lerp(torch.tanh(c_out).mul_(o), h_prev, k, out=h_out)
+    stats = None
+    if cell_norm is None:
+        normed = c_out
+    else:
+        normed, mean, rstd = _layer_norm(c_out, *cell_norm)
+        stats = (mean, rstd)
+    torch.lerp(torch.tanh(normed).mul_(o), h_prev, k, out=h_out)
+    return stats
 
 
-def _forward(meta: _Meta, x_proj: Tensor, weights, biases, flat_state, keep: _Kept | None):
+def _ln_preactivation(
+    meta: "_Meta", p: dict[str, Tensor], w: dict[str, Tensor], bias: Tensor, inputs: dict[str, Tensor],
+    gates: dict[str, Tensor], keep: "_Kept | None", layer: int, t: int,
+) -> Tensor:
+    """``s = b + LN_rec(U_l h^l_{t-1}) + z^l_{t-1} LN_above(...) + z^{l-1}_t LN_below(...)``.
+
+    Without ``keep`` (no gradient) the gated terms are computed only for their open rows."""
+    s = None
+    for name, x in inputs.items():
+        gate = gates.get(name)
+        rows = None
+        if gate is not None and keep is None and meta.skip_rows:
+            rows = _open_rows(gate)
+            if rows.numel() == 0:
+                continue
+            if rows.numel() == x.shape[0]:
+                rows = None
+        term, raw, mean, rstd = ln_term(p, name, x if rows is None else x.index_select(0, rows), w[name], meta.eps, meta.mm_dtype)
+        if keep is not None:
+            keep.raw[layer][name][t].copy_(raw)
+            keep.mean[layer][name][t] = mean
+            keep.rstd[layer][name][t] = rstd
+        if gate is None:
+            s = term.add_(bias)
+        elif rows is None:
+            s.addcmul_(term, gate)
+        else:
+            s.index_add_(0, rows, term.mul_(gate.index_select(0, rows)))
+    return s
+
+
+def _forward(meta: _Meta, x_proj: Tensor, params: list[dict[str, Tensor]], flat_state, keep: _Kept | None):
     """The time loop. With ``keep``, stores what the backward pass needs and the
     estimator's graphs; without, it is plain inference."""
     L = meta.layers
     B, T, _ = x_proj.shape
-    dtype, device = x_proj.dtype, x_proj.device
-    sizes = [w.shape[0] // 4 for w in weights]
+    dtype = x_proj.dtype
+    ln = meta.layer_norm
+    sizes = [p["bias"].shape[0] // 4 for p in params]
     h = [flat_state[3 * l] for l in range(L)]
     c = [flat_state[3 * l + 1] for l in range(L)]
     z = [flat_state[3 * l + 2] for l in range(L)]
-    w_mm = [w.to(meta.mm_dtype) if meta.mm_dtype else w for w in weights]
-    xb = (x_proj + biases[0]).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
+    cast = (lambda w: w.to(meta.mm_dtype)) if meta.mm_dtype else (lambda w: w)
+    w_mm = [{k[2:] if ln else k: cast(v) for k, v in p.items() if k == "w" or k.startswith("w_")} for p in params]
+    xb = (x_proj + params[0]["bias"]).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
     hidden = [x_proj.new_empty(B, T, H) for H in sizes]
     z_all = x_proj.new_zeros(B, T, L)
     logits = x_proj.new_empty(B, T, L - 1)
     steps = T if keep is not None else 1
-    inputs = [x_proj.new_empty(steps, B, w.shape[1]) for w in weights]
+    if not ln:
+        inputs = [x_proj.new_empty(steps, B, p["w"].shape[1]) for p in params]
     gates = [x_proj.new_empty(steps, B, 4 * H) for H in sizes]
     if keep is not None:
-        keep.inputs, keep.gates = inputs, gates
+        keep.gates = gates
         keep.cells = [x_proj.new_empty(T, B, H) for H in sizes]
         keep.estimates = x_proj.new_empty(B, T, L - 1)
-    ones = torch.ones(B, 1, dtype=dtype, device=device)
-    zeros = torch.zeros(B, dtype=dtype, device=device)
+        if ln:
+            for l, H in enumerate(sizes):
+                names = term_names(l, L)
+                keep.raw.append({n: x_proj.new_empty(T, B, 4 * H + 1) for n in names})
+                keep.mean.append({n: x_proj.new_empty(T, B, 1) for n in names + ["cell"]})
+                keep.rstd.append({n: x_proj.new_empty(T, B, 1) for n in names + ["cell"]})
+        else:
+            keep.inputs = inputs
+    ones = torch.ones(B, 1, dtype=dtype, device=x_proj.device)
+    zeros = torch.zeros(B, dtype=dtype, device=x_proj.device)
     for t in range(T):
         slot = t if keep is not None else 0
         zb = ones
         for l in range(L):
             H = sizes[l]
-            a = inputs[l][slot]
-            a[:, :H] = h[l]
-            col = H
             zp = z[l].unsqueeze(-1)
-            if l + 1 < L:
-                torch.mul(h[l + 1], zp, out=a[:, col : col + sizes[l + 1]])
-                col += sizes[l + 1]
-            if l > 0:
-                torch.mul(h[l - 1], zb, out=a[:, col:])
-            bias = xb[t] if l == 0 else biases[l]
-            if meta.skip_rows:  # the three terms apart, each gated term on its open rows only
-                s = _affine(bias, a[:, :H], w_mm[l][:, :H], meta.mm_dtype)
-                col = H
-                if l + 1 < L:
-                    _gated_addmm_(s, zp, a[:, col : col + sizes[l + 1]], w_mm[l][:, col : col + sizes[l + 1]], meta.mm_dtype)
-                    col += sizes[l + 1]
-                if l > 0:
-                    _gated_addmm_(s, zb, a[:, col:], w_mm[l][:, col:], meta.mm_dtype)
+            bias = xb[t] if l == 0 else params[l]["bias"]
+            if ln:
+                named = {"rec": h[l], "above": h[l + 1] if l + 1 < L else None, "below": h[l - 1] if l > 0 else None}
+                s = _ln_preactivation(
+                    meta, params[l], w_mm[l], bias, {n: named[n] for n in term_names(l, L)},
+                    {"above": zp, "below": zb}, keep, l, t,
+                )
             else:
-                s = _affine(bias, a, w_mm[l], meta.mm_dtype)
+                s = _merged_preactivation(meta, w_mm[l]["w"], bias, inputs[l][slot], h, l, zp, zb, sizes)
             ops = select_operations(zb.squeeze(-1), z[l])
             u, k = ops.update, ops.copy
             c_new = keep.cells[l][t] if keep is not None else torch.empty_like(c[l])
-            _cell_forward(s, c[l], h[l], u, k, zp, gates[l][slot], c_new, hidden[l][:, t])
+            cell_norm = (params[l]["gamma_cell"], params[l]["beta_cell"], meta.eps) if ln else None
+            stats = _cell_forward(s, c[l], h[l], u, k, zp, gates[l][slot], c_new, hidden[l][:, t], cell_norm)
+            if stats is not None and keep is not None:
+                keep.mean[l]["cell"][t], keep.rstd[l]["cell"][t] = stats
             if l + 1 < L:
                 logit = s[:, 4 * H]
                 logits[:, t, l] = logit
@@ -275,33 +423,56 @@ def _forward(meta: _Meta, x_proj: Tensor, weights, biases, flat_state, keep: _Ke
     return (*hidden, z_all, logits, *final)
 
 
+def _merged_preactivation(meta: _Meta, w: Tensor, bias: Tensor, a: Tensor, h: list[Tensor], l: int, zp: Tensor, zb: Tensor, sizes) -> Tensor:
+    """Without layer norm: ``s = b + a_t @ W^T``, writing ``a_t`` into ``a``; on CPU each gated
+    block is multiplied for its open rows only."""
+    L, H = meta.layers, sizes[l]
+    a[:, :H] = h[l]
+    blocks = []  # (gate, column slice) of the gated blocks of a_t
+    col = H
+    if l + 1 < L:
+        blocks.append((zp, slice(col, col + sizes[l + 1])))
+        col += sizes[l + 1]
+    if l > 0:
+        blocks.append((zb, slice(col, col + sizes[l - 1])))
+    for (gate, cols), x in zip(blocks, ([h[l + 1]] if l + 1 < L else []) + ([h[l - 1]] if l > 0 else [])):
+        torch.mul(x, gate, out=a[:, cols])
+    if not meta.skip_rows:
+        return _affine(bias, a, w, meta.mm_dtype)
+    s = _affine(bias, a[:, :H], w[:, :H], meta.mm_dtype)
+    for gate, cols in blocks:
+        _gated_addmm_(s, gate, a[:, cols], w[:, cols], meta.mm_dtype)
+    return s
+
+
 class _HMLSTMSequence(torch.autograd.Function):
-    """Inputs: meta, x_proj, L weights, L biases, (h, c, z) per layer.
-    Outputs: L hidden sequences, boundaries, logits, (h, c, z) per layer."""
+    """Inputs: meta, x_proj, the tensors of :func:`layer_params` layer by layer, (h, c, z) per
+    layer. Outputs: L hidden sequences, boundaries, logits, (h, c, z) per layer."""
 
     @staticmethod
     def forward(ctx, meta: _Meta, x_proj: Tensor, *rest: Tensor):  # type: ignore[override]
         L = meta.layers
-        weights, biases, flat_state = list(rest[:L]), list(rest[L : 2 * L]), list(rest[2 * L :])
+        n = sum(len(keys) for keys in meta.keys)
+        flat_params, flat_state = list(rest[:n]), list(rest[n:])
         keep = _Kept()
         with torch.autocast(x_proj.device.type, enabled=False):
-            outs = _forward(meta, x_proj, weights, biases, flat_state, keep)
-        ctx.meta, ctx.keep = meta, keep
-        ctx.save_for_backward(*weights, *flat_state, *outs[:L], outs[L])
+            outs = _forward(meta, x_proj, meta.unflatten(flat_params), flat_state, keep)
+        ctx.meta, ctx.keep, ctx.num_params = meta, keep, n
+        ctx.save_for_backward(*flat_params, *flat_state, *outs[:L], outs[L])
         return outs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        meta, keep = ctx.meta, ctx.keep
+        meta, keep, n = ctx.meta, ctx.keep, ctx.num_params
         L = meta.layers
         saved = ctx.saved_tensors
-        weights = saved[:L]
-        flat_state = saved[L : 4 * L]
-        hidden = saved[4 * L : 5 * L]
-        z_all = saved[5 * L]
-        with torch.autocast(weights[0].device.type, enabled=False):
-            out = _backward(meta, keep, weights, flat_state, hidden, z_all, grads)
+        params = meta.unflatten(saved[:n])
+        flat_state = saved[n : n + 3 * L]
+        hidden = saved[n + 3 * L : n + 4 * L]
+        z_all = saved[n + 4 * L]
+        with torch.autocast(z_all.device.type, enabled=False):
+            out = _backward(meta, keep, params, flat_state, hidden, z_all, grads)
         ctx.keep = None  # free the stored activations now, not when the graph goes
         return (None, *out)
 
@@ -315,18 +486,36 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.vecdot(a, b).unsqueeze(-1)
 
 
-def _cell_backward(act, c_t, c_prev, h_prev, u, k, zp, dh, dc, ds):
+def _rows_linear(d: Tensor, w_t: Tensor, rows: Tensor | None, mm_dtype) -> Tensor:
+    """``d @ w_t^T`` where only ``rows`` of ``d`` can be non-zero (None: all rows)."""
+    if rows is None or rows.numel() == d.shape[0]:
+        return _linear(d, w_t, mm_dtype)
+    out = d.new_zeros(d.shape[0], w_t.shape[0])
+    if rows.numel() > 0:
+        out.index_copy_(0, rows, _linear(d.index_select(0, rows), w_t, mm_dtype))
+    return out
+
+
+def _cell_backward(act, c_t, c_prev, h_prev, u, k, zp, dh, dc, ds, cell_norm=None):
     """The chain rule of :func:`_cell_forward`: writes ``d s[:, :4H]`` into ``ds`` and returns
-    ``(dc_prev, dh_prev, du, dk, dzp)`` where ``dh_prev`` is only the part through COPY and
-    ``dzp`` only the part through FLUSH (the caller adds the matrix-product parts)."""
+    ``(dc_prev, dh_prev, du, dk, dzp, d_norm)`` where ``dh_prev`` is only the part through
+    COPY, ``dzp`` only the part through FLUSH (the caller adds the matrix-product parts), and
+    ``d_norm`` the cell norm's ``(dgamma, dbeta)`` (None without ``cell_norm``)."""
     H = c_t.shape[-1]
     f, i, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
-    tc = torch.tanh(c_t)
+    tc = torch.tanh(c_t if cell_norm is None else _layer_norm(c_t, *cell_norm)[0])
     h_new = o * tc
     dh_new = (1.0 - k) * dh
     dk = _rowdot(h_prev - h_new, dh)
     torch.mul(tc * dh_new, o * (1.0 - o), out=ds[:, 2 * H : 3 * H])  # output gate
-    dct = torch.addcmul(dc, o * dh_new, 1.0 - tc * tc)
+    d_tanh_arg = o * dh_new * (1.0 - tc * tc)
+    d_norm = None
+    if cell_norm is None:
+        dct = dc + d_tanh_arg
+    else:
+        gamma, beta, eps = cell_norm
+        d_c, *d_norm = _layer_norm_backward(d_tanh_arg, c_t, *_layer_norm(c_t, gamma, beta, eps)[1:], gamma, beta)
+        dct = dc + d_c
     torch.mul(u * c_prev * dct, f * (1.0 - f), out=ds[:, :H])  # forget gate
     uz_dct = (u + zp) * dct
     torch.mul(uz_dct * g, i * (1.0 - i), out=ds[:, H : 2 * H])  # input gate
@@ -336,15 +525,42 @@ def _cell_backward(act, c_t, c_prev, h_prev, u, k, zp, dh, dc, ds):
     du = _rowdot(torch.addcmul(ig, f, c_prev), dct)
     dzp = _rowdot(ig, dct)  # FLUSH's weight is z_prev itself
     dk = dk + _rowdot(c_prev, dct)
-    return dc_prev, k * dh, du, dk, dzp
+    return dc_prev, k * dh, du, dk, dzp, d_norm
 
 
-def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grads):
+def _gated_columns(l: int, sizes: list[int]) -> dict[str, slice]:
+    """Where the gated blocks ``above`` and ``below`` sit in ``a_t`` (after ``h^l_{t-1}``)."""
+    out, col = {}, sizes[l]
+    if l + 1 < len(sizes):
+        out["above"] = slice(col, col + sizes[l + 1])
+        col += sizes[l + 1]
+    if l > 0:
+        out["below"] = slice(col, col + sizes[l - 1])
+    return out
+
+
+def _steps(seq: Tensor, first: Tensor, t0: int, t1: int, before: bool) -> Tensor:
+    """``seq`` ``[B, T, ...]`` at steps ``t0 .. t1 - 1`` (or the steps before them, ``first``
+    before step 0), time-major and flattened to ``[(t1 - t0) B, ...]``."""
+    if not before:
+        part = seq[:, t0:t1].transpose(0, 1)
+    elif t0 > 0:
+        part = seq[:, t0 - 1 : t1 - 1].transpose(0, 1)
+    else:
+        part = torch.cat([first.unsqueeze(0), seq[:, : t1 - 1].transpose(0, 1)])
+    return part.reshape(-1, *seq.shape[2:])
+
+
+def _backward(meta: _Meta, keep: _Kept, params, flat_state, hidden, z_all, grads):
     L = meta.layers
     B, T, _ = z_all.shape
-    sizes = [w.shape[0] // 4 for w in weights]
+    ln = meta.layer_norm
+    sizes = [p["bias"].shape[0] // 4 for p in params]
     mm_dtype = meta.mm_dtype
-    w_t = [(w.to(mm_dtype) if mm_dtype else w).t().contiguous() for w in weights]  # for ds @ W
+    cast = (lambda w: w.to(mm_dtype)) if mm_dtype else (lambda w: w)
+    # weights for ds @ W, [in, out]; per layer "w" (merged) or per term
+    w_t = [{(k[2:] if ln else k): cast(v).t().contiguous() for k, v in p.items() if k == "w" or k.startswith("w_")} for p in params]
+    d_params = [{k: torch.zeros_like(v) for k, v in p.items()} for p in params]
     g_hidden = [_zero_if_none(grads[l], hidden[l]) for l in range(L)]
     g_z = _zero_if_none(grads[L], z_all)
     g_logits = grads[L + 1]
@@ -357,10 +573,16 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
     dc_next = [_zero_if_none(g_final[3 * l + 1], c0[l]) for l in range(L)]
     dz_next = [_zero_if_none(g_final[3 * l + 2], z0[l]).unsqueeze(-1) for l in range(L)]
     dz_next[L - 1] = torch.zeros_like(dz_next[L - 1])  # the top layer's z is the constant 0
-    d_pre = [hidden[l].new_empty(T, B, 4 * sizes[l] + 1) for l in range(L)]  # ds of every step
+    # ds of every step (without LN, for the weight gradients at the end; the first layer's is
+    # also the gradient of x_proj); with LN the other layers need only the current step's
+    span = [T if not ln or l == 0 else 1 for l in range(L)]
+    d_pre = [hidden[l].new_empty(span[l], B, 4 * sizes[l] + 1) for l in range(L)]
+    chunk = max(1, min(T, LN_CHUNK_ROWS // B)) if ln else T
+    live_rows = [torch.ones(chunk, B, dtype=torch.bool, device=z_all.device) for _ in range(L)]  # ds row not 0
+    d_raw = [{n: hidden[l].new_empty(chunk, B, 4 * sizes[l] + 1) for n in term_names(l, L)} for l in range(L)] if ln else None
     ones = z_all.new_ones(B)  # z^0_t: the input always "ends a segment"
-    live_rows = [torch.ones(T, B, dtype=torch.bool, device=z_all.device) for _ in range(L)]  # ds row not 0
     for t in range(T - 1, -1, -1):
+        slot = t % chunk
         dh_from_above = dz_from_above = None  # d h^l_t, d z^l_t through layer l+1's bottom-up term
         for l in range(L - 1, -1, -1):
             H = sizes[l]
@@ -373,10 +595,14 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
             dh = g_hidden[l][:, t] + dh_next[l]
             if dh_from_above is not None:
                 dh = dh + dh_from_above
-            ds = d_pre[l][t]
-            dc_next[l], dh_prev, du, dk, dzp = _cell_backward(
-                keep.gates[l][t], keep.cells[l][t], c_prev, h_prev, u, k, zp, dh, dc_next[l], ds
+            ds = d_pre[l][t if span[l] == T else 0]
+            cell_norm = (params[l]["gamma_cell"], params[l]["beta_cell"], meta.eps) if ln else None
+            dc_next[l], dh_prev, du, dk, dzp, d_norm = _cell_backward(
+                keep.gates[l][t], keep.cells[l][t], c_prev, h_prev, u, k, zp, dh, dc_next[l], ds, cell_norm
             )
+            if d_norm is not None:
+                d_params[l]["gamma_cell"] += d_norm[0]
+                d_params[l]["beta_cell"] += d_norm[1]
             d_logit = None
             if not top:
                 dz = g_z[:, t, l : l + 1] + dz_next[l]
@@ -398,65 +624,111 @@ def _backward(meta: _Meta, keep: _Kept, weights, flat_state, hidden, z_all, grad
                 dzb = (1.0 - zp) * (du - dk)
             else:
                 dzp = dzp - du
-            h_above = (hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]) if not top else None
-            h_below = hidden[l - 1][:, t] if l > 0 else None
-            # one product for the three terms: the closed rows of a gated term still need it,
-            # for the straight-through gradient of the boundary that closed them. Rows in COPY
-            # have ds = 0 exactly (every gate term carries a factor u, u + z_prev or 1 - k), so
+            # the products keep the closed rows of a gated term: they still need them, for the
+            # straight-through gradient of the boundary that closed them. Rows in COPY have
+            # ds = 0 exactly (every gate term carries a factor u, u + z_prev or 1 - k), so
             # unless something outside gave their logit a gradient they are left out.
             live = None
             if meta.skip_rows and l > 0:
                 live_mask = (k.squeeze(-1) != 1) | (ds[:, 4 * H] != 0)
-                live_rows[l][t] = live_mask
+                live_rows[l][slot] = live_mask
                 live = live_mask.nonzero().squeeze(-1)
-            if live is None or live.numel() == B:
-                da = _linear(ds, w_t[l], mm_dtype)
+            if ln:
+                d_params[l]["bias"] += ds.sum(0)
+                d_in, d_gates = _ln_input_grads(meta, keep, params[l], w_t[l], d_params[l], d_raw[l], l, t, slot, ds, zp, zb, live)
             else:
-                da = ds.new_zeros(B, w_t[l].shape[0])
-                if live.numel() > 0:
-                    da.index_copy_(0, live, _linear(ds.index_select(0, live), w_t[l], mm_dtype))
-            dh_prev = dh_prev + da[:, :H]
+                da = _rows_linear(ds, w_t[l]["w"], live, mm_dtype)
+                cols = _gated_columns(l, sizes)
+                gates_in = {"above": (zp, hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]) if not top else None,
+                            "below": (zb, hidden[l - 1][:, t]) if l > 0 else None}
+                d_in = {"rec": da[:, :H]}
+                d_gates = {}
+                for name, where in cols.items():
+                    gate, x = gates_in[name]
+                    d_in[name], d_gates[name] = gate * da[:, where], _rowdot(x, da[:, where])
+            dh_prev = dh_prev + d_in["rec"]
             if not top:
-                da_above = da[:, H : H + sizes[l + 1]]
-                d_above, d_gate = zp * da_above, _rowdot(h_above, da_above)
+                dh_next[l + 1] = dh_next[l + 1] + d_in["above"]  # layer l+1 at step t is done
+                dzp = dzp + d_gates["above"]
             if l > 0:
-                da_below = da[:, da.shape[1] - sizes[l - 1] :]
-                d_below, d_gate_below = zb * da_below, _rowdot(h_below, da_below)
-            if not top:
-                dh_next[l + 1] = dh_next[l + 1] + d_above  # layer l+1 at step t is done
-                dzp = dzp + d_gate
-            if l > 0:
-                dh_from_above = d_below
-                dz_from_above = dzb + d_gate_below
+                dh_from_above = d_in["below"]
+                dz_from_above = dzb + d_gates["below"]
             dh_next[l] = dh_prev
             dz_next[l] = dzp
-    # weight gradients: one product over all steps
-    d_weights, d_biases = [], []
-    for l in range(L):
-        ds_all = d_pre[l].flatten(0, 1)
-        a_all = keep.inputs[l].flatten(0, 1)
-        if meta.skip_rows:  # leave out rows with ds = 0 (COPY) and rows a closed gate zeroed
-            H = sizes[l]
-            live = live_rows[l].flatten()
-            rows = live.nonzero().squeeze(-1)
-            if rows.numel() == live.numel():
-                parts = [_matmul(ds_all.t(), a_all[:, :H], mm_dtype)]
-            else:
-                parts = [_matmul(ds_all.index_select(0, rows).t(), a_all[:, :H].index_select(0, rows), mm_dtype)]
-            gates = []
-            if l + 1 < L:
-                gates.append((torch.cat([z0[l].unsqueeze(0), z_all[:, :-1, l].t()]), sizes[l + 1]))
-            if l > 0:
-                gates.append((z_all[:, :, l - 1].t(), sizes[l - 1]))
-            col = H
-            for gate, width in gates:
-                rows = ((gate.flatten() != 0) & live).nonzero().squeeze(-1)
-                block = a_all[:, col : col + width].index_select(0, rows)
-                parts.append(_matmul(ds_all.index_select(0, rows).t(), block, mm_dtype))
-                col += width
-            d_weights.append(torch.cat(parts, dim=1).to(weights[l].dtype))
-        else:
-            d_weights.append(_matmul(ds_all.t(), a_all, mm_dtype).to(weights[l].dtype))
-        d_biases.append(ds_all.sum(0).to(weights[l].dtype))
+            if ln and slot == 0:  # the first step of a chunk: its weight gradients
+                _ln_weight_grads(meta, d_params[l], d_raw[l], live_rows[l], hidden, h0, z_all, z0, l, t, min(t + chunk, T))
+    if not ln:
+        for l in range(L):
+            d_params[l]["w"] = _merged_weight_grad(meta, d_pre[l], keep.inputs[l], live_rows[l], z_all, z0, l, sizes)
+            d_params[l]["bias"] = d_pre[l].flatten(0, 1).sum(0)
+    flat_grads = [d_params[l][k].to(params[l][k].dtype) for l in range(L) for k in meta.keys[l]]
     d_state = [t for l in range(L) for t in (dh_next[l], dc_next[l], dz_next[l].squeeze(-1))]
-    return (d_pre[0].transpose(0, 1), *d_weights, *d_biases, *d_state)
+    return (d_pre[0].transpose(0, 1), *flat_grads, *d_state)
+
+
+def _merged_weight_grad(meta: _Meta, d_pre: Tensor, inputs: Tensor, live: Tensor, z_all, z0, l: int, sizes) -> Tensor:
+    """Without layer norm: ``dW = sum_t ds_t^T a_t``, one product over all steps (on CPU
+    without the rows whose ``ds`` is 0, and per gated block without its closed rows)."""
+    ds_all, a_all = d_pre.flatten(0, 1), inputs.flatten(0, 1)
+    if not meta.skip_rows:
+        return _matmul(ds_all.t(), a_all, meta.mm_dtype)
+    H, live = sizes[l], live.flatten()
+    rows = live.nonzero().squeeze(-1)
+    if rows.numel() == live.numel():
+        parts = [_matmul(ds_all.t(), a_all[:, :H], meta.mm_dtype)]
+    else:
+        parts = [_matmul(ds_all.index_select(0, rows).t(), a_all[:, :H].index_select(0, rows), meta.mm_dtype)]
+    T = d_pre.shape[0]
+    for name, cols in _gated_columns(l, sizes).items():
+        gate = _steps(z_all[:, :, l], z0[l], 0, T, before=True) if name == "above" else _steps(z_all[:, :, l - 1], None, 0, T, before=False)
+        rows = ((gate != 0) & live).nonzero().squeeze(-1)
+        parts.append(_matmul(ds_all.index_select(0, rows).t(), a_all[:, cols].index_select(0, rows), meta.mm_dtype))
+    return torch.cat(parts, dim=1)
+
+
+def _ln_input_grads(meta: _Meta, keep: _Kept, p, w_t, d_p, d_raw, l: int, t: int, slot: int, ds, zp, zb, live):
+    """With layer norm, per term: the layer norm's backward (its ``dgamma``, ``dbeta`` added
+    to ``d_p``; the product's gradient stored in ``d_raw`` for the weight gradient), the
+    gradient of the term's input, and for gated terms the gradient of the gate,
+    ``<LN(W x), ds>``. Returns ``({term: d input}, {term: d gate})``."""
+    d_in, d_gates = {}, {}
+    for name in term_names(l, meta.layers):
+        gate = {"rec": None, "above": zp, "below": zb}[name]
+        gamma, beta = p[f"gamma_{name}"], p[f"beta_{name}"]
+        raw = keep.raw[l][name][t]
+        term, mean, rstd = _layer_norm(raw, gamma, beta, meta.eps)
+        d_raw_t, d_gamma, d_beta = _layer_norm_backward(ds if gate is None else ds * gate, raw, mean, rstd, gamma, beta)
+        d_p[f"gamma_{name}"] += d_gamma
+        d_p[f"beta_{name}"] += d_beta
+        d_raw[name][slot] = d_raw_t
+        rows = live
+        if gate is not None:
+            d_gates[name] = _rowdot(term, ds)
+            if rows is not None:
+                rows = rows[gate.squeeze(-1).index_select(0, rows) != 0]
+        d_in[name] = _rows_linear(d_raw_t, w_t[name], rows, meta.mm_dtype)
+    return d_in, d_gates
+
+
+def _ln_weight_grads(meta: _Meta, d_p, d_raw, live, hidden, h0, z_all, z0, l: int, t0: int, t1: int) -> None:
+    """With layer norm: ``dW_term += sum_t d raw_t^T x_t`` over steps ``t0 .. t1 - 1``, one
+    product per term (on CPU without the rows whose gradient is 0)."""
+    n = t1 - t0
+    inputs = {
+        "rec": lambda: _steps(hidden[l], h0[l], t0, t1, before=True),
+        "above": lambda: _steps(hidden[l + 1], h0[l + 1], t0, t1, before=True),
+        "below": lambda: _steps(hidden[l - 1], None, t0, t1, before=False),
+    }
+    for name in term_names(l, meta.layers):
+        d = d_raw[name][:n].flatten(0, 1)
+        x = inputs[name]()
+        if meta.skip_rows:
+            mask = live[:n].flatten()
+            if name == "above":
+                mask = mask & (_steps(z_all[:, :, l], z0[l], t0, t1, before=True) != 0)
+            elif name == "below":
+                mask = mask & (_steps(z_all[:, :, l - 1], None, t0, t1, before=False) != 0)
+            rows = mask.nonzero().squeeze(-1)
+            if rows.numel() < mask.numel():
+                d, x = d.index_select(0, rows), x.index_select(0, rows)
+        d_p[f"w_{name}"] += _matmul(d.t(), x, meta.mm_dtype)

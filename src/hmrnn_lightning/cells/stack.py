@@ -148,10 +148,11 @@ class HMStack(RecurrentStack):
         layer_norm: use the LayerNorm variant of the cell.
         impl: ``reference`` (the readable loop below); ``sequence``
             (:mod:`hmrnn_lightning.cells.sequence`: one autograd function over the whole
-            sequence with a hand-written backward; HM-LSTM without layer norm, estimators
-            without trainable parameters); ``fused`` (:mod:`hmrnn_lightning.cells.fused`:
-            per-step autograd with merged matrix products; any HM-LSTM); or ``auto``: the
-            first of sequence, fused, reference that applies. All give the same results.
+            sequence with a hand-written backward; HM-LSTM with or without layer norm,
+            estimators without trainable parameters); ``fused``
+            (:mod:`hmrnn_lightning.cells.fused`: per-step autograd with merged matrix
+            products; any HM-LSTM); or ``auto``: the first of sequence, fused, reference
+            that applies. All give the same results.
         compile: ``torch.compile`` the fused path's elementwise update (GPU; slow to start on CPU).
     """
 
@@ -190,9 +191,8 @@ class HMStack(RecurrentStack):
             return "reference"
         if self.impl == "sequence" and not sequence.supports(self):
             raise ValueError(
-                "HMStack: impl='sequence' needs HM-LSTM cells without layer norm and an estimator without "
-                f"trainable parameters (cell={self.cell_name!r}, layer_norm={self.layer_norm}, "
-                f"estimator={type(self.estimator).__name__}); use impl='auto'"
+                "HMStack: impl='sequence' needs HM-LSTM cells and an estimator without trainable parameters "
+                f"(cell={self.cell_name!r}, estimator={type(self.estimator).__name__}); use impl='auto'"
             )
         if self.impl == "fused" and not fused.supports(self):
             raise ValueError(f"HMStack: impl='fused' supports HM-LSTM cells only, not {self.cell_name!r}")
