@@ -121,16 +121,18 @@ def layer_weights(stack) -> list[Tensor]:
 
 
 def term_names(layer: int, layers: int) -> list[str]:
-    """The pre-activation terms that layer ``layer`` multiplies inside the loop: ``rec``
-    (``U_l h^l_{t-1}``), ``above`` (``U_{l+1} h^{l+1}_{t-1}``, gated by ``z^l_{t-1}``) and
-    ``below`` (``W_{l-1} h^{l-1}_t``, gated by ``z^{l-1}_t``; the first layer's is hoisted)."""
-    return ["rec"] + (["above"] if layer + 1 < layers else []) + (["below"] if layer > 0 else [])
+    """With layer norm, the pre-activation terms of layer ``layer``: ``rec`` (``U_l h^l_{t-1}``),
+    ``above`` (``U_{l+1} h^{l+1}_{t-1}``, gated by ``z^l_{t-1}``) and ``below``
+    (``W_{l-1} h^{l-1}_t``, gated by ``z^{l-1}_t``; for the first layer ``W x_t``, never gated,
+    its product one over all steps)."""
+    return ["rec"] + (["above"] if layer + 1 < layers else []) + ["below"]
 
 
 def layer_params(stack) -> list[dict[str, Tensor]]:
     """Per layer, the tensors the sequence function takes: ``bias`` and ``w`` (the merged
-    weight of :func:`layer_weights`) without layer norm; with it ``bias``, per term
-    ``w_<term>``, ``gamma_<term>``, ``beta_<term>``, and ``gamma_cell``, ``beta_cell``."""
+    weight of :func:`layer_weights`) without layer norm; with it ``bias``, per term of
+    :func:`term_names` ``w_<term>``, ``gamma_<term>``, ``beta_<term>``, and ``gamma_cell``,
+    ``beta_cell``."""
     L = len(stack.cells)
     merged = None if stack.cells[0].layer_norm else layer_weights(stack)
     out = []
@@ -161,10 +163,12 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     mm_dtype = _matmul_dtype(x)
     dtype = stack.state_dtype(x)
     first = stack.cells[0]
-    x_proj = at_least_fp32(first.bottom_up(x))
-    if first.layer_norm:  # the hoisted term is normalised (and differentiated) by autograd
-        x_proj = first.norm_bottom_up(x_proj)
-    x_proj = x_proj.to(dtype)
+    if first.layer_norm:
+        # the first layer's input term goes in whole: its gradient is then the input's, [B, T, E],
+        # not a [B, T, 4H + 1] tensor kept to the end of the backward pass
+        x_in = x.to(dtype)
+    else:
+        x_in = at_least_fp32(first.bottom_up(x)).to(dtype)  # hoisted here, differentiated by autograd
     params = layer_params(stack)
     flat_params = [t for p in params for t in p.values()]
     flat_state = [t for s in state for t in (s.h, s.c, s.z)]
@@ -172,12 +176,12 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     skip = SKIP_GATED_ROWS if SKIP_GATED_ROWS is not None else x.device.type == "cpu"
     eps = first.norm_cell.eps if first.layer_norm else 0.0
     meta = _Meta(stack.estimator, boundaries, mm_dtype, L, skip, [list(p) for p in params], eps)
-    tensors = [x_proj, *flat_params, *flat_state]
+    tensors = [x_in, *flat_params, *flat_state]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         outs = _HMLSTMSequence.apply(meta, *tensors)
     else:
         with torch.no_grad():
-            outs = _forward(meta, x_proj, params, flat_state, keep=None)
+            outs = _forward(meta, x_in, params, flat_state, keep=None)
     hidden = list(outs[:L])
     z_all, logits = outs[L], outs[L + 1]
     final = [LayerState(*outs[L + 2 + 3 * l : L + 5 + 3 * l]) for l in range(L)]
@@ -284,6 +288,13 @@ def ln_term(
     return term, raw, mean, rstd
 
 
+def _gate_activations(s: Tensor, act: Tensor) -> None:
+    """``f, i, o = sigm(s)``, ``g = tanh(s)`` into ``act`` ``[B, 4H]``."""
+    H = act.shape[-1] // 4
+    torch.sigmoid(s[:, : 3 * H], out=act[:, : 3 * H])
+    torch.tanh(s[:, 3 * H : 4 * H], out=act[:, 3 * H :])
+
+
 def _cell_forward(
     s: Tensor, c_prev: Tensor, h_prev: Tensor, u: Tensor, k: Tensor, zp: Tensor, act: Tensor, c_out: Tensor,
     h_out: Tensor, cell_norm: tuple[Tensor, Tensor, float] | None = None,
@@ -296,8 +307,7 @@ def _cell_forward(
     (``k = 1``) still gives ``c_prev`` exactly, and ``lerp`` returns its end point exactly
     at weight 1, so ``h`` is copied bit for bit too."""
     H = c_prev.shape[-1]
-    torch.sigmoid(s[:, : 3 * H], out=act[:, : 3 * H])
-    torch.tanh(s[:, 3 * H : 4 * H], out=act[:, 3 * H :])
+    _gate_activations(s, act)
     f, i, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
     torch.addcmul(k, u, f, out=c_out)
     c_out.mul_(c_prev).addcmul_(i * g, u + zp)
@@ -306,26 +316,30 @@ def _cell_forward(
 
 
 def _ln_preactivation(
-    meta: "_Meta", p: dict[str, Tensor], w: dict[str, Tensor], bias: Tensor, inputs: dict[str, Tensor],
-    gates: dict[str, Tensor], keep: "_Kept | None", layer: int, t: int,
+    meta: "_Meta", p: dict[str, Tensor], w: dict[str, Tensor], inputs: dict[str, Tensor], gates: dict[str, Tensor],
+    keep: "_Kept | None", layer: int, t: int, given: dict[str, Tensor],
 ) -> Tensor:
     """``s = b + LN_rec(U_l h^l_{t-1}) + z^l_{t-1} LN_above(...) + z^{l-1}_t LN_below(...)``.
 
-    Without ``keep`` (no gradient) the gated terms are computed only for their open rows."""
-    s = None
+    ``given`` holds products already computed (the first layer's input term). Without
+    ``keep`` (no gradient) the gated terms are computed only for their open rows."""
+    s = p["bias"].expand(next(iter(inputs.values())).shape[0], -1).clone()
     for name, x in inputs.items():
         gate = gates.get(name)
         rows = None
-        if gate is not None and keep is None and meta.skip_rows:
-            rows = _open_rows(gate)
-            if rows.numel() == 0:
-                continue
-            if rows.numel() == x.shape[0]:
-                rows = None
-        out = keep.raw[layer][name][t] if keep is not None else None
-        term = ln_term(p, name, x if rows is None else x.index_select(0, rows), w[name], meta.eps, meta.mm_dtype, out)[0]
+        if name in given:
+            term = _layer_norm(given[name], p[f"gamma_{name}"], p[f"beta_{name}"], meta.eps)[0]
+        else:
+            if gate is not None and keep is None and meta.skip_rows:
+                rows = _open_rows(gate)
+                if rows.numel() == 0:
+                    continue
+                if rows.numel() == x.shape[0]:
+                    rows = None
+            out = keep.raw[layer][name][t] if keep is not None else None
+            term = ln_term(p, name, x if rows is None else x.index_select(0, rows), w[name], meta.eps, meta.mm_dtype, out)[0]
         if gate is None:
-            s = term.add_(bias)
+            s += term
         elif rows is None:
             s.addcmul_(term, gate)
         else:
@@ -333,12 +347,13 @@ def _ln_preactivation(
     return s
 
 
-def _forward(meta: _Meta, x_proj: Tensor, params: list[dict[str, Tensor]], flat_state, keep: _Kept | None):
-    """The time loop. With ``keep``, stores what the backward pass needs and the
-    estimator's graphs; without, it is plain inference."""
+def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_state, keep: _Kept | None):
+    """The time loop over ``x_in``, the first layer's input product ``[B, T, 4H + 1]`` without
+    layer norm, the input itself ``[B, T, E]`` with it. With ``keep``, stores what the
+    backward pass needs and the estimator's graphs; without, it is plain inference."""
     L = meta.layers
-    B, T, _ = x_proj.shape
-    dtype = x_proj.dtype
+    B, T, _ = x_in.shape
+    dtype = x_in.dtype
     ln = meta.layer_norm
     sizes = [p["bias"].shape[0] // 4 for p in params]
     h = [flat_state[3 * l] for l in range(L)]
@@ -346,46 +361,52 @@ def _forward(meta: _Meta, x_proj: Tensor, params: list[dict[str, Tensor]], flat_
     z = [flat_state[3 * l + 2] for l in range(L)]
     cast = (lambda w: w.to(meta.mm_dtype)) if meta.mm_dtype else (lambda w: w)
     w_mm = [{k[2:] if ln else k: cast(v) for k, v in p.items() if k == "w" or k.startswith("w_")} for p in params]
-    xb = (x_proj + params[0]["bias"]).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
-    hidden = [x_proj.new_empty(B, T, H) for H in sizes]
-    z_all = x_proj.new_zeros(B, T, L)
-    logits = x_proj.new_empty(B, T, L - 1)
+    new = x_in.new_empty
+    hidden = [new(B, T, H) for H in sizes]
+    z_all = x_in.new_zeros(B, T, L)
+    logits = new(B, T, L - 1)
     steps = T if keep is not None else 1
-    if not ln:
-        inputs = [x_proj.new_empty(steps, B, p["w"].shape[1]) for p in params]
-    gates = [x_proj.new_empty(steps, B, 4 * H) for H in sizes]
+    # without LN the gates are kept for the backward pass; with LN it recomputes them from the
+    # terms, which it normalises again anyway (this saved 4H floats per row, layer and step)
+    gates = [new(steps if not ln else 1, B, 4 * H) for H in sizes]
+    if ln:
+        # the first layer's input term: one product over all steps, time-major
+        x_raw = _matmul(x_in.transpose(0, 1).reshape(T * B, -1), w_mm[0]["below"].t(), meta.mm_dtype).view(T, B, -1)
+    else:
+        inputs = [new(steps, B, p["w"].shape[1]) for p in params]
+        xb = (x_in + params[0]["bias"]).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
     if keep is not None:
-        keep.gates = gates
-        keep.cells = [x_proj.new_empty(T, B, H) for H in sizes]
-        keep.estimates = x_proj.new_empty(B, T, L - 1)
+        keep.cells = [new(T, B, H) for H in sizes]
+        keep.estimates = new(B, T, L - 1)
         if ln:
-            for l, H in enumerate(sizes):
-                names = term_names(l, L)
-                keep.raw.append({n: x_proj.new_empty(T, B, 4 * H + 1) for n in names})
+            keep.raw = [{n: new(T, B, 4 * H + 1) for n in term_names(l, L) if (l, n) != (0, "below")} for l, H in enumerate(sizes)]
+            keep.raw[0]["below"] = x_raw
         else:
-            keep.inputs = inputs
-    ones = torch.ones(B, 1, dtype=dtype, device=x_proj.device)
-    zeros = torch.zeros(B, dtype=dtype, device=x_proj.device)
+            keep.inputs, keep.gates = inputs, gates
+    ones = torch.ones(B, 1, dtype=dtype, device=x_in.device)
+    zeros = torch.zeros(B, dtype=dtype, device=x_in.device)
     for t in range(T):
         slot = t if keep is not None else 0
         zb = ones
         for l in range(L):
             H = sizes[l]
             zp = z[l].unsqueeze(-1)
-            bias = xb[t] if l == 0 else params[l]["bias"]
+            act = gates[l][slot if not ln else 0]
             if ln:
                 named = {"rec": h[l], "above": h[l + 1] if l + 1 < L else None, "below": h[l - 1] if l > 0 else None}
                 s = _ln_preactivation(
-                    meta, params[l], w_mm[l], bias, {n: named[n] for n in term_names(l, L)},
-                    {"above": zp, "below": zb}, keep, l, t,
+                    meta, params[l], w_mm[l], {n: named[n] for n in term_names(l, L)},
+                    {"above": zp, "below": zb} if l > 0 else {"above": zp}, keep, l, t,
+                    {"below": x_raw[t]} if l == 0 else {},
                 )
             else:
+                bias = xb[t] if l == 0 else params[l]["bias"]
                 s = _merged_preactivation(meta, w_mm[l]["w"], bias, inputs[l][slot], h, l, zp, zb, sizes)
             ops = select_operations(zb.squeeze(-1), z[l])
             u, k = ops.update, ops.copy
             c_new = keep.cells[l][t] if keep is not None else torch.empty_like(c[l])
             cell_norm = (params[l]["gamma_cell"], params[l]["beta_cell"], meta.eps) if ln else None
-            _cell_forward(s, c[l], h[l], u, k, zp, gates[l][slot], c_new, hidden[l][:, t], cell_norm)
+            _cell_forward(s, c[l], h[l], u, k, zp, act, c_new, hidden[l][:, t], cell_norm)
             if l + 1 < L:
                 logit = s[:, 4 * H]
                 logits[:, t, l] = logit
@@ -436,19 +457,20 @@ def _merged_preactivation(meta: _Meta, w: Tensor, bias: Tensor, a: Tensor, h: li
 
 
 class _HMLSTMSequence(torch.autograd.Function):
-    """Inputs: meta, x_proj, the tensors of :func:`layer_params` layer by layer, (h, c, z) per
-    layer. Outputs: L hidden sequences, boundaries, logits, (h, c, z) per layer."""
+    """Inputs: meta, x_in (see :func:`_forward`), the tensors of :func:`layer_params` layer by
+    layer, (h, c, z) per layer. Outputs: L hidden sequences, boundaries, logits, (h, c, z) per
+    layer."""
 
     @staticmethod
-    def forward(ctx, meta: _Meta, x_proj: Tensor, *rest: Tensor):  # type: ignore[override]
+    def forward(ctx, meta: _Meta, x_in: Tensor, *rest: Tensor):  # type: ignore[override]
         L = meta.layers
         n = sum(len(keys) for keys in meta.keys)
         flat_params, flat_state = list(rest[:n]), list(rest[n:])
         keep = _Kept()
-        with torch.autocast(x_proj.device.type, enabled=False):
-            outs = _forward(meta, x_proj, meta.unflatten(flat_params), flat_state, keep)
+        with torch.autocast(x_in.device.type, enabled=False):
+            outs = _forward(meta, x_in, meta.unflatten(flat_params), flat_state, keep)
         ctx.meta, ctx.keep, ctx.num_params = meta, keep, n
-        ctx.save_for_backward(*flat_params, *flat_state, *outs[:L], outs[L])
+        ctx.save_for_backward(x_in, *flat_params, *flat_state, *outs[:L], outs[L])
         return outs
 
     @staticmethod
@@ -456,13 +478,13 @@ class _HMLSTMSequence(torch.autograd.Function):
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         meta, keep, n = ctx.meta, ctx.keep, ctx.num_params
         L = meta.layers
-        saved = ctx.saved_tensors
+        x_in, *saved = ctx.saved_tensors
         params = meta.unflatten(saved[:n])
         flat_state = saved[n : n + 3 * L]
         hidden = saved[n + 3 * L : n + 4 * L]
         z_all = saved[n + 4 * L]
         with torch.autocast(z_all.device.type, enabled=False):
-            out = _backward(meta, keep, params, flat_state, hidden, z_all, grads)
+            out = _backward(meta, keep, x_in, params, flat_state, hidden, z_all, grads)
         ctx.keep = None  # free the stored activations now, not when the graph goes
         return (None, *out)
 
@@ -545,7 +567,7 @@ def _steps(seq: Tensor, first: Tensor, t0: int, t1: int, before: bool) -> Tensor
     return part.reshape(-1, *seq.shape[2:])
 
 
-def _backward(meta: _Meta, keep: _Kept, params, flat_state, hidden, z_all, grads):
+def _backward(meta: _Meta, keep: _Kept, x_in: Tensor, params, flat_state, hidden, z_all, grads):
     L = meta.layers
     B, T, _ = z_all.shape
     ln = meta.layer_norm
@@ -567,10 +589,12 @@ def _backward(meta: _Meta, keep: _Kept, params, flat_state, hidden, z_all, grads
     dc_next = [_zero_if_none(g_final[3 * l + 1], c0[l]) for l in range(L)]
     dz_next = [_zero_if_none(g_final[3 * l + 2], z0[l]).unsqueeze(-1) for l in range(L)]
     dz_next[L - 1] = torch.zeros_like(dz_next[L - 1])  # the top layer's z is the constant 0
-    # ds of every step (without LN, for the weight gradients at the end; the first layer's is
-    # also the gradient of x_proj); with LN the other layers need only the current step's
-    span = [T if not ln or l == 0 else 1 for l in range(L)]
-    d_pre = [hidden[l].new_empty(span[l], B, 4 * sizes[l] + 1) for l in range(L)]
+    # ds of every step without LN, for the weight gradients at the end (the first layer's is
+    # also the gradient of x_in); with LN only the current step's
+    span = T if not ln else 1
+    d_pre = [hidden[l].new_empty(span, B, 4 * sizes[l] + 1) for l in range(L)]
+    act_ln = [hidden[l].new_empty(B, 4 * sizes[l]) for l in range(L)] if ln else None  # gates, recomputed
+    dx = x_in.new_empty(T, B, x_in.shape[-1]) if ln else None  # the gradient of x_in, time-major
     chunk = max(1, min(T, LN_CHUNK_ROWS // B)) if ln else T
     live_rows = [torch.ones(chunk, B, dtype=torch.bool, device=z_all.device) for _ in range(L)]  # ds row not 0
     d_raw = [{n: hidden[l].new_empty(chunk, B, 4 * sizes[l] + 1) for n in term_names(l, L)} for l in range(L)] if ln else None
@@ -589,10 +613,15 @@ def _backward(meta: _Meta, keep: _Kept, params, flat_state, hidden, z_all, grads
             dh = g_hidden[l][:, t] + dh_next[l]
             if dh_from_above is not None:
                 dh = dh + dh_from_above
-            ds = d_pre[l][t if span[l] == T else 0]
+            ds = d_pre[l][t if span == T else 0]
             cell_norm = (params[l]["gamma_cell"], params[l]["beta_cell"], meta.eps) if ln else None
+            if ln:
+                terms = _ln_terms(meta, keep, params[l], l, t, zp, zb, act_ln[l])
+                act = act_ln[l]
+            else:
+                act = keep.gates[l][t]
             dc_next[l], dh_prev, du, dk, dzp, d_norm = _cell_backward(
-                keep.gates[l][t], keep.cells[l][t], c_prev, h_prev, u, k, zp, dh, dc_next[l], ds, cell_norm
+                act, keep.cells[l][t], c_prev, h_prev, u, k, zp, dh, dc_next[l], ds, cell_norm
             )
             if d_norm is not None:
                 d_params[l]["gamma_cell"] += d_norm[0]
@@ -629,7 +658,7 @@ def _backward(meta: _Meta, keep: _Kept, params, flat_state, hidden, z_all, grads
                 live = live_mask.nonzero().squeeze(-1)
             if ln:
                 d_params[l]["bias"] += ds.sum(0)
-                d_in, d_gates = _ln_input_grads(meta, keep, params[l], w_t[l], d_params[l], d_raw[l], l, t, slot, ds, zp, zb, live)
+                d_in, d_gates = _ln_input_grads(meta, keep, params[l], w_t[l], d_params[l], d_raw[l], terms, l, t, slot, ds, zp, zb, live)
             else:
                 da = _rows_linear(ds, w_t[l]["w"], live, mm_dtype)
                 cols = _gated_columns(l, sizes)
@@ -650,14 +679,14 @@ def _backward(meta: _Meta, keep: _Kept, params, flat_state, hidden, z_all, grads
             dh_next[l] = dh_prev
             dz_next[l] = dzp
             if ln and slot == 0:  # the first step of a chunk: its weight gradients
-                _ln_weight_grads(meta, d_params[l], d_raw[l], live_rows[l], hidden, h0, z_all, z0, l, t, min(t + chunk, T))
+                _ln_weight_grads(meta, d_params[l], d_raw[l], live_rows[l], hidden, h0, z_all, z0, x_in, dx, w_t[l], l, t, min(t + chunk, T))
     if not ln:
         for l in range(L):
             d_params[l]["w"] = _merged_weight_grad(meta, d_pre[l], keep.inputs[l], live_rows[l], z_all, z0, l, sizes)
             d_params[l]["bias"] = d_pre[l].flatten(0, 1).sum(0)
     flat_grads = [d_params[l][k].to(params[l][k].dtype) for l in range(L) for k in meta.keys[l]]
     d_state = [t for l in range(L) for t in (dh_next[l], dc_next[l], dz_next[l].squeeze(-1))]
-    return (d_pre[0].transpose(0, 1), *flat_grads, *d_state)
+    return ((dx if ln else d_pre[0]).transpose(0, 1), *flat_grads, *d_state)
 
 
 def _merged_weight_grad(meta: _Meta, d_pre: Tensor, inputs: Tensor, live: Tensor, z_all, z0, l: int, sizes) -> Tensor:
@@ -680,21 +709,45 @@ def _merged_weight_grad(meta: _Meta, d_pre: Tensor, inputs: Tensor, live: Tensor
     return torch.cat(parts, dim=1)
 
 
-def _ln_input_grads(meta: _Meta, keep: _Kept, p, w_t, d_p, d_raw, l: int, t: int, slot: int, ds, zp, zb, live):
+def _term_gate(name: str, l: int, zp: Tensor, zb: Tensor | None) -> Tensor | None:
+    """The gate multiplying a term (None: not gated; the first layer's input term is not)."""
+    return {"rec": None, "above": zp, "below": zb if l > 0 else None}[name]
+
+
+def _ln_terms(meta: _Meta, keep: _Kept, p, l: int, t: int, zp, zb, act: Tensor) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """With layer norm, the terms of step ``t`` normalised again from the kept products, as
+    ``{term: (LN(product), mean, 1/std)}``; the gates, from their sum, into ``act``."""
+    terms = {}
+    s = p["bias"].expand(act.shape[0], -1).clone()
+    for name in term_names(l, meta.layers):
+        terms[name] = _layer_norm(keep.raw[l][name][t], p[f"gamma_{name}"], p[f"beta_{name}"], meta.eps)
+        gate = _term_gate(name, l, zp, zb)
+        if gate is None:
+            s += terms[name][0]
+        else:
+            s.addcmul_(terms[name][0], gate)
+    _gate_activations(s, act)
+    return terms
+
+
+def _ln_input_grads(meta: _Meta, keep: _Kept, p, w_t, d_p, d_raw, terms, l: int, t: int, slot: int, ds, zp, zb, live):
     """With layer norm, per term: the layer norm's backward (its ``dgamma``, ``dbeta`` added
     to ``d_p``; the product's gradient stored in ``d_raw`` for the weight gradient), the
-    gradient of the term's input, and for gated terms the gradient of the gate,
-    ``<LN(W x), ds>``. Returns ``({term: d input}, {term: d gate})``."""
+    gradient of the term's input (the first layer's input term waits for its chunk), and for
+    gated terms the gradient of the gate, ``<LN(W x), ds>``. Returns
+    ``({term: d input}, {term: d gate})``."""
     d_in, d_gates = {}, {}
     for name in term_names(l, meta.layers):
-        gate = {"rec": None, "above": zp, "below": zb}[name]
+        gate = _term_gate(name, l, zp, zb)
         gamma, beta = p[f"gamma_{name}"], p[f"beta_{name}"]
+        term, mean, rstd = terms[name]
         raw = keep.raw[l][name][t]
-        term, mean, rstd = _layer_norm(raw, gamma, beta, meta.eps)
         d_raw_t, d_gamma, d_beta = _layer_norm_backward(ds if gate is None else ds * gate, raw, mean, rstd, gamma, beta)
         d_p[f"gamma_{name}"] += d_gamma
         d_p[f"beta_{name}"] += d_beta
         d_raw[name][slot] = d_raw_t
+        if l == 0 and name == "below":
+            continue
         rows = live
         if gate is not None:
             d_gates[name] = _rowdot(term, ds)
@@ -704,19 +757,22 @@ def _ln_input_grads(meta: _Meta, keep: _Kept, p, w_t, d_p, d_raw, l: int, t: int
     return d_in, d_gates
 
 
-def _ln_weight_grads(meta: _Meta, d_p, d_raw, live, hidden, h0, z_all, z0, l: int, t0: int, t1: int) -> None:
+def _ln_weight_grads(meta: _Meta, d_p, d_raw, live, hidden, h0, z_all, z0, x_in, dx, w_t, l: int, t0: int, t1: int) -> None:
     """With layer norm: ``dW_term += sum_t d raw_t^T x_t`` over steps ``t0 .. t1 - 1``, one
-    product per term (on CPU without the rows whose gradient is 0)."""
+    product per term (on CPU without the rows whose gradient is 0); for the first layer also
+    the gradient of its input over these steps, into ``dx``."""
     n = t1 - t0
     inputs = {
         "rec": lambda: _steps(hidden[l], h0[l], t0, t1, before=True),
         "above": lambda: _steps(hidden[l + 1], h0[l + 1], t0, t1, before=True),
-        "below": lambda: _steps(hidden[l - 1], None, t0, t1, before=False),
+        "below": lambda: _steps(hidden[l - 1] if l > 0 else x_in, None, t0, t1, before=False),
     }
     for name in term_names(l, meta.layers):
         d = d_raw[name][:n].flatten(0, 1)
         x = inputs[name]()
-        if meta.skip_rows:
+        if l == 0 and name == "below":
+            dx[t0:t1] = _linear(d, w_t[name], meta.mm_dtype).view(n, -1, dx.shape[-1])
+        elif meta.skip_rows:
             mask = live[:n].flatten()
             if name == "above":
                 mask = mask & (_steps(z_all[:, :, l], z0[l], t0, t1, before=True) != 0)
