@@ -14,11 +14,15 @@ with the backward written out by hand:
   open (:data:`SKIP_GATED_ROWS`). Kept for the backward pass: ``a_t``, ``c`` and the four
   gate activations.
 * forward, with layer norm: each term is normalised on its own before its gate multiplies
-  it (:class:`~hmrnn_lightning.cells.base.HMCell`), so the three products stay apart. Kept:
-  each term's product before normalisation with its mean and 1/std (the normalised term is
-  recomputed from them), ``c`` with its statistics, and the gates. In training every row
-  of a gated term is computed, closed or not: the straight-through gradient of its gate is
-  ``<LN(W h), ds>`` and needs it.
+  it (:class:`~hmrnn_lightning.cells.base.HMCell`), so the three products stay apart (the
+  first layer's input product is still one over all steps, but inside the function, so the
+  backward pass returns the gradient of the ``[B, T, E]`` input rather than keeping one of
+  ``[B, T, 4H + 1]``). Kept: each term's product before normalisation, and ``c``. The
+  backward pass normalises the products again, which it must do anyway for the layer norm's
+  own backward, and gets the gates from their sum; keeping the gates too put the Text8 shape
+  (3 x 1024, batch 128) over twice nn.LSTM's memory. In training every row of a gated term is
+  computed, closed or not: the straight-through gradient of its gate is ``<LN(W h), ds>``
+  and needs it.
 * backward: walks time backwards; per layer and step the products ``ds_t @ W`` give the
   gradients of the inputs. A closed gate's rows stay in them (the straight-through gradient
   of the boundary asks what the term it kept out would have changed), but rows in COPY
@@ -218,10 +222,10 @@ class _Kept:
 
     def __init__(self) -> None:
         self.inputs: list[Tensor] = []  # without LN, per layer, a_t for every step [T, B, K_l]
-        self.gates: list[Tensor] = []  # per layer [T, B, 4H]: f, i, o after sigm, g after tanh
+        self.gates: list[Tensor] = []  # without LN, per layer [T, B, 4H]: f, i, o after sigm, g after tanh
         self.cells: list[Tensor] = []  # per layer [T, B, H]
         # with LN, per layer and term, the product before normalisation [T, B, 4H + 1]; its
-        # mean and 1/std (and the cell's) are recomputed, as cheap as reading them back
+        # mean and 1/std, the cell's, and the gates are recomputed in the backward pass
         self.raw: list[dict[str, Tensor]] = []
         self.estimates: Tensor | None = None  # e = estimator(logit) before COPY keeps z, [B, T, L - 1]
         self.graphs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (t, l) -> (logit leaf, e)
