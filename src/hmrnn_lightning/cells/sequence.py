@@ -158,6 +158,12 @@ def layer_params(stack) -> list[dict[str, Tensor]]:
     return out
 
 
+def term_weights(p: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights among a layer's :func:`layer_params`: ``{"w": merged}`` without layer norm,
+    ``{term: W_term}`` with it."""
+    return {"w": p["w"]} if "w" in p else {k[2:]: v for k, v in p.items() if k.startswith("w_")}
+
+
 def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
     """The body of :meth:`HMStack.forward` on this path.
 
@@ -364,7 +370,7 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
     c = [flat_state[3 * l + 1] for l in range(L)]
     z = [flat_state[3 * l + 2] for l in range(L)]
     cast = (lambda w: w.to(meta.mm_dtype)) if meta.mm_dtype else (lambda w: w)
-    w_mm = [{k[2:] if ln else k: cast(v) for k, v in p.items() if k == "w" or k.startswith("w_")} for p in params]
+    w_mm = [{k: cast(v) for k, v in term_weights(p).items()} for p in params]
     new = x_in.new_empty
     hidden = [new(B, T, H) for H in sizes]
     z_all = x_in.new_zeros(B, T, L)
@@ -441,22 +447,16 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
 def _merged_preactivation(meta: _Meta, w: Tensor, bias: Tensor, a: Tensor, h: list[Tensor], l: int, zp: Tensor, zb: Tensor, sizes) -> Tensor:
     """Without layer norm: ``s = b + a_t @ W^T``, writing ``a_t`` into ``a``; on CPU each gated
     block is multiplied for its open rows only."""
-    L, H = meta.layers, sizes[l]
+    H = sizes[l]
     a[:, :H] = h[l]
-    blocks = []  # (gate, column slice) of the gated blocks of a_t
-    col = H
-    if l + 1 < L:
-        blocks.append((zp, slice(col, col + sizes[l + 1])))
-        col += sizes[l + 1]
-    if l > 0:
-        blocks.append((zb, slice(col, col + sizes[l - 1])))
-    for (gate, cols), x in zip(blocks, ([h[l + 1]] if l + 1 < L else []) + ([h[l - 1]] if l > 0 else [])):
-        torch.mul(x, gate, out=a[:, cols])
+    blocks = _gated_columns(l, sizes)
+    for name, cols in blocks.items():
+        torch.mul(h[l + 1] if name == "above" else h[l - 1], _term_gate(name, l, zp, zb), out=a[:, cols])
     if not meta.skip_rows:
         return _affine(bias, a, w, meta.mm_dtype)
     s = _affine(bias, a[:, :H], w[:, :H], meta.mm_dtype)
-    for gate, cols in blocks:
-        _gated_addmm_(s, gate, a[:, cols], w[:, cols], meta.mm_dtype)
+    for name, cols in blocks.items():
+        _gated_addmm_(s, _term_gate(name, l, zp, zb), a[:, cols], w[:, cols], meta.mm_dtype)
     return s
 
 
@@ -573,6 +573,14 @@ def _steps(seq: Tensor, first: Tensor, t0: int, t1: int, before: bool) -> Tensor
     return part.reshape(-1, *seq.shape[2:])
 
 
+def _gate_steps(name: str, l: int, z_all: Tensor, z0: list[Tensor], t0: int, t1: int) -> Tensor:
+    """The gate of layer ``l``'s term ``name`` at steps ``t0 .. t1 - 1``, laid out as
+    :func:`_steps` lays out the rows: ``z^l_{t-1}`` for ``above``, ``z^{l-1}_t`` for ``below``."""
+    if name == "above":
+        return _steps(z_all[:, :, l], z0[l], t0, t1, before=True)
+    return _steps(z_all[:, :, l - 1], None, t0, t1, before=False)
+
+
 def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state, hidden, z_all, grads):
     L = meta.layers
     B, T, _ = z_all.shape
@@ -581,7 +589,7 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
     mm_dtype = meta.mm_dtype
     cast = (lambda w: w.to(mm_dtype)) if mm_dtype else (lambda w: w)
     # weights for ds @ W, [in, out]; per layer "w" (merged) or per term
-    w_t = [{(k[2:] if ln else k): cast(v).t().contiguous() for k, v in p.items() if k == "w" or k.startswith("w_")} for p in params]
+    w_t = [{k: cast(v).t().contiguous() for k, v in term_weights(p).items()} for p in params]
     # with LN the gradients add up step by step and chunk by chunk; without, they come at the end
     d_params = [{k: torch.zeros_like(v) for k, v in p.items()} if ln else {} for p in params]
     g_hidden = [_zero_if_none(grads[l], hidden[l]) for l in range(L)]
@@ -668,14 +676,10 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
                 d_in, d_gates = _ln_input_grads(meta, keep, params[l], w_t[l], d_params[l], d_raw[l], terms, l, t, slot, ds, zp, zb, live)
             else:
                 da = _rows_linear(ds, w_t[l]["w"], live, mm_dtype)
-                cols = _gated_columns(l, sizes)
-                gates_in = {"above": (zp, hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]) if not top else None,
-                            "below": (zb, hidden[l - 1][:, t]) if l > 0 else None}
-                d_in = {"rec": da[:, :H]}
-                d_gates = {}
-                for name, where in cols.items():
-                    gate, x = gates_in[name]
-                    d_in[name], d_gates[name] = gate * da[:, where], _rowdot(x, da[:, where])
+                d_in, d_gates = {"rec": da[:, :H]}, {}
+                for name, cols in _gated_columns(l, sizes).items():
+                    x = (hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]) if name == "above" else hidden[l - 1][:, t]
+                    d_in[name], d_gates[name] = _term_gate(name, l, zp, zb) * da[:, cols], _rowdot(x, da[:, cols])
             dh_prev = dh_prev + d_in["rec"]
             if not top:
                 dh_next[l + 1] = dh_next[l + 1] + d_in["above"]  # layer l+1 at step t is done
@@ -708,10 +712,8 @@ def _merged_weight_grad(meta: _Meta, d_pre: Tensor, inputs: Tensor, live: Tensor
         parts = [_matmul(ds_all.t(), a_all[:, :H], meta.mm_dtype)]
     else:
         parts = [_matmul(ds_all.index_select(0, rows).t(), a_all[:, :H].index_select(0, rows), meta.mm_dtype)]
-    T = d_pre.shape[0]
     for name, cols in _gated_columns(l, sizes).items():
-        gate = _steps(z_all[:, :, l], z0[l], 0, T, before=True) if name == "above" else _steps(z_all[:, :, l - 1], None, 0, T, before=False)
-        rows = ((gate != 0) & live).nonzero().squeeze(-1)
+        rows = ((_gate_steps(name, l, z_all, z0, 0, d_pre.shape[0]) != 0) & live).nonzero().squeeze(-1)
         parts.append(_matmul(ds_all.index_select(0, rows).t(), a_all[:, cols].index_select(0, rows), meta.mm_dtype))
     return torch.cat(parts, dim=1)
 
@@ -781,10 +783,8 @@ def _ln_weight_grads(meta: _Meta, d_p, d_raw, live, hidden, h0, z_all, z0, x_in,
             dx[t0:t1] = _linear(d, w_t[name], meta.mm_dtype).view(n, -1, dx.shape[-1])
         elif meta.skip_rows:
             mask = live[:n].flatten()
-            if name == "above":
-                mask = mask & (_steps(z_all[:, :, l], z0[l], t0, t1, before=True) != 0)
-            elif name == "below":
-                mask = mask & (_steps(z_all[:, :, l - 1], None, t0, t1, before=False) != 0)
+            if name != "rec":
+                mask = mask & (_gate_steps(name, l, z_all, z0, t0, t1) != 0)
             rows = mask.nonzero().squeeze(-1)
             if rows.numel() < mask.numel():
                 d, x = d.index_select(0, rows), x.index_select(0, rows)
