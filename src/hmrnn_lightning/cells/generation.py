@@ -28,14 +28,16 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.operations import select_operations
-from hmrnn_lightning.cells.sequence import _affine, _cell_forward, _gated_addmm_, _matmul_dtype, _open_rows, ln_term
+from hmrnn_lightning.cells.sequence import (
+    _affine, _cell_forward, _gated_addmm_, _matmul_dtype, layer_params, ln_preactivation, term_weights,
+)
 
 
 def _prepared_weights(stack) -> list[list[Tensor | None]]:
-    """Per layer ``[first, U_{l+1} or None, W_{l-1} or None]`` in ``[out, in]`` layout, where
-    ``first`` is ``U_l``, and ``[W_x, U_l]`` side by side for the first layer (one product for
-    its input and recurrent terms); rebuilt when a parameter is replaced or updated in place
-    (its version counter moves)."""
+    """Without layer norm, per layer ``[first, U_{l+1} or None, W_{l-1} or None]`` in
+    ``[out, in]`` layout, where ``first`` is ``U_l``, and ``[W_x, U_l]`` side by side for the
+    first layer (one product for its input and recurrent terms); rebuilt when a parameter is
+    replaced or updated in place (its version counter moves)."""
     params = [cell.recurrent.weight for cell in stack.cells] + [cell.bottom_up.weight for cell in stack.cells]
     params += [cell.top_down.weight for cell in stack.cells if cell.top_down is not None]
     key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
@@ -46,9 +48,9 @@ def _prepared_weights(stack) -> list[list[Tensor | None]]:
     for l, cell in enumerate(stack.cells):
         recurrent = cell.recurrent.weight.detach()
         prepared.append([
-            torch.cat([cell.bottom_up.weight.detach(), recurrent], dim=1) if l == 0 and not cell.layer_norm else recurrent,
+            torch.cat([cell.bottom_up.weight.detach(), recurrent], dim=1) if l == 0 else recurrent,
             cell.top_down.weight.detach() if cell.top_down is not None else None,
-            cell.bottom_up.weight.detach() if l > 0 or cell.layer_norm else None,
+            cell.bottom_up.weight.detach() if l > 0 else None,
         ])
     stack._generation_cache = (key, prepared)
     return prepared
@@ -64,8 +66,10 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
     mm_dtype = _matmul_dtype(x)
     dtype = stack.state_dtype(x)
     x = x.to(dtype)
-    weights = _prepared_weights(stack)
     cells = stack.cells
+    # with layer norm the terms stay apart and nothing is merged: the parameters as they are
+    ln_params = layer_params(stack) if cells[0].layer_norm else None
+    weights = None if ln_params is not None else _prepared_weights(stack)
     L = len(cells)
     B = x.shape[0]
     zs = x.new_zeros(B, L, dtype=dtype)
@@ -73,7 +77,6 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
     new_state: list[LayerState] = []
     zb = torch.ones(B, 1, dtype=dtype, device=x.device)
     for l, cell in enumerate(cells):
-        w_first, w_above, w_below = weights[l]
         prev = state[l]
         ops = select_operations(zb.squeeze(-1), prev.z)
         u, k, zp = ops.update, ops.copy, ops.flush
@@ -87,11 +90,13 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         if not part:
             rows = None
         h_prev, c_prev, zp_r, zb_r, u_r, k_r = (_pick(t, rows) for t in (prev.h, prev.c, zp, zb, u, k))
-        h_above = _pick(state[l + 1].h, rows) if w_above is not None else None
-        h_below = (x if l == 0 else _pick(new_state[l - 1].h, rows)) if w_below is not None else None
-        if cell.layer_norm:
-            s = _ln_preactivation(cell, w_first, w_above, w_below, h_prev, h_above, h_below, zp_r, zb_r, mm_dtype)
+        h_above = _pick(state[l + 1].h, rows) if l + 1 < L else None
+        h_below = x if l == 0 else _pick(new_state[l - 1].h, rows)
+        if ln_params is not None:
+            p, inputs = ln_params[l], {"rec": h_prev, "above": h_above, "below": h_below}
+            s = ln_preactivation(p, term_weights(p), inputs, l, zp_r, zb_r, cell.norm_cell.eps, mm_dtype, skip_closed=True)
         else:
+            w_first, w_above, w_below = weights[l]
             first = torch.cat([x, h_prev], dim=1) if l == 0 else h_prev
             s = _affine(cell.bias, first, w_first, mm_dtype)
             if w_above is not None:
@@ -121,23 +126,3 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         zb = z_new.unsqueeze(-1)
     return [s.h for s in new_state], zs, logits, new_state
 
-
-def _ln_preactivation(cell, w_rec, w_above, w_below, h_prev, h_above, h_below, zp, zb, mm_dtype) -> Tensor:
-    """``b + LN(U_l h_prev) + z_prev LN(U_{l+1} h_above) + z_below LN(W_{l-1} h_below)``, each
-    gated term for its open rows only."""
-    eps = cell.norm_cell.eps
-    params = {"bias": cell.bias}
-    for name, norm in (("rec", cell.norm_recurrent), ("above", getattr(cell, "norm_top_down", None)), ("below", cell.norm_bottom_up)):
-        if norm is not None:
-            params[f"gamma_{name}"], params[f"beta_{name}"] = norm.weight.detach(), norm.bias.detach()
-    s = ln_term(params, "rec", h_prev, w_rec, eps, mm_dtype)[0].add_(cell.bias)
-    for name, w, x, gate in (("above", w_above, h_above, zp), ("below", w_below, h_below, zb)):
-        if w is None:
-            continue
-        rows = _open_rows(gate)
-        if rows.numel() == s.shape[0]:
-            s.addcmul_(ln_term(params, name, x, w, eps, mm_dtype)[0], gate)
-        elif rows.numel() > 0:
-            term = ln_term(params, name, x.index_select(0, rows), w, eps, mm_dtype)[0]
-            s.index_add_(0, rows, term.mul_(gate.index_select(0, rows)))
-    return s

@@ -325,29 +325,40 @@ def _cell_forward(
     torch.lerp(torch.tanh(normed).mul_(o), h_prev, k, out=h_out)
 
 
-def _ln_preactivation(
-    meta: "_Meta", p: dict[str, Tensor], w: dict[str, Tensor], inputs: dict[str, Tensor], gates: dict[str, Tensor],
-    keep: "_Kept | None", layer: int, t: int, given: dict[str, Tensor],
+def ln_preactivation(
+    p: dict[str, Tensor], w: dict[str, Tensor], inputs: dict[str, Tensor | None], layer: int, zp: Tensor,
+    zb: Tensor | None, eps: float, mm_dtype, skip_closed: bool, out: dict[str, Tensor] | None = None,
+    given: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """``s = b + LN_rec(U_l h^l_{t-1}) + z^l_{t-1} LN_above(...) + z^{l-1}_t LN_below(...)``.
+    """``s = b + LN_rec(U_l h^l_{t-1}) + z^l_{t-1} LN_above(...) + z^{l-1}_t LN_below(...)``
+    with ``inputs`` ``{"rec": h^l_{t-1}, "above": h^{l+1}_{t-1}, "below": h^{l-1}_t}`` (None
+    where the layer has no such term), ``p`` the layer's :func:`layer_params` and ``w`` its
+    :func:`term_weights`. Shared by the sequence path and the generation step.
 
-    ``given`` holds products already computed (the first layer's input term). Without
-    ``keep`` (no gradient) the gated terms are computed only for their open rows."""
-    s = p["bias"].expand(next(iter(inputs.values())).shape[0], -1).clone()
+    Args:
+        given: products already computed (the first layer's input term, one product over
+            all steps).
+        out: where to write each product, for the backward pass.
+        skip_closed: compute the gated terms only for their open rows (never with ``out``:
+            the backward pass needs every row).
+    """
+    s = p["bias"].expand(next(x for x in inputs.values() if x is not None).shape[0], -1).clone()
     for name, x in inputs.items():
-        gate = gates.get(name)
+        if x is None and (given is None or name not in given):
+            continue
+        gate = _term_gate(name, layer, zp, zb)
         rows = None
-        if name in given:
-            term = _layer_norm(given[name], p[f"gamma_{name}"], p[f"beta_{name}"], meta.eps)[0]
+        if given is not None and name in given:
+            term = _layer_norm(given[name], p[f"gamma_{name}"], p[f"beta_{name}"], eps)[0]
         else:
-            if gate is not None and keep is None and meta.skip_rows:
+            if gate is not None and skip_closed:
                 rows = _open_rows(gate)
                 if rows.numel() == 0:
                     continue
                 if rows.numel() == x.shape[0]:
                     rows = None
-            out = keep.raw[layer][name][t] if keep is not None else None
-            term = ln_term(p, name, x if rows is None else x.index_select(0, rows), w[name], meta.eps, meta.mm_dtype, out)[0]
+            dest = out[name] if out is not None else None
+            term = ln_term(p, name, x if rows is None else x.index_select(0, rows), w[name], eps, mm_dtype, dest)[0]
         if gate is None:
             s += term
         elif rows is None:
@@ -403,11 +414,12 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
             zp = z[l].unsqueeze(-1)
             act = gates[l][slot if not ln else 0]
             if ln:
-                named = {"rec": h[l], "above": h[l + 1] if l + 1 < L else None, "below": h[l - 1] if l > 0 else None}
-                s = _ln_preactivation(
-                    meta, params[l], w_mm[l], {n: named[n] for n in term_names(l, L)},
-                    {"above": zp, "below": zb} if l > 0 else {"above": zp}, keep, l, t,
-                    {"below": x_raw[t]} if l == 0 else {},
+                inputs = {"rec": h[l], "above": h[l + 1] if l + 1 < L else None, "below": h[l - 1] if l > 0 else None}
+                s = ln_preactivation(
+                    params[l], w_mm[l], inputs, l, zp, zb, meta.eps, meta.mm_dtype,
+                    skip_closed=keep is None and meta.skip_rows,
+                    out={n: buf[t] for n, buf in keep.raw[l].items()} if keep is not None else None,
+                    given={"below": x_raw[t]} if l == 0 else None,
                 )
             else:
                 bias = xb[t] if l == 0 else params[l]["bias"]
