@@ -194,196 +194,13 @@ def require_file(path: str, what: str) -> None:
         raise DataError(f"{what} not found: {path}")
 
 
-# -- small commands ------------------------------------------------------------------------------------------
-
-
-def cmd_list(argv: list[str]) -> int:
-    """hmrnn list [KIND]: the registered components, plugins included."""
-    if argv and argv[0] in ("-h", "--help"):
-        print("usage: hmrnn list [KIND]\n\nLists short names and class paths of components; kinds: " + ", ".join(registry.KINDS))
-        return 0
-    kinds = argv or list(registry.KINDS)
-    for kind in kinds:
-        if kind not in registry.KINDS:
-            raise registry.RegistryError(f"unknown kind {kind!r}; kinds are {', '.join(registry.KINDS)}")
-        plugins = registry.plugin_entry_points(kind)
-        print(f"{kind}:")
-        for name, path in registry.available(kind).items():
-            tag = "  (plugin)" if name in plugins and name not in registry.BUILTIN[kind] else ""
-            print(f"  {name:<12} {path}{tag}")
-    return 0
-
-
-def cmd_sample(argv: list[str]) -> int:
-    """hmrnn sample: generate text from a checkpoint."""
-    import argparse
-
-    import torch
-
-    from hmrnn_lightning.models.language_model import HMRNNLanguageModel
-
-    p = argparse.ArgumentParser(prog="hmrnn sample", description="Generate text from a trained language model checkpoint.")
-    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit`")
-    p.add_argument("--prime", default="", help="text the model reads before generating")
-    p.add_argument("--length", type=int, default=200, help="symbols to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; lower is greedier)")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
-    args = p.parse_args(argv)
-    require_file(args.ckpt_path, "checkpoint")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    model = HMRNNLanguageModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
-    print(model.generate(args.prime, args.length, args.temperature))
-    return 0
-
-
-def cmd_plot_boundaries(argv: list[str]) -> int:
-    """hmrnn plot-boundaries: the paper's Figures 3-4 for a text, from a checkpoint."""
-    import argparse
-
-    from hmrnn_lightning.models.language_model import HMRNNLanguageModel
-    from hmrnn_lightning.viz import plot_boundaries
-
-    p = argparse.ArgumentParser(
-        prog="hmrnn plot-boundaries",
-        description="Draw each layer's boundaries (white/black blocks) and the l2 norm of each layer's h "
-        "for a text, as in Figures 3 and 4 of the paper.",
-    )
-    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit`")
-    p.add_argument("--text", required=True, help="the text to analyse (symbols of the model's vocabulary)")
-    p.add_argument("--out", default="boundaries.png", help="PNG file to write")
-    args = p.parse_args(argv)
-    require_file(args.ckpt_path, "checkpoint")
-    model = HMRNNLanguageModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
-    text = args.text.encode().decode("unicode_escape") if "\\" in args.text else args.text
-    z, norms = model.analyse(text)
-    path = plot_boundaries(text, z.numpy(), norms.numpy(), args.out)
-    print(f"wrote {path}")
-    return 0
-
-
-def cmd_sample_strokes(argv: list[str]) -> int:
-    """hmrnn sample-strokes: draw sampled handwriting from a checkpoint."""
-    import argparse
-
-    from hmrnn_lightning.models.handwriting import HandwritingModel
-    from hmrnn_lightning.viz import plot_strokes
-
-    p = argparse.ArgumentParser(prog="hmrnn sample-strokes", description="Sample pen strokes from a handwriting checkpoint and draw them.")
-    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit --config configs/iam_*.yaml`")
-    p.add_argument("--length", type=int, default=700, help="points to sample")
-    p.add_argument("--bias", type=float, default=0.5, help="sampling bias (0: unbiased; larger: neater)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", default="sample.png", help="PNG file to write")
-    args = p.parse_args(argv)
-    require_file(args.ckpt_path, "checkpoint")
-    import torch
-
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    model = HandwritingModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
-    print(f"wrote {plot_strokes(model.generate(args.length, args.bias), args.out)}")
-    return 0
-
-
-def cmd_plot_segments(argv: list[str]) -> int:
-    """hmrnn plot-segments: the paper's Figure 5 for one line of the data."""
-    import argparse
-
-    from hmrnn_lightning.data.iam import IAMOnDBDataModule
-    from hmrnn_lightning.models.handwriting import HandwritingModel
-    from hmrnn_lightning.viz import plot_segments
-
-    p = argparse.ArgumentParser(
-        prog="hmrnn plot-segments",
-        description="Draw one line twice (Figure 5 of the paper): coloured by segments from pen-up, and by "
-        "segments from the boundaries of a layer of the model.",
-    )
-    p.add_argument("--ckpt_path", required=True)
-    p.add_argument("--data_dir", default="data/iam-ondb", help="folder with lineStrokes-all.tar.xz and splits/")
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
-    p.add_argument("--index", type=int, default=0, help="which line of the split")
-    p.add_argument("--min_length", type=int, default=300, help="as in training: lines with fewer points are dropped")
-    p.add_argument("--layer", type=int, default=2, help="layer whose boundaries colour the second drawing")
-    p.add_argument("--out", default="segments.png")
-    args = p.parse_args(argv)
-    require_file(args.ckpt_path, "checkpoint")
-    model = HandwritingModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
-    dm = IAMOnDBDataModule(args.data_dir, min_length=args.min_length)
-    ds = dm.dataset(args.split)
-    if not 0 <= args.index < len(ds):
-        raise DataError(f"--index {args.index} is outside the {len(ds)} lines of the {args.split} split")
-    inputs, _ = ds[args.index]
-    z = model.boundaries_of(inputs).numpy()
-    print(f"wrote {plot_segments(model.to_real_units(inputs), z, args.out, args.layer)}")
-    return 0
-
-
-def cmd_ablate(argv: list[str]) -> int:
-    """hmrnn ablate: run a base config with each overlay, collect BPC into CSV and Markdown."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="hmrnn ablate",
-        description="Fit and test the base config once per overlay (and once alone), then write "
-        "OUT/results.csv and OUT/results.md with validation and test BPC. Extra arguments after "
-        "`--` go to every run. With W&B on, runs share the group WANDB_RUN_GROUP=<name>.",
-    )
-    p.add_argument("--base", required=True, help="base config (e.g. configs/ptb_step_anneal.yaml)")
-    p.add_argument("--overlays", nargs="*", default=[], help="overlay configs, one run each")
-    p.add_argument("--out", default="runs/ablation", help="output folder")
-    p.add_argument("--name", default="ablation", help="group name for loggers")
-    p.add_argument("--no-baseline", action="store_true", help="skip the run of the base config alone")
-    own, _, extra = _split_dashdash(argv)
-    args = p.parse_args(own)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("WANDB_RUN_GROUP", args.name)
-    runs = ([] if args.no_baseline else [("base", None)]) + [(Path(o).stem, o) for o in args.overlays]
-    rows = []
-    for name, overlay in runs:
-        cfg = ["--config", args.base] + (["--config", overlay] if overlay else [])
-        run_dir = out / name
-        common = cfg + [f"--trainer.default_root_dir={run_dir}"] + extra
-        cli = HMRNNCLI(args=common, run=False)  # run=False: no subcommand; fit and test are called below
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        val = cli.trainer.callback_metrics.get("val/bpc")
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=None)
-        test = cli.trainer.callback_metrics.get("test/bpc")
-        rows.append({"run": name, "overlay": overlay or "", "val_bpc": _num(val), "test_bpc": _num(test)})
-        _write_tables(out, rows)
-    print((out / "results.md").read_text())
-    return 0
-
-
-def _num(x) -> str:
-    return "" if x is None else f"{float(x):.4f}"
-
-
-def _write_tables(out: Path, rows: list[dict]) -> None:
-    import csv
-
-    tmp = out / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out / "results.csv")
-    lines = ["| run | overlay | val BPC | test BPC |", "|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['overlay']} | {r['val_bpc']} | {r['test_bpc']} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-
-
-def _split_dashdash(argv: list[str]) -> tuple[list[str], str, list[str]]:
-    if "--" in argv:
-        k = argv.index("--")
-        return argv[:k], "--", argv[k + 1 :]
-    return argv, "", []
-
-
 COMMANDS = {
-    "list": cmd_list, "sample": cmd_sample, "ablate": cmd_ablate, "plot-boundaries": cmd_plot_boundaries,
-    "sample-strokes": cmd_sample_strokes, "plot-segments": cmd_plot_segments,
+    "list": "hmrnn_lightning.commands.listing:cmd_list",
+    "sample": "hmrnn_lightning.commands.sample:cmd_sample",
+    "ablate": "hmrnn_lightning.commands.ablate:cmd_ablate",
+    "plot-boundaries": "hmrnn_lightning.commands.plots:cmd_plot_boundaries",
+    "sample-strokes": "hmrnn_lightning.commands.plots:cmd_sample_strokes",
+    "plot-segments": "hmrnn_lightning.commands.plots:cmd_plot_segments",
 }
 EXPECTED_ERRORS = (ConfigError, DataError, registry.RegistryError)
 
@@ -396,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hmrnn: warning: {failure}", file=sys.stderr)
     try:
         if argv and argv[0] in COMMANDS:
-            return COMMANDS[argv[0]](argv[1:])
+            return _command(argv[0])(argv[1:])
         if argv and argv[0] in ("-h", "--help"):
             print(__doc__.strip().splitlines()[0] + "\n\nextra commands: hmrnn list | sample | plot-boundaries | sample-strokes | plot-segments | ablate  (each takes --help)\n")
         HMRNNCLI(args=argv)
@@ -411,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hmrnn: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _command(name: str):
+    """The small command ``name``, imported only when it runs (so ``hmrnn list`` stays light)."""
+    import importlib
+
+    module, _, func = COMMANDS[name].partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def _from_instantiation(exc: BaseException) -> bool:
