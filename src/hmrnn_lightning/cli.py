@@ -198,6 +198,7 @@ COMMANDS = {
     "list": "hmrnn_lightning.commands.listing:cmd_list",
     "sample": "hmrnn_lightning.commands.sample:cmd_sample",
     "ablate": "hmrnn_lightning.commands.ablate:cmd_ablate",
+    "compare": "hmrnn_lightning.commands.compare:cmd_compare",
     "plot-boundaries": "hmrnn_lightning.commands.plots:cmd_plot_boundaries",
     "sample-strokes": "hmrnn_lightning.commands.plots:cmd_sample_strokes",
     "plot-segments": "hmrnn_lightning.commands.plots:cmd_plot_segments",
