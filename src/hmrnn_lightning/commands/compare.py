@@ -87,7 +87,7 @@ def cmd_compare(argv: list[str]) -> int:
     specs = []
     for seed in args.seeds:
         specs.append(RunSpec(args.names[0], hm_configs, seed, budget + extra))
-        specs.append(RunSpec(args.names[1], base_configs, seed, budget + width_args + extra))
+        specs.append(RunSpec(args.names[1], base_configs, seed, budget + extra + width_args))  # the matched width wins
     rows: list[dict[str, Any]] = []
     for k, spec in enumerate(specs, 1):
         probe = (lambda cli, ckpt: probe_hidden_states(cli, args.probe_max_fit, spec.seed)) if spec.label == args.names[1] else None

@@ -119,6 +119,16 @@ def budget_args(max_time: float | None, max_steps: int | None, val_every: int | 
     return out
 
 
+def relax_early_stopping(trainer: pl.Trainer) -> None:
+    """A budget may end a run before its first validation; EarlyStopping then has nothing to
+    check and, being strict, would fail the run at its end. Here it waits for the metric instead."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping):
+            cb.strict = False
+
+
 def best_checkpoint(trainer: pl.Trainer) -> tuple[str | None, str]:
     """The best-validation checkpoint of the run and a note.
 
@@ -192,6 +202,7 @@ def run_one(
     run_dir = root / spec.name
     try:
         cli = build_cli(spec.configs, [f"--seed_everything={spec.seed}", f"--trainer.default_root_dir={run_dir}", *spec.args])
+        relax_early_stopping(cli.trainer)
         meter = TrainingThroughput()
         cli.trainer.callbacks.append(meter)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
