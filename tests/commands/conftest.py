@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 TRAINER = """
@@ -56,10 +58,10 @@ model:
 """
 
 
-@pytest.fixture
-def tiny_configs(tmp_path):
+def write_tiny_configs(folder: Path) -> tuple[Path, Path]:
     """``(hm_config, lstm_config)`` paths: 3 x 16 LayerNorm HM-LSTM with slope annealing and
     BoundaryPlot, and a 3 x 16 LayerNorm LSTM, both on 6000 synthetic characters."""
+    tmp_path = Path(folder)
     data = DATA.format(cache=tmp_path / "cache")
     hm_callbacks = ("    - class_path: hmrnn_lightning.callbacks.SlopeAnnealing\n      init_args: {a_max: 5.0, rate: 0.5}\n"
                     "    - class_path: hmrnn_lightning.callbacks.BoundaryPlot")
@@ -68,3 +70,20 @@ def tiny_configs(tmp_path):
     lstm = tmp_path / "lstm.yaml"
     lstm.write_text(LSTM.format(trainer=TRAINER.format(callbacks=""), data=data))
     return hm, lstm
+
+
+@pytest.fixture
+def tiny_configs(tmp_path):
+    return write_tiny_configs(tmp_path)
+
+
+@pytest.fixture(scope="package")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A language-model checkpoint from two training steps of the tiny HM-LSTM (made once)."""
+    from hmrnn_lightning.cli import HMRNNCLI
+
+    folder = tmp_path_factory.mktemp("tiny_ckpt")
+    hm, _ = write_tiny_configs(folder)
+    HMRNNCLI(args=["fit", "--config", str(hm), f"--trainer.default_root_dir={folder}", "--trainer.max_steps=2",
+                   "--trainer.limit_val_batches=1"])
+    return next(folder.rglob("last.ckpt"))
