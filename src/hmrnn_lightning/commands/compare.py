@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from hmrnn_lightning.commands.runs import (
-    RunSpec, atomic_write, budget_args, build_cli, count_parameters, csv_text, fail, markdown_summary, metric_columns,
+    RunSpec, atomic_write, budget_args, build_cli, count_parameters, csv_text, fail, informative, markdown_summary, metric_columns,
     run_one, split_extra, summarise,
 )
 
@@ -155,23 +155,12 @@ COLUMNS = ("params", "steps", "test/bpc", "best_val_bpc", "chars_per_s", "test/b
 
 def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     """``runs.csv`` (every run), ``compare.csv`` and ``compare.md`` (mean and spread per model)."""
-    columns = [c for c in metric_columns(rows, COLUMNS) if _informative(c, rows)]
+    columns = [c for c in metric_columns(rows, COLUMNS) if informative(c, rows)]
     summary = summarise(rows, columns)
     atomic_write(out / "runs.csv", csv_text(rows))
     atomic_write(out / "compare.csv", csv_text(summary, ["label", "n"] + [f"{c}_{s}" for c in columns for s in ("mean", "sd")]))
     atomic_write(out / "compare.md", markdown_summary(summary, columns, {c: _title(c) for c in columns}))
 
-
-def _informative(column: str, rows: list[dict[str, Any]]) -> bool:
-    """Drop the boundary columns of the top layer (it has no detector) and word F1 columns of
-    levels other than words, to keep the table to what the comparison is about."""
-    tag = column.rsplit("/", 1)[-1]
-    if column.startswith(("test/boundary_f1", "probe_f1")):
-        return tag.endswith("_word")
-    if column.startswith("test/boundary_rate/"):
-        hm_layers = [int(k.rsplit("/l", 1)[1]) for r in rows for k in r if k.startswith("test/boundary_rate/l")]
-        return int(tag[1:]) < max(hm_layers, default=0)
-    return True
 
 
 def _title(column: str) -> str:

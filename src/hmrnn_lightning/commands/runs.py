@@ -156,6 +156,19 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
+def name_wandb_run(trainer: pl.Trainer, name: str, group: str | None) -> None:
+    """Name the W&B run a WandbLogger is about to start, and put it in ``group``, unless the
+    config names them. (W&B reads ``WANDB_NAME`` once per process, so the environment cannot
+    name the second run of a series; the logger's init arguments can, until it starts.)"""
+    for logger in trainer.loggers:
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and getattr(logger, "_experiment", None) is None:
+            if not init.get("name"):
+                init["name"] = name
+            if group and not init.get("group"):
+                init["group"] = group
+
+
 def finish_wandb() -> None:
     """End the current W&B run, so the next run of the series starts its own."""
     wandb = sys.modules.get("wandb")  # never import W&B for runs that do not use it
@@ -196,13 +209,11 @@ def run_one(
         group: W&B group; each run is its own W&B run named after it.
     """
     print(f"hmrnn: run {index}/{total}: {spec.label} seed {spec.seed}", flush=True)
-    if group:
-        os.environ["WANDB_RUN_GROUP"] = group
-    os.environ["WANDB_NAME"] = spec.name  # W&B reads these when a WandbLogger starts its run
     run_dir = root / spec.name
     try:
         cli = build_cli(spec.configs, [f"--seed_everything={spec.seed}", f"--trainer.default_root_dir={run_dir}", *spec.args])
         relax_early_stopping(cli.trainer)
+        name_wandb_run(cli.trainer, spec.name, group)
         meter = TrainingThroughput()
         cli.trainer.callbacks.append(meter)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -220,7 +231,6 @@ def run_one(
         row["note"] = note
     finally:
         finish_wandb()
-        os.environ.pop("WANDB_NAME", None)
     if note:
         print(f"hmrnn: note: {spec.name}: {note}", flush=True)
     return row
@@ -312,3 +322,15 @@ def metric_columns(rows: list[dict[str, Any]], prefixes: Sequence[str]) -> list[
     """Columns present in any row that start with one of ``prefixes``, in the prefixes' order."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     return list(dict.fromkeys(k for p in prefixes for k in keys if k.startswith(p)))
+
+
+def informative(column: str, rows: list[dict[str, Any]]) -> bool:
+    """Whether a summary shows ``column``: boundary columns only for layers with a detector
+    (the top layer's z is 0 by construction), boundary F1 only against word ends."""
+    tag = column.rsplit("/", 1)[-1]
+    if "boundary_f1" in column:
+        return tag.endswith("_word")
+    if column.startswith("test/boundary_rate/"):
+        layers = [int(k.rsplit("/l", 1)[1]) for r in rows for k in r if k.startswith("test/boundary_rate/l")]
+        return int(tag[1:]) < max(layers, default=0)
+    return True
