@@ -18,6 +18,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from hmrnn_lightning import registry
+from hmrnn_lightning.checkpoints import CheckpointError
 from hmrnn_lightning.data.base import DataError
 
 #: config keys whose ``class_path`` may be a registered short name, and the registry kind of each
@@ -202,7 +203,7 @@ COMMANDS = {
     "sample-strokes": "hmrnn_lightning.commands.plots:cmd_sample_strokes",
     "plot-segments": "hmrnn_lightning.commands.plots:cmd_plot_segments",
 }
-EXPECTED_ERRORS = (ConfigError, DataError, registry.RegistryError)
+EXPECTED_ERRORS = (ConfigError, DataError, registry.RegistryError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:
