@@ -119,6 +119,25 @@ def class_path(kind: str, name: str) -> str:
     raise AssertionError("unreachable")
 
 
+def class_path_for(base: type | tuple, name: str) -> str | None:
+    """The class path registered as ``name`` whose class is a subclass of ``base`` (a class or a
+    tuple of classes), or ``None``. Used by the CLI to resolve short names while parsing, where
+    the expected type (``BoundaryEstimator``, ``LightningDataModule``...) says which kind is meant.
+
+    Raises:
+        RegistryError: the name is a plugin that fails to import.
+    """
+    bases = tuple(b for b in (base if isinstance(base, tuple) else (base,)) if isinstance(b, type))
+    for kind in KINDS:
+        path = available(kind).get(name)
+        if path is None:
+            continue
+        cls = resolve(kind, name)
+        if isinstance(cls, type) and issubclass(cls, bases):
+            return path
+    return None
+
+
 def load_plugins() -> list[str]:
     """Import every installed plugin so class names resolve; returns the failures as messages."""
     failures = []

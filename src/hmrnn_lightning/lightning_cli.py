@@ -1,0 +1,214 @@
+"""The LightningCLI of hmrnn-lightning: ``hmrnn fit|validate|test|predict``.
+
+Kept apart from :mod:`hmrnn_lightning.cli` (the ``hmrnn`` entry point) so that ``hmrnn --help``,
+``hmrnn list`` and the small commands start without importing Lightning.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from hmrnn_lightning import registry
+from hmrnn_lightning.checkpoints import CheckpointError, load_checkpoint
+from hmrnn_lightning.errors import ConfigError, config_error_line, constructor_error_line
+
+#: hyperparameters that are bookkeeping, not settings: not sent to loggers
+_NOT_LOGGED = ("_instantiator", "_class_path", "vocab")
+
+FIT_HELP = (
+    "Train a model. Start from a config: `hmrnn fit --config configs/quickstart.yaml`. "
+    "Show the whole resolved config with `--print_config`; list the component names a config "
+    "may use (estimators, stacks, heads, datamodules) with `hmrnn list`; show one component's "
+    "options and docstring with e.g. `--model.help HMRNNLanguageModel` or "
+    "`--model.init_args.stack.help HMStack`. All options follow."
+)
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Saves the resolved config in the run's own folder and logs the settings once.
+
+    The run's folder is where its checkpoints go (``save_dir/name/version`` of the first logger),
+    so two runs never share a ``config.yaml``, W&B included (W&B's ``log_dir`` is its whole
+    ``save_dir``). The logger receives the resolved config, without the vocabulary and the
+    CLI's bookkeeping keys; the model's own ``save_hyperparameters`` is not sent a second time.
+    A run that fails before it has written anything but its config leaves no folder behind.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        run_dir = run_folder(trainer)
+        if trainer.is_global_zero and run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = run_dir / f".{self.config_filename}.tmp"
+            self.parser.save(self.config, str(tmp), skip_none=False, overwrite=True, multifile=False)
+            tmp.replace(run_dir / self.config_filename)
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False, format="yaml"))
+        model = config.get("model")
+        if isinstance(model, dict) and isinstance(model.get("init_args"), dict):
+            model["init_args"] = {k: v for k, v in model["init_args"].items() if k not in _NOT_LOGGED}
+        trainer.logger.log_hyperparams(config)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """Remove the run's folder if the run failed before writing anything but its config."""
+        run_dir = run_folder(trainer)
+        if not trainer.is_global_zero or run_dir is None or not run_dir.is_dir():
+            return
+        kept = {self.config_filename, "hparams.yaml", "metrics.csv"}
+        files = [p for p in run_dir.rglob("*") if p.is_file()]
+        if all(p.name in kept and (p.name != "metrics.csv" or p.stat().st_size == 0) for p in files):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_folder(trainer) -> Path | None:
+    """``save_dir/name/version`` of the first logger (where ModelCheckpoint writes), else the root dir."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    if logger.save_dir is None:
+        return None
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir) / str(logger.name) / version
+
+
+class HMRNNArgumentParser(LightningArgumentParser):
+    """Reports a bad argument as one ``hmrnn: error: ...`` line naming the key, the value and what is
+    allowed, drawn from jsonargparse's nested report (``HMRNN_DEBUG=1`` restores the full report)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        import os
+        import sys
+
+        if os.environ.get("HMRNN_DEBUG"):
+            return super().error(message, ex)
+        sys.stderr.write(f"hmrnn: error: {config_error_line(message)}\n")
+        raise SystemExit(2)
+
+
+class HMRNNCLI(LightningCLI):
+    """LightningCLI for hmrnn-lightning.
+
+    Beyond LightningCLI: the datamodule's ``vocab_size``, ``vocab`` and ``stats`` are linked to
+    the model's parameters of those names, for whichever model class the config chooses;
+    registered short names (``step``, ``hm``, ``ptb``, plugin names; ``hmrnn list``) are
+    accepted wherever a class is expected; a ``--ckpt_path`` is checked (readable, of the
+    configured model class, finite, same vocabulary) before it is used; and a component that
+    refuses its arguments is reported as one line naming its place in the config.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        install_short_names()
+        kwargs.setdefault("save_config_callback", SaveAndLogConfig)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        kwargs.setdefault("parser_class", HMRNNArgumentParser)
+        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Data-dependent sizes go from the datamodule to the model. jsonargparse skips a link whose
+        source the datamodule lacks or whose target the model class does not take, so the links
+        hold for every model and datamodule, whichever config, ``-c`` or ``--config`` chose them."""
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.vocab", "model.init_args.vocab", compute_fn=_symbols, apply_on="instantiate")
+        parser.link_arguments("data.stats", "model.init_args.stats", apply_on="instantiate")
+        if parser.prog and parser.prog.endswith(" fit"):
+            parser.description = FIT_HELP
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        self.check_ckpt_path()
+
+    def check_ckpt_path(self) -> None:
+        """A given ``--ckpt_path`` must be a sound checkpoint of the configured model class; checked
+        before LightningCLI reads the checkpoint's hyperparameters into the config."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if not path or path in ("best", "last", "hpc", "registry") or str(path).startswith("registry:"):
+            return
+        model_path = self.config[sub].get("model", {}).get("class_path")
+        expected = registry.import_path(model_path) if model_path else LightningModule
+        ckpt = load_checkpoint(path, expected=expected if isinstance(expected, type) else None)
+        self._ckpt_vocab = ckpt.get("hmrnn_vocab")
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI, with a component's refusal of its arguments made one line."""
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            line = constructor_error_line(exc, self.config.get(self.subcommand) if self.subcommand else self.config)
+            if line is None:
+                raise
+            raise ConfigError(line) from exc
+        self._check_ckpt_vocab()
+
+    def _check_ckpt_vocab(self) -> None:
+        """A language-model checkpoint must have been trained on the data's vocabulary."""
+        ckpt_vocab = getattr(self, "_ckpt_vocab", None)
+        data_vocab = getattr(self.datamodule, "vocab", None)
+        symbols = list(getattr(data_vocab, "symbols", []) or [])
+        if ckpt_vocab is not None and symbols and list(ckpt_vocab) != symbols:
+            sub = self.subcommand
+            raise CheckpointError(
+                f"checkpoint {self.config[sub].ckpt_path}: trained on a vocabulary of {len(ckpt_vocab)} symbols, "
+                f"the data ({type(self.datamodule).__name__}) has {len(symbols)}; give the config the checkpoint was trained with"
+            )
+
+
+def _symbols(vocab) -> list[str]:
+    return list(vocab.symbols)
+
+
+def install_short_names() -> None:
+    """Let jsonargparse resolve registered short names wherever it resolves a class name.
+
+    jsonargparse resolves a bare name by matching the class names of imported subclasses of the
+    expected type, and has no hook for other aliases; its one resolver is wrapped (once) so a
+    registered name (``step``, ``ptb``, a plugin's entry-point name) is tried first. Config files
+    (``-c``/``--config``), command-line values and nested ``init_args`` all go through it, and the
+    parsed (and saved) config holds the full class path.
+    """
+    from jsonargparse import _typehints
+
+    original = _typehints.resolve_class_path_by_name
+    if getattr(original, "_hmrnn_short_names", False):
+        return
+
+    def resolve_class_path_by_name(cls, name: str) -> str:
+        if isinstance(name, str) and "." not in name:
+            path = registry.class_path_for(cls, name)
+            if path is not None:
+                return path
+        return original(cls, name)
+
+    resolve_class_path_by_name._hmrnn_short_names = True  # type: ignore[attr-defined]
+    _typehints.resolve_class_path_by_name = resolve_class_path_by_name
+
+
+__all__ = ["HMRNNArgumentParser", "HMRNNCLI", "SaveAndLogConfig", "install_short_names", "run_folder"]
+
+
+def quiet_library_warnings() -> None:
+    """Silence library warnings a user of ``hmrnn`` can do nothing about; the only place that does.
+
+    - LightningCLI warns when ``args`` is given while ``sys.argv`` is non-empty: ``hmrnn`` passes its
+      own ``sys.argv[1:]`` on purpose (so the small commands and tests share one entry point).
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
