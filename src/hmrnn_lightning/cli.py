@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("HMRNN_DEBUG") or not is_user_error(exc):
             raise
+        if isinstance(exc, LookupError) and str(exc).startswith("unknown encoding"):
+            # only the datamodules take an encoding; Python's message names the value, not the key
+            exc = ConfigError(f"data.init_args.encoding: {exc} (Python codec names: utf-8, latin-1, ascii...)")
         report(exc)
         return 2
 

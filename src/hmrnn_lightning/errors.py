@@ -26,19 +26,99 @@ _NOISE = (
     "- Expected a <class 'NoneType'>",
     "Expected a <class 'NoneType'>",
     "Not a valid subclass of NoneType",
+    "- Expected a path but",  # the callable-by-import-path alternative of a class-typed key
+    "Expected a path but",
+    "- Expected a dot import path string",
+    "Expected a dot import path string",
 )
 _KEY = re.compile(r'^(?:- )?Parser key "([^"]+)":?\s*(.*)$')
 _CLASS = re.compile(r"^(?:- )?Problem with given class_path '([^']+)':\s*(.*)$")
 
 
-def config_error_line(message: str) -> str:
+def config_error_line(message: str, args: list[str] | None = None) -> str:
     """One line from jsonargparse's nested error report: the full key, the class it belongs to,
     and the innermost reason (which holds the value given and what is allowed).
 
     jsonargparse nests one report per level (``Parser key "data":`` / ``Problem with given
     class_path ...:`` / ``- <alternative>``), indented; the reason is the deepest line that is
-    neither a heading nor the rejected ``None`` alternative.
+    neither a heading nor a rejected alternative (``None``, an import path). For a value given
+    on the command line jsonargparse reports the innermost key only (``batch_size``); the full
+    key is then taken from the argument that set it, when ``args`` are given.
     """
+    line = _config_error_line(message)
+    key, sep, rest = line.partition(": ")
+    if not sep or not key:
+        return line
+    name, _, cls = key.partition(" ")
+    deeper = _given_key(message, rest)
+    if deeper and not name.endswith(deeper):
+        name = f"{name}.init_args.{deeper}" if not deeper.startswith("init_args.") else f"{name}.{deeper}"
+    if "." not in name and args:
+        name = _key_in_args(name, rest, args) or name
+    return f"{name}{' ' + cls if cls else ''}: {rest}"
+
+
+def _given_key(message: str, reason: str) -> str | None:
+    """The part of the key below the reported one, from jsonargparse's ``Given value:`` line: a
+    command-line ``NestedArg(key=...)``, or the place in a given mapping of the value the reason quotes."""
+    import ast
+
+    given = next((line.strip()[len("Given value:"):].strip() for line in message.splitlines() if line.strip().startswith("Given value:")), None)
+    if not given:
+        return None
+    m = re.match(r"NestedArg\(key='([^']+)'", given)
+    if m:
+        return m.group(1)
+    quoted = re.findall(r"'([^']*)'", reason)
+    try:
+        value = ast.literal_eval(given)
+    except (ValueError, SyntaxError):
+        return None
+    paths = [k for k, v in _leaves(value) if str(v) in quoted]
+    return max(paths, key=lambda k: k.count("."), default=None)
+
+
+def _leaves(node: Any, key: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for n, v in enumerate(node):
+            yield from _leaves(v, f"{key}[{n}]")
+    else:
+        yield key, node
+
+
+def _key_in_args(leaf: str, reason: str, args: list[str]) -> str | None:
+    """The full key of ``leaf``: from the command-line flag that set it, else from the config file
+    (``-c``/``--config``, the last one that holds it) with the value the reason quotes."""
+    for arg in reversed(args):
+        flag = arg.split("=", 1)[0].lstrip("-")
+        if arg.startswith("--") and (flag.endswith(f".{leaf}") or flag.endswith(f".{leaf}.class_path")):
+            return flag[: -len(".class_path")] if flag.endswith(".class_path") else flag
+    got = re.search(r"Got value: (.*)$", reason)
+    found = None
+    for k, arg in enumerate(args[:-1]):
+        if arg not in ("-c", "--config"):
+            continue
+        for key, value in _leaves(_read_yaml(args[k + 1])):
+            if key.rsplit(".", 1)[-1] == leaf and (got is None or str(value) == got.group(1).strip()):
+                found = key
+    return found
+
+
+def _read_yaml(path_or_text: str) -> Any:
+    import yaml
+    from pathlib import Path
+
+    try:
+        path = Path(path_or_text)
+        return yaml.safe_load(path.read_text() if path.is_file() else path_or_text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _config_error_line(message: str) -> str:
     rows = [(len(line) - len(line.lstrip()), line.strip()) for line in message.splitlines() if line.strip()]
     best: tuple[int, int] | None = None  # (depth, row index) of the deepest reason
     for i, (indent, text) in enumerate(rows):
@@ -70,7 +150,7 @@ def config_error_line(message: str) -> str:
             classes.append(m.group(1))
             keys.append("init_args")
     m = _KEY.match(rows[i][1])
-    reason = rows[i][1]
+    reason = rows[i][1].removeprefix("- ")
     if m:  # 'Parser key "x": reason' as the deepest line
         keys.append(m.group(1))
         reason = m.group(2)
@@ -101,6 +181,7 @@ def _ancestors(rows: list[tuple[int, str]], i: int) -> list[str]:
 
 def _tidy(line: str) -> str:
     line = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", line)
+    line = re.sub(r"Expected a (int|float|bool|str|list|dict)\. Got value: ", r"expected \1, got ", line)
     return " ".join(line.split())
 
 
@@ -119,7 +200,7 @@ def constructor_error_line(exc: BaseException, config: Any) -> str | None:
     inner = innermost(exc)
     if type(inner).__name__ == "MisconfigurationException":
         return _tidy(str(inner))
-    if not isinstance(inner, (ValueError, TypeError)):
+    if not isinstance(inner, (ValueError, TypeError)) and type(inner).__name__ != "RegistryError":
         return None
     frames = _frames(inner)
     if not frames:

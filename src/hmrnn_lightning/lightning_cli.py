@@ -18,6 +18,9 @@ from hmrnn_lightning import registry
 from hmrnn_lightning.checkpoints import CheckpointError, load_checkpoint
 from hmrnn_lightning.errors import ConfigError, config_error_line, constructor_error_line
 
+#: the arguments being parsed, so a bad value's report can name its full key (see ``config_error_line``)
+_ARGS: list[list[str]] = []
+
 #: hyperparameters that are bookkeeping, not settings: not sent to loggers
 _NOT_LOGGED = ("_instantiator", "_class_path", "vocab")
 
@@ -95,7 +98,7 @@ class HMRNNArgumentParser(LightningArgumentParser):
 
         if os.environ.get("HMRNN_DEBUG"):
             return super().error(message, ex)
-        sys.stderr.write(f"hmrnn: error: {config_error_line(message)}\n")
+        sys.stderr.write(f"hmrnn: error: {config_error_line(message, _ARGS[-1] if _ARGS else None)}\n")
         raise SystemExit(2)
 
 
@@ -131,7 +134,13 @@ class HMRNNCLI(LightningCLI):
             parser.description = FIT_HELP
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
+        import sys
+
+        _ARGS.append(list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else [])
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            _ARGS.pop()
         self.check_ckpt_path()
 
     def check_ckpt_path(self) -> None:
@@ -147,7 +156,8 @@ class HMRNNCLI(LightningCLI):
         self._ckpt_vocab = ckpt.get("hmrnn_vocab")
 
     def instantiate_classes(self) -> None:
-        """As LightningCLI, with a component's refusal of its arguments made one line."""
+        """As LightningCLI, with a component's refusal of its arguments made one line, then the
+        checks that need the built objects (estimators, checkpoint vocabulary, writable folders)."""
         try:
             super().instantiate_classes()
         except Exception as exc:
@@ -155,7 +165,10 @@ class HMRNNCLI(LightningCLI):
             if line is None:
                 raise
             raise ConfigError(line) from exc
+        check_estimators(self.model)
         self._check_ckpt_vocab()
+        if self.subcommand is not None:
+            check_writable(self.trainer)
 
     def _check_ckpt_vocab(self) -> None:
         """A language-model checkpoint must have been trained on the data's vocabulary."""
@@ -168,6 +181,43 @@ class HMRNNCLI(LightningCLI):
                 f"checkpoint {self.config[sub].ckpt_path}: trained on a vocabulary of {len(ckpt_vocab)} symbols, "
                 f"the data ({type(self.datamodule).__name__}) has {len(symbols)}; give the config the checkpoint was trained with"
             )
+
+
+def check_estimators(model) -> None:
+    """Every boundary estimator in the model implements ``forward`` (a plugin that forgot would
+    otherwise pass parsing and fail at the first batch)."""
+    from hmrnn_lightning.estimators.base import BoundaryEstimator
+
+    for name, module in model.named_modules():
+        if isinstance(module, BoundaryEstimator) and type(module).forward is BoundaryEstimator.forward:
+            cls = type(module)
+            raise ConfigError(
+                f"model.{name} ({cls.__module__}.{cls.__qualname__}): a boundary estimator must implement "
+                "forward(logit) -> boundary states; this class does not"
+            )
+
+
+def check_writable(trainer) -> None:
+    """The run's folders can be created and written: ``default_root_dir`` and each logger's
+    ``save_dir``. Checked by creating a temporary file in the nearest existing folder (permission
+    bits alone miss read-only mounts), before anything is written."""
+    import tempfile
+
+    places = [("trainer.default_root_dir", trainer.default_root_dir)]
+    places += [(f"{type(lg).__name__} save_dir", lg.save_dir) for lg in trainer.loggers if getattr(lg, "save_dir", None)]
+    for key, place in places:
+        path = Path(place).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"{key}: cannot create {path}: {existing} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}: cannot write in {existing} ({exc.strerror or exc}); give a writable folder, "
+                "e.g. --trainer.default_root_dir=runs"
+            ) from None
 
 
 def _symbols(vocab) -> list[str]:
@@ -190,11 +240,16 @@ def install_short_names() -> None:
         return
 
     def resolve_class_path_by_name(cls, name: str) -> str:
-        if isinstance(name, str) and "." not in name:
-            path = registry.class_path_for(cls, name)
-            if path is not None:
-                return path
-        return original(cls, name)
+        if not isinstance(name, str) or "." in name:
+            return original(cls, name)
+        path = registry.class_path_for(cls, name)
+        if path is None:
+            path = original(cls, name)
+        if "." not in path:
+            known = registry.names_for(cls)
+            if known:  # one of our kinds: say which names exist
+                raise registry.RegistryError(f"unknown name {name!r}; known: {', '.join(known)}; or give a full class path")
+        return path
 
     resolve_class_path_by_name._hmrnn_short_names = True  # type: ignore[attr-defined]
     _typehints.resolve_class_path_by_name = resolve_class_path_by_name

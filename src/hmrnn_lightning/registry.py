@@ -138,6 +138,22 @@ def class_path_for(base: type | tuple, name: str) -> str | None:
     return None
 
 
+def names_for(base: type | tuple) -> list[str]:
+    """Registered names (plugins included) whose class is a subclass of ``base``; for messages.
+    Names whose class cannot be imported are left out."""
+    bases = tuple(b for b in (base if isinstance(base, tuple) else (base,)) if isinstance(b, type))
+    names = []
+    for kind in KINDS:
+        for name in available(kind):
+            try:
+                cls = resolve(kind, name)
+            except RegistryError:
+                continue
+            if isinstance(cls, type) and issubclass(cls, bases):
+                names.append(name)
+    return names
+
+
 def load_plugins() -> list[str]:
     """Import every installed plugin so class names resolve; returns the failures as messages."""
     failures = []
