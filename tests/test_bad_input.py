@@ -68,6 +68,7 @@ CONFIG_CASES = [
     ("estimator_without_forward", ["--model.init_args.stack.init_args.estimator=hmrnn_test_noforward.NoForward"],
      ["model.stack.estimator", "NoForward", "forward"]),
     ("root_dir_under_a_file", lambda t: [f"--trainer.default_root_dir={t / 'afile' / 'runs'}"], ["trainer.default_root_dir", "afile", "not a folder"]),
+    ("window_longer_than_data", ["--data.init_args.seq_len=5000"], ["seq_len", "5000", "longer"]),
     ("missing_iam_folder", lambda t: ["-c", str(ROOT / "configs" / "iam_hmlstm.yaml"), f"--data.init_args.data_dir={t / 'nowhere'}"],
      ["IAM-OnDB", "nowhere"]),
     ("unknown_encoding", lambda t: ["--data=text", f"--data.init_args.train_file={t / 'a.txt'}", "--data.init_args.encoding=klingon"],
@@ -138,8 +139,11 @@ CKPT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("command", ["test", "validate", "fit"])
-@pytest.mark.parametrize("case", CKPT_CASES, ids=[c[0] for c in CKPT_CASES])
+# every case through `test`; `validate` and `fit` take the same path, checked with two cases each
+CKPT_RUNS = [("test", c) for c in CKPT_CASES] + [(cmd, c) for cmd in ("validate", "fit") for c in CKPT_CASES if c[0] in ("missing", "handwriting_for_language")]
+
+
+@pytest.mark.parametrize("command,case", CKPT_RUNS, ids=[f"{cmd}-{c[0]}" for cmd, c in CKPT_RUNS])
 def test_bad_checkpoint_is_one_line(case, command, tmp_path, capfd, lm_ckpt):  # noqa: F811
     name, file, words = case
     _checkpoints(tmp_path, lm_ckpt)
@@ -161,12 +165,15 @@ def test_checkpoint_of_other_data_is_one_line(tmp_path, capfd, lm_ckpt):  # noqa
     assert not runs_left(tmp_path)
 
 
-def test_good_checkpoint_tests_without_a_new_folder_warning(tmp_path, capfd, lm_ckpt):  # noqa: F811
-    code = main(["test", *TINY, f"--data.init_args.cache_dir={tmp_path / 'c'}", f"--trainer.default_root_dir={tmp_path / 'root'}",
-                 f"--ckpt_path={lm_ckpt}", "--trainer.limit_test_batches=1"])
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_good_checkpoint_evaluates_without_a_new_run_folder(command, tmp_path, lm_ckpt, recwarn):  # noqa: F811
+    """test/validate print their results; they make no version_N folder and do not warn that the
+    checkpoint folder changed."""
+    code = main([command, *TINY, f"--data.init_args.cache_dir={tmp_path / 'c'}", f"--trainer.default_root_dir={tmp_path / 'root'}",
+                 f"--ckpt_path={lm_ckpt}", "--trainer.limit_test_batches=1", "--trainer.limit_val_batches=1"])
     assert code == 0
-    err = capfd.readouterr().err
-    assert "dirpath has changed" not in err
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    assert not runs_left(tmp_path) and not (tmp_path / "root" / "config.yaml").exists()
 
 
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="permission bits do not bind root")

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,35 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     assert runs, "no offline W&B run written"
     history = list(runs[0].rglob("*.wandb"))
     assert history and history[0].stat().st_size > 0
-    assert "val/bpc" in cli.trainer.callback_metrics and "slope" in cli.trainer.callback_metrics
+    assert "val/bpc" in cli.trainer.callback_metrics and "train/slope" in cli.trainer.callback_metrics
+
+
+def test_two_wandb_runs_keep_two_configs(tmp_path, monkeypatch):
+    """Each W&B run saves its config in its own folder (beside its checkpoints), and the logger gets
+    the settings once, without the vocabulary or the CLI's bookkeeping keys."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    from lightning.pytorch.loggers import WandbLogger
+
+    original = WandbLogger.log_hyperparams
+    monkeypatch.setattr(WandbLogger, "log_hyperparams", lambda self, params, *a, **k: (logged.append(params), original(self, params, *a, **k))[1])
+    folders = []
+    for lr in (0.003, 0.004):
+        cli = HMRNNCLI(args=["fit", *tiny(tmp_path, "--config", str(ROOT / "configs" / "logger" / "wandb.yaml"),
+                                          f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--model.init_args.lr={lr}",
+                                          "--trainer.max_steps=2", "--trainer.limit_val_batches=1")])
+        cli.trainer.logger.experiment.finish()
+        folders.append(next(p for p in (tmp_path / "runs").rglob("config.yaml") if p.parent not in folders).parent)
+    assert folders[0] != folders[1]
+    assert [yaml.safe_load((f / "config.yaml").read_text())["model"]["init_args"]["lr"] for f in folders] == [0.003, 0.004]
+    assert not (tmp_path / "runs" / "config.yaml").exists()  # no shared, overwritten file
+    assert len(logged) == 2  # once per run
+    for params in logged:
+        model_args = params["model"]["init_args"]
+        assert "vocab" not in model_args and "_instantiator" not in model_args and "_class_path" not in model_args
 
 
 def test_ablate_writes_csv_and_markdown_tables(tmp_path, capsys):
@@ -230,3 +259,59 @@ def test_short_names_in_config_files(tmp_path, flag, capsys):
     assert cli.model.vocab == cli.datamodule.vocab.symbols  # the vocabulary link holds with -c too
     saved = next(tmp_path.rglob("config.yaml")).read_text()
     assert "class_path: hm\n" not in saved and "hmrnn_lightning.estimators.SoftEstimator" in saved
+
+
+def test_integer_batch_limits_stay_counts(capsys):
+    """--trainer.limit_val_batches 1 is one batch (an int), 0.5 half of them (a float)."""
+    cfg = print_config(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.limit_val_batches", "1",
+                        "--trainer.limit_train_batches=0.5"], capsys)
+    assert cfg["trainer"]["limit_val_batches"] == 1 and isinstance(cfg["trainer"]["limit_val_batches"], int)
+    assert cfg["trainer"]["limit_train_batches"] == 0.5
+
+
+def test_run_stopped_before_its_first_validation(tmp_path):
+    """max_steps ends training before any validation: early stopping on val/bpc does not crash, no
+    monitor warning, and last.ckpt is still written."""
+    stop = tmp_path / "stop.yaml"
+    stop.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+        "      init_args: {monitor: val/bpc, mode: min, patience: 5}\n"
+        "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+        "      init_args: {monitor: val/bpc, mode: min, save_last: true}\n"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = HMRNNCLI(args=["fit", *tiny(tmp_path, "--config", str(stop), "--trainer.max_steps=2")])
+    assert cli.trainer.global_step == 2
+    assert not [w for w in caught if "could not find the monitored key" in str(w.message)]
+    assert list(tmp_path.rglob("last.ckpt"))
+
+
+def test_help_fits_on_a_screen_and_points_onwards(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) <= 40
+    for command in ("fit", "test", "sample", "list", "plot-boundaries"):
+        assert f"\n  {command} " in out
+    assert "hmrnn fit --config configs/quickstart.yaml" in out
+    assert main(["fit", "--help"]) == 0
+    head = " ".join(" ".join(capsys.readouterr().out.splitlines()[:12]).split())
+    assert "--print_config" in head and "hmrnn list" in head
+    assert main(["fit", "--model.help", "HMRNNLanguageModel"]) == 0
+    assert "stateful truncated BPTT" in capsys.readouterr().out  # the class docstring
+
+
+def test_version(capsys):
+    import hmrnn_lightning
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"hmrnn-lightning {hmrnn_lightning.__version__}"
+
+
+def test_light_commands_do_not_import_lightning():
+    """--help, --version and list answer without loading torch or Lightning (they took 5-7 s)."""
+    code = "import sys; from hmrnn_lightning.cli import main; [main(a) for a in (['--help'], ['--version'], ['list'])]; " \
+           "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -47,7 +47,7 @@ Start here:
   hmrnn fit --config configs/quickstart.yaml                 train the small model (minutes, CPU)
   hmrnn test --config configs/quickstart.yaml --ckpt_path RUN/checkpoints/last.ckpt
   hmrnn sample --ckpt_path RUN/checkpoints/last.ckpt --prime "the "
-(RUN is the folder `hmrnn fit` prints, e.g. lightning_logs/version_0)
+(RUN is the run folder `hmrnn fit` names when it starts, e.g. lightning_logs/version_0)
 
 commands:
 {commands}
@@ -112,9 +112,8 @@ def _run_lightning_cli(argv: list[str]) -> int:
     """Run LightningCLI; its parser's exits (``--help``, ``--print_config``, a bad argument)
     become the return code, so ``main`` always returns one."""
     from hmrnn_lightning import registry
-    from hmrnn_lightning.lightning_cli import HMRNNCLI, quiet_library_warnings
+    from hmrnn_lightning.lightning_cli import HMRNNCLI
 
-    quiet_library_warnings()
     for failure in registry.load_plugins():  # imported so their classes resolve by name
         print(f"hmrnn: warning: {failure}", file=sys.stderr)
     try:

@@ -11,9 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+# every component package is imported, so that jsonargparse resolves their class names
+# (``class_path: HMStack``, ``--model.help HMRNNLanguageModel``) as it does for imported subclasses
+import hmrnn_lightning.callbacks  # noqa: F401,E402
+import hmrnn_lightning.cells  # noqa: F401,E402
+import hmrnn_lightning.data  # noqa: F401,E402
+import hmrnn_lightning.estimators  # noqa: F401,E402
+import hmrnn_lightning.heads  # noqa: F401,E402
+import hmrnn_lightning.models  # noqa: F401,E402
 from hmrnn_lightning import registry
 from hmrnn_lightning.checkpoints import CheckpointError, load_checkpoint
 from hmrnn_lightning.errors import ConfigError, config_error_line, constructor_error_line
@@ -24,12 +32,19 @@ _ARGS: list[list[str]] = []
 #: hyperparameters that are bookkeeping, not settings: not sent to loggers
 _NOT_LOGGED = ("_instantiator", "_class_path", "vocab")
 
-FIT_HELP = (
-    "Train a model. Start from a config: `hmrnn fit --config configs/quickstart.yaml`. "
-    "Show the whole resolved config with `--print_config`; list the component names a config "
-    "may use (estimators, stacks, heads, datamodules) with `hmrnn list`; show one component's "
+#: the first lines of ``hmrnn <command> --help``, before LightningCLI's full list of options
+HELP = {
+    "fit": "Train a model from a config: `hmrnn fit --config configs/quickstart.yaml`.",
+    "validate": "Validation metrics of a checkpoint: `hmrnn validate --config CONFIG --ckpt_path RUN/checkpoints/last.ckpt`.",
+    "test": "Test metrics of a checkpoint: `hmrnn test --config CONFIG --ckpt_path RUN/checkpoints/last.ckpt` "
+            "(the config the checkpoint was trained with).",
+    "predict": "LightningCLI's predict loop over a config's data.",
+}
+HELP_COMMON = (
+    " Show the whole resolved config with `--print_config`; list the component names a config may "
+    "use (estimators, stacks, heads, datamodules, plugins) with `hmrnn list`; show one component's "
     "options and docstring with e.g. `--model.help HMRNNLanguageModel` or "
-    "`--model.init_args.stack.help HMStack`. All options follow."
+    "`--model.init_args.stack.help HMStack`. Every option follows."
 )
 
 
@@ -44,10 +59,14 @@ class SaveAndLogConfig(SaveConfigCallback):
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved:
-            return
+        if self.already_saved or (stage != "fit" and not trainer.loggers):
+            return  # an evaluation without a logger has no run folder
         run_dir = run_folder(trainer)
         if trainer.is_global_zero and run_dir is not None:
+            if stage == "fit":
+                from lightning.pytorch.utilities import rank_zero_info
+
+                rank_zero_info(f"Run folder: {run_dir} (config.yaml, checkpoints/, logs)")
             run_dir.mkdir(parents=True, exist_ok=True)
             tmp = run_dir / f".{self.config_filename}.tmp"
             self.parser.save(self.config, str(tmp), skip_none=False, overwrite=True, multifile=False)
@@ -75,6 +94,23 @@ class SaveAndLogConfig(SaveConfigCallback):
         files = [p for p in run_dir.rglob("*") if p.is_file()]
         if all(p.name in kept and (p.name != "metrics.csv" or p.stat().st_size == 0) for p in files):
             shutil.rmtree(run_dir, ignore_errors=True)
+            try:
+                run_dir.parent.rmdir()  # the logger's name folder, if this run was its only one
+            except OSError:
+                pass
+
+
+def default_logger(root: str | None):
+    """TensorBoard when ``tensorboard`` is installed, else CSV; in ``root/lightning_logs``."""
+    import importlib.util
+    import os
+
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    save_dir = root or os.getcwd()
+    if importlib.util.find_spec("tensorboard") is not None:
+        return TensorBoardLogger(save_dir=save_dir, name="lightning_logs")
+    return CSVLogger(save_dir=save_dir, name="lightning_logs")
 
 
 def run_folder(trainer) -> Path | None:
@@ -86,6 +122,33 @@ def run_folder(trainer) -> Path | None:
         return None
     version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
     return Path(logger.save_dir) / str(logger.name) / version
+
+
+class HMRNNTrainer(Trainer):
+    """Lightning's Trainer, with the ``limit_*_batches`` typed ``int | float``.
+
+    Lightning declares them ``float | int`` and the parser takes the first type that accepts a
+    value, so ``--trainer.limit_val_batches 1`` became ``1.0`` (all batches) instead of one batch.
+    Here an integer is a count of batches and a float a fraction, as Lightning documents.
+    Every other argument is Lightning's own.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
 
 
 class HMRNNArgumentParser(LightningArgumentParser):
@@ -115,12 +178,20 @@ class HMRNNCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         install_short_names()
+        quiet_library_warnings()
         kwargs.setdefault("save_config_callback", SaveAndLogConfig)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        # each subcommand's --help opens with a short usage line and pointers; the full list stays below
+        commands = {c: {"usage": f"hmrnn {c} [-c CONFIG] [--print_config] [--KEY VALUE ...]", "description": h + HELP_COMMON}
+                    for c, h in HELP.items()}
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml", **commands})
         kwargs.setdefault("parser_class", HMRNNArgumentParser)
+        kwargs.setdefault("trainer_class", HMRNNTrainer)
+        # the settings reach the logger once, as the resolved config (SaveAndLogConfig), not a
+        # second time as the model's and datamodule's hyperparameters
+        kwargs["trainer_defaults"] = {"enable_autolog_hparams": False, **(kwargs.get("trainer_defaults") or {})}
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -130,8 +201,6 @@ class HMRNNCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.vocab", "model.init_args.vocab", compute_fn=_symbols, apply_on="instantiate")
         parser.link_arguments("data.stats", "model.init_args.stats", apply_on="instantiate")
-        if parser.prog and parser.prog.endswith(" fit"):
-            parser.description = FIT_HELP
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         import sys
@@ -169,6 +238,43 @@ class HMRNNCLI(LightningCLI):
         self._check_ckpt_vocab()
         if self.subcommand is not None:
             check_writable(self.trainer)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """As LightningCLI, with three choices made explicit (each said in ``hmrnn fit --help``):
+
+        - the logger, when the config names none: TensorBoard if ``tensorboard`` is installed, else
+          CSV, both under ``default_root_dir/lightning_logs`` (Lightning's own fallback, chosen
+          here instead of announced by a warning on every run);
+        - ``validate``/``test``/``predict`` write no run folder unless the config names a logger
+          (their results are printed), and drop ``ModelCheckpoint`` (it saves nothing there and
+          restoring its state warns that the folder changed);
+        - callbacks that monitor a validation metric (``ModelCheckpoint``, ``EarlyStopping``) act
+          when validation ends, not at a training epoch's end, where a run stopped by
+          ``max_steps`` before its first validation has no such metric.
+        """
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        unnamed = trainer_cfg.get("logger") in (None, True)
+        if self.subcommand in (None, "fit") and unnamed:
+            kwargs.setdefault("logger", default_logger(trainer_cfg.get("default_root_dir")))
+        elif unnamed:
+            kwargs.setdefault("logger", False)
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if self.subcommand in ("validate", "test", "predict"):
+            callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+        for cb in callbacks:
+            monitor = getattr(cb, "monitor", None)
+            if not (isinstance(monitor, str) and monitor.startswith("val")):
+                continue
+            # the constructor arguments save_on_train_epoch_end / check_on_train_epoch_end, left unset
+            if isinstance(cb, ModelCheckpoint) and cb._save_on_train_epoch_end is None:
+                cb._save_on_train_epoch_end = False
+            if isinstance(cb, EarlyStopping) and cb._check_on_train_epoch_end is None:
+                cb._check_on_train_epoch_end = False
+        kwargs.setdefault("callbacks", callbacks)
+        return super().instantiate_trainer(**kwargs)
 
     def _check_ckpt_vocab(self) -> None:
         """A language-model checkpoint must have been trained on the data's vocabulary."""
@@ -263,7 +369,29 @@ def quiet_library_warnings() -> None:
 
     - LightningCLI warns when ``args`` is given while ``sys.argv`` is non-empty: ``hmrnn`` passes its
       own ``sys.argv[1:]`` on purpose (so the small commands and tests share one entry point).
+    - Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates (``isinstance(treespec,
+      LeafSpec)``); the call is inside Lightning, so only a Lightning release can fix it.
+
+    - Lightning logs a tip to install a logging service on every run whatever logger is chosen
+      (an INFO record, not a warning): dropped from Lightning's own log handlers.
+
+    Our own causes are fixed instead: the logger is chosen explicitly (no tensorboardX notice, no
+    logging-service tip), and checkpoint/early-stopping monitors wait for validation.
     """
     import warnings
 
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    import logging
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, _DropTips) for f in handler.filters):
+                handler.addFilter(_DropTips())
+
+
+class _DropTips:
+    """A logging filter: drops Lightning's advertising tips, keeps everything else."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("\U0001f4a1 Tip:")

@@ -151,7 +151,7 @@ class HMRNNLanguageModel(pl.LightningModule):
             if aux is not None:
                 total = total + aux
                 self.log("train/aux_loss", aux, batch_size=step_nll.shape[0])
-            self.log("slope", self.estimator.slope, batch_size=step_nll.shape[0])
+            self.log("train/slope", self.estimator.slope, batch_size=step_nll.shape[0])
         B = step_nll.shape[0]
         self.log("train/bpc", loss / math.log(2.0), prog_bar=True, batch_size=B)
         rates = out.boundaries.float().mean(dim=(0, 1))
