@@ -30,7 +30,7 @@ SUMMARIES = {
     "fit": "train a model from a config (checkpoints and logs in the run's folder)",
     "validate": "validation metrics of a checkpoint (--ckpt_path) on a config's data",
     "test": "test metrics (BPC, boundary rates) of a checkpoint on a config's data",
-    "predict": "LightningCLI's predict loop over a config's data",
+    "predict": "run a checkpoint over new input (hmrnn predict --help)",
     "list": "the component names a config may use (estimators, stacks, heads, data, plugins)",
     "sample": "generate text from a language-model checkpoint",
     "plot-boundaries": "draw each layer's boundaries for a text (the paper's Figures 3-4)",
