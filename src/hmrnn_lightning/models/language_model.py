@@ -66,6 +66,8 @@ class HMRNNLanguageModel(pl.LightningModule):
             raise ValueError(f"HMRNNLanguageModel: vocab_size must be positive, got {vocab_size}")
         if vocab is not None and len(vocab) != vocab_size:
             raise ValueError(f"HMRNNLanguageModel: vocab has {len(vocab)} symbols but vocab_size is {vocab_size}")
+        if embedding_dim <= 0:
+            raise ValueError(f"HMRNNLanguageModel: embedding_dim must be positive, got {embedding_dim}")
         if lr <= 0 or lr_decay_factor < 1:
             raise ValueError(f"HMRNNLanguageModel: need lr > 0 and lr_decay_factor >= 1, got {lr}, {lr_decay_factor}")
         self.save_hyperparameters()  # under the CLI these are the resolved config, so checkpoints reload
@@ -155,7 +157,7 @@ class HMRNNLanguageModel(pl.LightningModule):
             if aux is not None:
                 total = total + aux
                 self.log("train/aux_loss", aux, batch_size=step_nll.shape[0])
-            self.log("slope", self.estimator.slope, batch_size=step_nll.shape[0])
+            self.log("train/slope", self.estimator.slope, batch_size=step_nll.shape[0])
         B = step_nll.shape[0]
         self.log("train/bpc", loss / math.log(2.0), prog_bar=True, batch_size=B)
         rates = out.boundaries.float().mean(dim=(0, 1))
