@@ -109,3 +109,17 @@ def test_sample_bad_options_are_one_line(tiny_checkpoint, capsys, bad, message):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"hmrnn: error: {message}")
+
+
+@pytest.mark.parametrize("command", ["sample", "predict", "plot-boundaries"])
+def test_truncated_checkpoint_is_one_line(command, tiny_checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(tiny_checkpoint.read_bytes()[:2000])
+    text = tmp_path / "t.txt"
+    text.write_text("ab")
+    extra = {"sample": [], "predict": [f"--text={text}", f"--out={tmp_path / 'p.tsv'}"],
+             "plot-boundaries": ["--text", "ab", f"--out={tmp_path / 'f.png'}"]}[command]
+    assert main([command, f"--ckpt_path={bad}", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hmrnn: error: checkpoint ") and str(bad) in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt", "t.txt"]  # nothing written

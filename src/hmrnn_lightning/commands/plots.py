@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hmrnn_lightning.commands.loading import load_model
+from hmrnn_lightning.checkpoints import load_model
 
 from hmrnn_lightning.commands.runs import fail
 from hmrnn_lightning.data.base import DataError

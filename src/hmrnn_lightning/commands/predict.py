@@ -45,7 +45,7 @@ def cmd_predict(argv: list[str]) -> int:
     """hmrnn predict: per-symbol bits and boundaries for a text file."""
     import torch
 
-    from hmrnn_lightning.commands.loading import load_model
+    from hmrnn_lightning.checkpoints import load_model
     from hmrnn_lightning.models.language_model import HMRNNLanguageModel
 
     args = parser().parse_args(argv)

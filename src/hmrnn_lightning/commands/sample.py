@@ -33,7 +33,7 @@ def cmd_sample(argv: list[str]) -> int:
     """hmrnn sample: generate text from a checkpoint."""
     import torch
 
-    from hmrnn_lightning.commands.loading import load_model
+    from hmrnn_lightning.checkpoints import load_model
     from hmrnn_lightning.commands.predict import pick_device, read_text
     from hmrnn_lightning.models.language_model import HMRNNLanguageModel
 
