@@ -9,9 +9,7 @@ stroke (Graves 2013). The first point's offset is (0, 0).
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hmrnn_lightning.data.base import DataError
+from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_file
+from hmrnn_lightning.data.errors import DataError
 
 def parse_line_strokes(xml: bytes | str) -> np.ndarray:
     """``[points, 3]`` float array of absolute ``x, y`` and ``pen`` (1 on each stroke's last point).
@@ -73,7 +72,7 @@ def read_lines(source: str | Path, limit: int | None = None) -> tuple[dict[str, 
     """All parseable lines as offsets, and the counts of files skipped by reason (warned once)."""
     lines: dict[str, np.ndarray] = {}
     skipped = {"unparseable": 0, "no points": 0}
-    for line_id, data in iter_line_files(source):
+    for line_id, data in progress(iter_line_files(source), "parsing IAM-OnDB lines", unit="line"):
         try:
             lines[line_id] = to_offsets(parse_line_strokes(data))
         except ET.ParseError:
@@ -172,7 +171,7 @@ class IAMOnDBDataModule(pl.LightningDataModule):
         max_length: cut longer lines to this many points (None: keep whole lines).
         batch_size: sequences per batch.
         seed: seed of the paper split and of batch shuffling.
-        cache_dir: cache folder (default ``<data_dir>/.hmrnn_cache``).
+        cache_dir: cache folder (default: the user's cache directory; ``data_dir`` may be read-only).
     """
 
     def __init__(
@@ -204,27 +203,23 @@ class IAMOnDBDataModule(pl.LightningDataModule):
 
     @property
     def cache_path(self) -> Path:
-        root = Path(self.cache_dir) if self.cache_dir else self.data_dir / ".hmrnn_cache"
         src = self.source()
-        key = f"{src.resolve()}:{src.stat().st_mtime_ns}"
-        return root / f"iam-lines-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+        key = f"{src.resolve()}:{src.stat().st_size}:{src.stat().st_mtime_ns}"
+        return cache_root(self.cache_dir) / f"iam-lines-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
 
     def prepare_data(self) -> None:
         path = self.cache_path
         if path.exists():
             return
+        announce(f"IAM-OnDB strokes from {self.source()} (about a minute)", path)
         lines, _ = read_lines(self.source())
         ids = sorted(lines)
         lengths = np.array([len(lines[i]) for i in ids])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
+
+        def write(tmp: Path) -> None:
             np.savez(tmp, ids=np.array(ids), lengths=lengths, points=np.concatenate([lines[i] for i in ids]))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        publish_file(path, write, suffix=".npz")
 
     def _official_forms(self, name: str) -> set[str]:
         path = self.data_dir / "splits" / name

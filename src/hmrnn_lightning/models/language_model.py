@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 from hmrnn_lightning.heads.base import Head
@@ -104,8 +105,15 @@ class HMRNNLanguageModel(pl.LightningModule):
             state = None  # a shorter final batch starts fresh rather than failing
         return state
 
-    def on_train_epoch_start(self) -> None:
-        self._carried["train"] = None
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The state restarts with the epoch's first window. Keyed on batch_idx rather than on the
+        # epoch-start hook, because a run resumed mid-epoch also starts its epoch there and must
+        # keep the carried state restored from the checkpoint.
+        state = self._carried["train"]
+        if batch_idx == 0 or state is None:
+            self._carried["train"] = None
+        elif state[0].h.device != self.device:  # restored from a checkpoint onto the CPU
+            self._carried["train"] = [LayerState(*(t.to(self.device) for t in s)) for s in state]
 
     def on_validation_epoch_start(self) -> None:
         self._carried["val"] = None
@@ -255,7 +263,13 @@ class HMRNNLanguageModel(pl.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hmrnn_vocab"] = self.vocab
+        # The truncated-BPTT state carried into the next training window, as plain tensors, so a
+        # run resumed mid-epoch continues exactly (the data loader's position is saved by Lightning).
+        state = self._carried["train"]
+        checkpoint["hmrnn_carried_state"] = None if state is None else [tuple(t.cpu() for t in s) for s in state]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("hmrnn_vocab") is not None:
             self.vocab = list(checkpoint["hmrnn_vocab"])
+        state = checkpoint.get("hmrnn_carried_state")
+        self._carried["train"] = None if state is None else [LayerState(*s) for s in state]
