@@ -97,9 +97,10 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
         assert loss == reference[step], f"step {step}: resumed {loss} != uninterrupted {reference[step]}"
 
 
-def test_resume_at_every_kind_of_step_in_process(tmp_path):
+def test_resume_at_every_kind_of_step_in_process(tmp_path, recwarn):
     """Resuming from the checkpoint of each step of a short run (mid-epoch, an epoch's last step,
-    after validation) continues with the same windows and carried state as the uninterrupted run."""
+    after validation) continues with the same windows and carried state as the uninterrupted run,
+    and Lightning neither warns that the loader is not resumable nor that an IterableDataset has a length."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -125,6 +126,18 @@ def test_resume_at_every_kind_of_step_in_process(tmp_path):
     reference = run(callbacks=[saver])
     per_epoch = len(reference) // 2
     assert per_epoch == 27 and [r[1] for r in reference] == list(range(27)) * 2
-    for step in (3, per_epoch - 1, per_epoch, per_epoch + 5):
+    for step in (3, per_epoch - 1, per_epoch):  # mid-epoch, an epoch's last step, after validation
         resumed = run(ckpt_path=tmp_path / "ck" / f"step={step}.ckpt")
         assert resumed == reference[step:], f"resumed from step {step}"
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "not resumable" in m or "`IterableDataset` has `__len__`" in m], messages
+
+
+def test_every_shipped_config_writes_last_ckpt_between_validations():
+    import yaml
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+        periodic = [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")
+                    and c.get("init_args", {}).get("every_n_train_steps") and c["init_args"].get("save_last")]
+        assert periodic, f"{path.name} has no step-based last.ckpt"
