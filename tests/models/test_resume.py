@@ -41,7 +41,9 @@ TINY = [
 def fit(root: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled",
            "HMRNN_CACHE_DIR": str(root.parent / "cache"), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", "from hmrnn_lightning.cli import main; raise SystemExit(main())", "fit", *TINY,
+    script = Path(sys.executable).with_name("hmrnn")  # the installed console script: the real entry point
+    entry = [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "hmrnn_lightning.cli"]
+    cmd = [*entry, "fit", *TINY,
            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
@@ -141,3 +143,25 @@ def test_every_shipped_config_writes_last_ckpt_between_validations():
         periodic = [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")
                     and c.get("init_args", {}).get("every_n_train_steps") and c["init_args"].get("save_last")]
         assert periodic, f"{path.name} has no step-based last.ckpt"
+
+
+def test_ddp_resume_restores_each_ranks_windows_and_state(tmp_path):
+    """Two gloo ranks: each carries the state of its own streams; a resume from a mid-epoch
+    checkpoint gives every rank its own state back (rank 0's logged losses would drift otherwise,
+    since the weights depend on both ranks' gradients)."""
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--data.init_args.num_chars=6000", "--trainer.max_epochs=1"]
+    whole = tmp_path / "whole"
+    fit(whole, *ddp)
+    reference = step_losses(whole)
+    assert len(reference) == 33  # 5400 symbols in 2 x 4 streams of 675: 33 windows of 20
+    ckpt_path = next(p for p in checkpoints(whole) if "step=20" in p.name)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = ckpt["hmrnn_carried_state"]
+    assert state["world_size"] == 2 and state["layers"][0][0].shape == (2, 4, 12)
+    assert not torch.equal(state["layers"][0][0][0], state["layers"][0][0][1])  # two ranks, two states
+    resumed = tmp_path / "resumed"
+    fit(resumed, *ddp, f"--ckpt_path={ckpt_path}")
+    after = step_losses(resumed)
+    assert sorted(after) == list(range(20, 33))
+    for step, loss in after.items():
+        assert loss == reference[step], f"step {step}: resumed {loss} != uninterrupted {reference[step]}"

@@ -263,13 +263,30 @@ class HMRNNLanguageModel(pl.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hmrnn_vocab"] = self.vocab
-        # The truncated-BPTT state carried into the next training window, as plain tensors, so a
-        # run resumed mid-epoch continues exactly (the data loader's position is saved by Lightning).
-        state = self._carried["train"]
-        checkpoint["hmrnn_carried_state"] = None if state is None else [tuple(t.cpu() for t in s) for s in state]
+        checkpoint["hmrnn_carried_state"] = self._carried_state_to_save()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("hmrnn_vocab") is not None:
             self.vocab = list(checkpoint["hmrnn_vocab"])
-        state = checkpoint.get("hmrnn_carried_state")
-        self._carried["train"] = None if state is None else [LayerState(*s) for s in state]
+        self._carried["train"] = self._carried_state_to_load(checkpoint.get("hmrnn_carried_state"))
+
+    def _carried_state_to_save(self) -> dict | None:
+        """The truncated-BPTT state carried into the next training window, so a run resumed
+        mid-epoch continues exactly (Lightning saves the windows' position). Under DDP every rank
+        carries the state of its own streams: they are gathered on a leading rank axis (every rank
+        takes part in writing a checkpoint, so the collective is safe here)."""
+        state = self._carried["train"]
+        if state is None:
+            return None
+        world = self.trainer.world_size if self._trainer is not None else 1
+        layers = [tuple(s) for s in state]
+        stacked = self.all_gather(layers) if world > 1 else [tuple(t.unsqueeze(0) for t in layer) for layer in layers]
+        return {"world_size": world, "layers": [tuple(t.detach().cpu() for t in layer) for layer in stacked]}
+
+    def _carried_state_to_load(self, saved: dict | None) -> State | None:
+        if not isinstance(saved, dict):
+            return None  # none saved (or an older checkpoint): the next window starts fresh
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if saved["world_size"] != world:
+            return None  # other devices cut other streams; the windows' position check says so
+        return [LayerState(*(t[rank] for t in layer)) for layer in saved["layers"]]
