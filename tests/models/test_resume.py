@@ -73,7 +73,8 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     reference = step_losses(whole)
     assert len(reference) == 66  # 2 epochs of 33 steps
 
-    # kill -9 once the checkpoint of step 40 (7 steps into the second epoch) exists
+    # kill -9 once the checkpoint of step 40 (7 steps into the second epoch) exists: the run is
+    # then busy with later steps or writing last.ckpt, as a crash would find it
     killed = tmp_path / "killed"
     proc = fit(killed, wait=False)
     deadline = time.monotonic() + 900
@@ -87,7 +88,8 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     last = next(killed.rglob("last.ckpt"))
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     resumed_from = ckpt["global_step"]
-    assert resumed_from >= 40 and resumed_from % EVERY == 0 and resumed_from < 66
+    # last.ckpt is written just after step=N.ckpt, so the kill may land between the two
+    assert 33 < resumed_from < 66 and resumed_from % EVERY == 0  # mid-way through the second epoch
     assert ckpt["hmrnn_carried_state"] is not None  # the TBPTT state travels with the checkpoint
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == resumed_from - 33
 
