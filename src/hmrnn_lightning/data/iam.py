@@ -128,15 +128,22 @@ def pad_collate(items):
 
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar lengths: shuffle, sort within chunks of ``batch_size * bucket`` by length,
-    cut into batches, shuffle the batches. Less padding, still random."""
+    cut into batches, shuffle the batches. Less padding, still random.
+
+    The order is a function of ``seed`` and the epoch; the sampler moves to the next epoch as it
+    hands out an epoch's last batch. With :meth:`state_dict` / :meth:`load_state_dict` (the
+    epoch and the position in it) a resumed run continues with the next batch of the same order.
+    """
 
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, bucket: int = 50) -> None:
         self.lengths, self.batch_size, self.shuffle, self.seed, self.bucket = lengths, batch_size, shuffle, seed, bucket
         self.epoch = 0
+        self._served = 0
+        self._resume_at = 0
 
-    def __iter__(self):
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, in order."""
         rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
         order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
         chunk = self.batch_size * self.bucket
         batches = []
@@ -145,10 +152,45 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches += [part[k : k + self.batch_size] for k in range(0, len(part), self.batch_size)]
         if self.shuffle:
             rng.shuffle(batches)
-        yield from batches
+        return batches
+
+    def __iter__(self):
+        batches = self.batches()
+        start, self._resume_at = self._resume_at, 0
+        for k in range(start, len(batches)):
+            self._served = k + 1
+            if self._served == len(batches):  # the epoch is handed out: a checkpoint now resumes at the next
+                self.epoch, self._served = self.epoch + 1, 0
+            yield batches[k]
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self._served, "batches": len(self), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state.get("batches"), state.get("seed")) != (len(self), self.seed):
+            raise ValueError(
+                f"the checkpoint's batches were drawn differently ({state.get('batches')} batches, seed "
+                f"{state.get('seed')}; now {len(self)}, seed {self.seed}); resume with the data settings of the run that wrote it"
+            )
+        self.epoch, self._resume_at = int(state["epoch"]), int(state["position"])
+        self._served = self._resume_at
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` whose position Lightning saves in checkpoints (the batch sampler's state).
+
+    Exact with ``num_workers=0`` (the default here): the sampler is then never ahead of the
+    training step, since Lightning does not prefetch from a loader with a length.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 class IAMOnDBDataModule(pl.LightningDataModule):
@@ -277,7 +319,7 @@ class IAMOnDBDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.dataset(split)
         sampler = BucketBatchSampler([len(s) - 1 for s in ds.sequences], self.batch_size, shuffle, self.seed)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=pad_collate)
+        return ResumableLoader(ds, batch_sampler=sampler, collate_fn=pad_collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
