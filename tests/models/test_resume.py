@@ -47,7 +47,7 @@ def fit(root: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if wait:
-        out, _ = proc.communicate(timeout=900)
+        out, _ = proc.communicate(timeout=1800)
         assert proc.returncode == 0, out[-3000:]
     return proc
 
@@ -77,10 +77,10 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     # then busy with later steps or writing last.ckpt, as a crash would find it
     killed = tmp_path / "killed"
     proc = fit(killed, wait=False)
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 1800
     while not any("step=40" in p.name for p in checkpoints(killed)):
         assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, "no checkpoint at step 40 within 900 s"
+        assert time.monotonic() < deadline, "no checkpoint at step 40 within 1800 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
