@@ -13,8 +13,10 @@ with the backward written out by hand:
   before the loop. On CPU the gated blocks are multiplied only for the rows whose gate is
   open (:data:`SKIP_GATED_ROWS`). Kept for the backward pass: ``a_t``, ``c`` and the four
   gate activations.
-* forward, with layer norm: each term is normalised on its own before its gate multiplies
-  it (:class:`~hmrnn_lightning.cells.base.HMCell`), so the three products stay apart (the
+* forward, with layer norm: the bottom-up term is normalised on its own before its gate
+  multiplies it (:class:`~hmrnn_lightning.cells.base.HMCell` says why only that one; the
+  code takes any term with ``gamma_<term>`` in :func:`layer_params`), so the three products
+  stay apart (the
   first layer's input product is still one over all steps, but inside the function, so the
   backward pass returns the gradient of the ``[B, T, E]`` input rather than keeping one of
   ``[B, T, 4H + 1]``). Kept: each term's product before normalisation, and ``c``. The
@@ -22,7 +24,7 @@ with the backward written out by hand:
   own backward, and gets the gates from their sum; keeping the gates too put the Text8 shape
   (3 x 1024, batch 128) over twice nn.LSTM's memory. In training every row of a gated term is
   computed, closed or not: the straight-through gradient of its gate is ``<LN(W h), ds>``
-  and needs it.
+  and needs it (``<W h, ds>`` for a term that is not normalised).
 * backward: walks time backwards; per layer and step the products ``ds_t @ W`` give the
   gradients of the inputs. A closed gate's rows stay in them (the straight-through gradient
   of the boundary asks what the term it kept out would have changed), but rows in COPY
@@ -152,7 +154,9 @@ def layer_params(stack) -> list[dict[str, Tensor]]:
             }
             for name in term_names(l, L):
                 linear, norm = modules[name]
-                p[f"w_{name}"], p[f"gamma_{name}"], p[f"beta_{name}"] = linear.weight, norm.weight, norm.bias
+                p[f"w_{name}"] = linear.weight
+                if norm is not None:  # terms the cell does not normalise have no gamma_/beta_ entry
+                    p[f"gamma_{name}"], p[f"beta_{name}"] = norm.weight, norm.bias
             p["gamma_cell"], p["beta_cell"] = cell.norm_cell.weight, cell.norm_cell.bias
         out.append(p)
     return out
@@ -284,17 +288,35 @@ def _layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, gamm
     return torch.ops.aten.native_layer_norm_backward(dy, x, (x.shape[-1],), mean, rstd, gamma, beta, [True, True, True])
 
 
+def term_norm(raw: Tensor, p: dict[str, Tensor], name: str, eps: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(term, mean, 1/std)`` of a product: layer-normalised when the layer's parameters hold
+    ``gamma_<name>`` (:func:`layer_params`), else the product itself with no statistics."""
+    gamma = p.get(f"gamma_{name}")
+    if gamma is None:
+        return raw, None, None
+    return _layer_norm(raw, gamma, p[f"beta_{name}"], eps)
+
+
+def term_norm_backward(dy: Tensor, raw: Tensor, mean, rstd, p: dict[str, Tensor], name: str):
+    """``(d raw, d gamma, d beta)`` of :func:`term_norm` (no parameter gradients for a plain term)."""
+    gamma = p.get(f"gamma_{name}")
+    if gamma is None:
+        return dy, None, None
+    return _layer_norm_backward(dy, raw, mean, rstd, gamma, p[f"beta_{name}"])
+
+
 def ln_term(
     p: dict[str, Tensor], name: str, x: Tensor, w: Tensor, eps: float, mm_dtype, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One layer-normalised term, ``LN_name(x @ W_name^T)``; returns ``(term, product, mean, 1/std)``.
+    """One term, ``LN_name(x @ W_name^T)`` (or the product itself where the term is not
+    normalised); returns ``(term, product, mean, 1/std)``.
 
     Layer norm reads rows, so the product (computed by :func:`_linear` as a transpose) is
     copied once into row-major memory, ``out`` if given. Measured per ``[64, 512] x [512, 2049]``
     term on 2 cores: 2.6 ms this way, 3.1 ms for a row-major product ``x @ W^T``."""
     raw = _linear(x, w, mm_dtype)
     raw = raw.contiguous() if out is None else out.copy_(raw)
-    term, mean, rstd = _layer_norm(raw, p[f"gamma_{name}"], p[f"beta_{name}"], eps)
+    term, mean, rstd = term_norm(raw, p, name, eps)
     return term, raw, mean, rstd
 
 
@@ -330,7 +352,8 @@ def ln_preactivation(
     zb: Tensor | None, eps: float, mm_dtype, skip_closed: bool, out: dict[str, Tensor] | None = None,
     given: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """``s = b + LN_rec(U_l h^l_{t-1}) + z^l_{t-1} LN_above(...) + z^{l-1}_t LN_below(...)``
+    """``s = b + U_l h^l_{t-1} + z^l_{t-1} U_{l+1} h^{l+1}_{t-1} + z^{l-1}_t LN_below(W_{l-1} h^{l-1}_t)``
+    (each term through :func:`term_norm`)
     with ``inputs`` ``{"rec": h^l_{t-1}, "above": h^{l+1}_{t-1}, "below": h^{l-1}_t}`` (None
     where the layer has no such term), ``p`` the layer's :func:`layer_params` and ``w`` its
     :func:`term_weights`. Shared by the sequence path and the generation step.
@@ -349,7 +372,7 @@ def ln_preactivation(
         gate = _term_gate(name, layer, zp, zb)
         rows = None
         if given is not None and name in given:
-            term = _layer_norm(given[name], p[f"gamma_{name}"], p[f"beta_{name}"], eps)[0]
+            term = term_norm(given[name], p, name, eps)[0]
         else:
             if gate is not None and skip_closed:
                 rows = _open_rows(gate)
@@ -741,7 +764,7 @@ def _ln_terms(meta: _Meta, keep: _Kept, p, l: int, t: int, zp, zb, act: Tensor) 
     terms = {}
     s = p["bias"].expand(act.shape[0], -1).clone()
     for name in term_names(l, meta.layers):
-        terms[name] = _layer_norm(keep.raw[l][name][t], p[f"gamma_{name}"], p[f"beta_{name}"], meta.eps)
+        terms[name] = term_norm(keep.raw[l][name][t], p, name, meta.eps)
         gate = _term_gate(name, l, zp, zb)
         if gate is None:
             s += terms[name][0]
@@ -760,12 +783,12 @@ def _ln_input_grads(meta: _Meta, keep: _Kept, p, w_t, d_p, d_raw, terms, l: int,
     d_in, d_gates = {}, {}
     for name in term_names(l, meta.layers):
         gate = _term_gate(name, l, zp, zb)
-        gamma, beta = p[f"gamma_{name}"], p[f"beta_{name}"]
         term, mean, rstd = terms[name]
         raw = keep.raw[l][name][t]
-        d_raw_t, d_gamma, d_beta = _layer_norm_backward(ds if gate is None else ds * gate, raw, mean, rstd, gamma, beta)
-        d_p[f"gamma_{name}"] += d_gamma
-        d_p[f"beta_{name}"] += d_beta
+        d_raw_t, d_gamma, d_beta = term_norm_backward(ds if gate is None else ds * gate, raw, mean, rstd, p, name)
+        if d_gamma is not None:
+            d_p[f"gamma_{name}"] += d_gamma
+            d_p[f"beta_{name}"] += d_beta
         d_raw[name][slot] = d_raw_t
         if l == 0 and name == "below":
             continue

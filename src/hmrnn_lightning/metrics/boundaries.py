@@ -1,4 +1,4 @@
-"""Per-layer boundary rate and the share of UPDATE, COPY and FLUSH."""
+"""Per-layer boundary rate, the share of UPDATE, COPY and FLUSH, and how often boundaries do not nest."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ class BoundaryStatistics(Metric):
     """Accumulates ``z`` and operation weights per layer.
 
     ``compute()`` returns a dict with keys ``boundary_rate/l{k}`` and ``{update,copy,flush}_frac/l{k}``
-    (layers numbered from 1). The paper's "updates instead of dense steps" claim is
-    ``update_frac + flush_frac`` of an upper layer.
+    (layers numbered from 1), and for ``k >= 2`` ``unnested/l{k}``: the share of steps where
+    layer ``k`` ends a segment while layer ``k - 1`` does not. The paper's "updates instead of
+    dense steps" claim is ``update_frac + flush_frac`` of an upper layer.
+
+    Boundaries need not nest: after a FLUSH (``z^k_{t-1} = 1``) layer ``k`` computes, and its
+    detector decides ``z^k_t``, whether or not the layer below ended a segment at ``t``. Only
+    COPY carries ``z`` unchanged.
 
     Args:
         num_layers: layers of the stack.
@@ -27,6 +32,7 @@ class BoundaryStatistics(Metric):
         self.num_layers = num_layers
         self.add_state("z_sum", default=torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("ops_sum", default=torch.zeros(num_layers, 3, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("unnested_sum", default=torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("steps", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, boundaries: Tensor, operations: Tensor, mask: Tensor | None = None) -> None:
@@ -37,6 +43,9 @@ class BoundaryStatistics(Metric):
         m = mask.detach().double()
         self.z_sum += (boundaries.detach().double() * m.unsqueeze(-1)).sum(dim=(0, 1))
         self.ops_sum += (operations.detach().double() * m[..., None, None]).sum(dim=(0, 1))
+        z = boundaries.detach().double()
+        unnested = z[..., 1:] * (1.0 - z[..., :-1])  # fires while the layer below does not
+        self.unnested_sum[1:] += (unnested * m.unsqueeze(-1)).sum(dim=(0, 1))
         self.steps += int(mask.sum())
 
     def compute(self) -> dict[str, Tensor]:
@@ -46,4 +55,6 @@ class BoundaryStatistics(Metric):
             out[f"boundary_rate/l{l + 1}"] = (self.z_sum[l] / n).float()
             for k, name in enumerate(OPERATION_NAMES):
                 out[f"{name}_frac/l{l + 1}"] = (self.ops_sum[l, k] / n).float()
+            if l > 0:
+                out[f"unnested/l{l + 1}"] = (self.unnested_sum[l] / n).float()
         return out

@@ -10,3 +10,12 @@ def clip_gradients_by_default(module, optimizer, gradient_clip_val, gradient_cli
         gradient_clip_val, gradient_clip_algorithm = module.hparams.grad_clip_norm, "norm"
     if gradient_clip_val:
         module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+
+
+def default_callbacks(module) -> list:
+    """``configure_callbacks`` body: :class:`FaultDetection` and :class:`TrainingHealth` with
+    their defaults, unless the Trainer already has one of that type (the user's settings win)."""
+    from hmrnn_lightning.callbacks import FaultDetection, TrainingHealth
+
+    present = module.trainer.callbacks if module._trainer is not None else []
+    return [cls() for cls in (FaultDetection, TrainingHealth) if not any(isinstance(cb, cls) for cb in present)]

@@ -13,7 +13,7 @@ from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 from hmrnn_lightning.heads.base import Head
-from hmrnn_lightning.models.common import clip_gradients_by_default
+from hmrnn_lightning.models.common import clip_gradients_by_default, default_callbacks
 from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics
 
 StackFactory = Callable[[int], RecurrentStack]
@@ -105,6 +105,10 @@ class HMRNNLanguageModel(pl.LightningModule):
             state = None  # a shorter final batch starts fresh rather than failing
         return state
 
+    def reset_carried_state(self, stage: str) -> None:
+        """Start ``stage``'s next window from zeros (also used after a skipped non-finite step)."""
+        self._carried[stage] = None
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The state restarts with the epoch's first window. Keyed on batch_idx rather than on the
         # epoch-start hook, because a run resumed mid-epoch also starts its epoch there and must
@@ -148,7 +152,9 @@ class HMRNNLanguageModel(pl.LightningModule):
         return metrics
 
     # -- steps -------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """The loss, with the window's boundaries and operations (detached) for callbacks such
+        as :class:`~hmrnn_lightning.callbacks.TrainingHealth`."""
         step_nll, out, _ = self._run(batch, "train")
         loss = step_nll.mean()
         total = loss
@@ -163,7 +169,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         rates = out.boundaries.float().mean(dim=(0, 1))
         for l in range(self.stack.num_layers - 1):
             self.log(f"train/boundary_rate/l{l + 1}", rates[l], batch_size=B)
-        return total
+        return {"loss": total, "boundaries": out.boundaries.detach(), "operations": out.operations.detach()}
 
     def _eval_step(self, batch: Any, stage: str, bpc: BitsPerCharacter, stats: BoundaryStatistics) -> None:
         step_nll, out, labels = self._run(batch, stage)
@@ -211,6 +217,10 @@ class HMRNNLanguageModel(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients_by_default(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_callbacks(self) -> list:
+        """Fault detection and training-health logging on every run (:func:`default_callbacks`)."""
+        return default_callbacks(self)
 
     def encode(self, text: str, what: str = "text") -> Tensor:
         """``[1, len(text)]`` symbol ids on the model's device; unknown symbols are an error."""
