@@ -18,6 +18,19 @@ torch.set_num_threads(2)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_data_cache(tmp_path_factory):
+    """Each test session builds its caches in its own folder (inherited by the subprocesses it
+    starts), never in the user's cache directory, and two sessions running at once never share one."""
+    previous = os.environ.get("HMRNN_CACHE_DIR")
+    os.environ["HMRNN_CACHE_DIR"] = str(tmp_path_factory.mktemp("hmrnn-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("HMRNN_CACHE_DIR", None)
+    else:
+        os.environ["HMRNN_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -38,7 +38,9 @@ def test_training_step_carries_detached_state_across_batches():
     _, out = model(batches[1][0], first)
     model.training_step(batches[1], 1)
     torch.testing.assert_close(model._carried["train"][0].h, out.state[0].h)
-    model.on_train_epoch_start()
+    model.on_train_batch_start(batches[2], 2)  # mid-epoch: kept
+    assert model._carried["train"] is not None
+    model.on_train_batch_start(batches[0], 0)  # an epoch's first window starts fresh
     assert model._carried["train"] is None
 
 

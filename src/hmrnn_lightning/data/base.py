@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_info
 
+from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_dir
+from hmrnn_lightning.data.errors import DataError
 from hmrnn_lightning.data.streams import StreamWindows
 from hmrnn_lightning.data.vocab import UNK, Vocabulary
 
 SPLITS = ("train", "valid", "test")
 
-
-class DataError(RuntimeError):
-    """Missing, empty or unreadable data, with what to do about it."""
+__all__ = ["CharStreamDataModule", "DataError", "SPLITS", "read_text_file"]
 
 
 class CharStreamDataModule(pl.LightningDataModule):
@@ -34,14 +31,21 @@ class CharStreamDataModule(pl.LightningDataModule):
     :meth:`fixed_vocabulary`.
 
     The cache is a folder holding ``train.npy``, ``valid.npy``, ``test.npy`` and
-    ``vocab.json``; it is written into a temporary folder and renamed into place, so an
-    interrupted build leaves nothing half-written. Arrays are memory-mapped on load.
+    ``vocab.json`` in the user's cache directory (see :mod:`hmrnn_lightning.data.cache`), so the
+    data folder may be read-only; it is written into a temporary folder and renamed into place,
+    so an interrupted build leaves nothing half-written and concurrent builds end with one whole
+    copy. Arrays are memory-mapped on load and kept in their stored dtype (``uint8`` up to 256
+    symbols); windows become ``int64`` one at a time as they are served.
+
+    Under DDP each rank reads its own contiguous ``batch_size`` streams: the global batch is
+    ``devices x batch_size`` streams, each ``1/devices`` as long as on one device.
 
     Args:
         batch_size: streams per batch (per device under DDP).
         seq_len: truncated-BPTT window length.
         eval_batch_size: streams for validation / test (default: ``batch_size``).
-        cache_dir: where caches go (default: ``.hmrnn_cache`` beside the data, or ``~/.cache/hmrnn``).
+        cache_dir: where caches go (default: ``$HMRNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/hmrnn-lightning``,
+            else ``~/.cache/hmrnn-lightning``).
     """
 
     name = "chars"
@@ -76,38 +80,34 @@ class CharStreamDataModule(pl.LightningDataModule):
         """Identifies the source data and settings; a change makes a new cache."""
         return self.name
 
-    def default_cache_root(self) -> Path:
-        return Path(os.environ.get("HMRNN_CACHE", Path.home() / ".cache" / "hmrnn"))
+    def describe(self) -> str:
+        """What is being prepared, for the line printed while the cache is built."""
+        return f"the {self.name} corpus"
 
     # -- cache -----------------------------------------------------------------------------------------
     @property
     def cache_path(self) -> Path:
-        root = Path(self.cache_dir) if self.cache_dir else self.default_cache_root()
         digest = hashlib.sha1(self.cache_key().encode()).hexdigest()[:12]
-        return root / f"{self.name}-{digest}"
+        return cache_root(self.cache_dir) / f"{self.name}-{digest}"
 
     def _build_cache(self) -> None:
+        final = self.cache_path
+        announce(self.describe(), final)
         splits = self.read_splits()
         for split in SPLITS:
             if split not in splits or len(splits[split]) == 0:
                 raise DataError(f"{type(self).__name__}: the {split} split is empty")
         vocab = self.fixed_vocabulary() or Vocabulary.from_sequence(splits["train"], UNK if self.add_unknown else None)
-        arrays = {s: vocab.encode(splits[s], split=s) for s in SPLITS}
-        final = self.cache_path
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-        try:
+        arrays = {s: vocab.encode(splits[s], split=s) for s in progress(SPLITS, f"encoding {self.name}", unit="split")}
+
+        def fill(tmp: Path) -> None:
             for split, arr in arrays.items():
                 np.save(tmp / f"{split}.npy", arr)
             (tmp / "vocab.json").write_text(vocab.to_json())
-            (tmp / "meta.json").write_text(json.dumps({"key": self.cache_key(), "lengths": {s: len(a) for s, a in arrays.items()}}))
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / "meta.json").exists():  # not another rank's finished copy
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            meta = {"key": self.cache_key(), "lengths": {s: len(a) for s, a in arrays.items()}}
+            (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a whole copy
+
+        publish_dir(final, fill)
 
     def prepare_data(self) -> None:
         if not (self.cache_path / "meta.json").exists():
@@ -118,7 +118,9 @@ class CharStreamDataModule(pl.LightningDataModule):
             return
         self.prepare_data()
         self._vocab = Vocabulary.load(self.cache_path / "vocab.json")
-        self._arrays = {s: np.load(self.cache_path / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+        # copy-on-write mapping: torch can wrap it without a copy (it refuses read-only arrays),
+        # pages are read from the file as windows touch them, and the file is never written
+        self._arrays = {s: np.load(self.cache_path / f"{s}.npy", mmap_mode="c") for s in SPLITS}
 
     # -- public -------------------------------------------------------------------------------------------
     @property
@@ -132,8 +134,10 @@ class CharStreamDataModule(pl.LightningDataModule):
         return len(self.vocab)
 
     def split_ids(self, split: str) -> torch.Tensor:
+        """The split's symbol ids, memory-mapped in their stored dtype (``uint8`` up to 256 symbols);
+        no copy is made, so index or slice it and convert what you use (``.long()``)."""
         self._load()
-        return torch.from_numpy(np.asarray(self._arrays[split], dtype=np.int64))
+        return torch.from_numpy(self._arrays[split])
 
     def boundary_levels(self) -> list[str]:
         """Names of the known boundary levels served with validation / test windows."""
@@ -145,7 +149,7 @@ class CharStreamDataModule(pl.LightningDataModule):
         ends = [self.vocab.index[s] for s in self.word_end_symbols if s in self.vocab.index]
         if not ends:
             return None
-        return torch.isin(ids, torch.tensor(ends)).to(torch.uint8).unsqueeze(-1)
+        return torch.isin(ids, torch.tensor(ends, dtype=ids.dtype)).to(torch.uint8).unsqueeze(-1)
 
     def setup(self, stage: str | None = None) -> None:
         self._load()
@@ -156,7 +160,7 @@ class CharStreamDataModule(pl.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
-    def _loader(self, split: str, streams: int, drop_last: bool, labels: bool = False) -> DataLoader:
+    def _loader(self, split: str, streams: int, drop_last: bool, labels: bool = False) -> StreamWindows:
         rank, world = self._rank()
         ids = self.split_ids(split)
         lab = self.boundary_labels(split) if labels else None
@@ -170,17 +174,29 @@ class CharStreamDataModule(pl.LightningDataModule):
                 f"{type(self).__name__}: the {split} split ({ids.numel()} symbols) is too short for "
                 f"{streams * world} streams; lower the batch size"
             )
-        windows = StreamWindows(ids, streams, self.seq_len, rank, world, drop_last, labels=lab)
-        return DataLoader(windows, batch_size=None)
+        return StreamWindows(ids, streams, self.seq_len, rank, world, drop_last, labels=lab)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, drop_last=True)
+    # The loaders are StreamWindows themselves, not DataLoaders: sized and resumable mid-epoch
+    # (see StreamWindows for why).
+    def train_dataloader(self) -> StreamWindows:
+        windows = self._loader("train", self.batch_size, drop_last=True)
+        self.log_layout(windows)
+        return windows
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StreamWindows:
         return self._loader("valid", self.eval_batch_size, drop_last=False, labels=True)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StreamWindows:
         return self._loader("test", self.eval_batch_size, drop_last=False, labels=True)
+
+    def log_layout(self, windows: StreamWindows) -> None:
+        """Say once, on rank 0, what a training step sees: the global batch and each stream's length."""
+        world = windows.world_size
+        rank_zero_info(
+            f"hmrnn: training batch {world * windows.data.shape[0]} streams "
+            f"({windows.data.shape[0]} per device x {world} device{'s' if world > 1 else ''}), "
+            f"each {windows.data.shape[1]} symbols long; {len(windows)} windows of {self.seq_len} per epoch"
+        )
 
 
 def read_text_file(path: Path, encoding: str = "utf-8") -> str:

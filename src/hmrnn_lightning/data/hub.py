@@ -1,32 +1,39 @@
-"""Fetching corpora from the Hugging Face hub through ``datasets`` (imported only here)."""
+"""Fetching corpora from the Hugging Face hub through ``datasets`` (the ``[hub]`` extra, imported only here).
+
+Offline mode is left to ``datasets``: with ``HF_DATASETS_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``)
+it still loads a copy it has cached before, and fails only when it has none; that failure
+becomes one :class:`DataError` saying where to put the files instead.
+"""
 
 from __future__ import annotations
 
 import os
 
-from hmrnn_lightning.data.base import DataError
+from hmrnn_lightning.data.errors import DataError
 
 HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in {"1", "true", "yes"} or os.environ.get(
-        "HF_HUB_OFFLINE", "0"
-    ).lower() in {"1", "true", "yes"}
+    return any(os.environ.get(v, "0").lower() in {"1", "true", "yes", "on"} for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def load_hub_dataset(name: str, config: str | None, hint: str):
     """``datasets.load_dataset(name, config)`` with one clear error when it cannot work."""
-    if _offline():
-        raise DataError(f"the local files are missing and the hub is off (HF_DATASETS_OFFLINE): {hint}")
     try:
         import datasets
-    except ImportError as exc:  # pragma: no cover - datasets is a dependency
-        raise DataError(f"'datasets' is not installed, so {name} cannot be fetched: {hint}") from exc
+    except ImportError:
+        raise DataError(
+            f"the local files are missing and {name} would be fetched from the Hugging Face hub, but 'datasets' "
+            f"is not installed (pip install \"hmrnn-lightning[hub]\"); or {hint}"
+        ) from None
     try:
         return datasets.load_dataset(name, config)
-    except Exception as exc:
-        raise DataError(f"could not fetch {name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); {hint}") from None
+    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, its own)
+        mode = "the hub is off (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) and no cached copy was found" if _offline() else (
+            f"could not fetch {name!r} from the Hugging Face hub"
+        )
+        raise DataError(f"{mode} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {hint}") from None
 
 
 def fetch_splits(name: str, field: str, hint: str, config: str | None = None) -> dict[str, str]:

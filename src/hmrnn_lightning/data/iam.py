@@ -9,9 +9,7 @@ stroke (Graves 2013). The first point's offset is (0, 0).
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hmrnn_lightning.data.base import DataError
+from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_file
+from hmrnn_lightning.data.errors import DataError
 
 def parse_line_strokes(xml: bytes | str) -> np.ndarray:
     """``[points, 3]`` float array of absolute ``x, y`` and ``pen`` (1 on each stroke's last point).
@@ -73,7 +72,7 @@ def read_lines(source: str | Path, limit: int | None = None) -> tuple[dict[str, 
     """All parseable lines as offsets, and the counts of files skipped by reason (warned once)."""
     lines: dict[str, np.ndarray] = {}
     skipped = {"unparseable": 0, "no points": 0}
-    for line_id, data in iter_line_files(source):
+    for line_id, data in progress(iter_line_files(source), "parsing IAM-OnDB lines", unit="line"):
         try:
             lines[line_id] = to_offsets(parse_line_strokes(data))
         except ET.ParseError:
@@ -129,15 +128,22 @@ def pad_collate(items):
 
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar lengths: shuffle, sort within chunks of ``batch_size * bucket`` by length,
-    cut into batches, shuffle the batches. Less padding, still random."""
+    cut into batches, shuffle the batches. Less padding, still random.
+
+    The order is a function of ``seed`` and the epoch; the sampler moves to the next epoch as it
+    hands out an epoch's last batch. With :meth:`state_dict` / :meth:`load_state_dict` (the
+    epoch and the position in it) a resumed run continues with the next batch of the same order.
+    """
 
     def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int = 0, bucket: int = 50) -> None:
         self.lengths, self.batch_size, self.shuffle, self.seed, self.bucket = lengths, batch_size, shuffle, seed, bucket
         self.epoch = 0
+        self._served = 0
+        self._resume_at = 0
 
-    def __iter__(self):
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, in order."""
         rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
         order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
         chunk = self.batch_size * self.bucket
         batches = []
@@ -146,10 +152,45 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches += [part[k : k + self.batch_size] for k in range(0, len(part), self.batch_size)]
         if self.shuffle:
             rng.shuffle(batches)
-        yield from batches
+        return batches
+
+    def __iter__(self):
+        batches = self.batches()
+        start, self._resume_at = self._resume_at, 0
+        for k in range(start, len(batches)):
+            self._served = k + 1
+            if self._served == len(batches):  # the epoch is handed out: a checkpoint now resumes at the next
+                self.epoch, self._served = self.epoch + 1, 0
+            yield batches[k]
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self._served, "batches": len(self), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state.get("batches"), state.get("seed")) != (len(self), self.seed):
+            raise ValueError(
+                f"the checkpoint's batches were drawn differently ({state.get('batches')} batches, seed "
+                f"{state.get('seed')}; now {len(self)}, seed {self.seed}); resume with the data settings of the run that wrote it"
+            )
+        self.epoch, self._resume_at = int(state["epoch"]), int(state["position"])
+        self._served = self._resume_at
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` whose position Lightning saves in checkpoints (the batch sampler's state).
+
+    Exact with ``num_workers=0`` (the default here): the sampler is then never ahead of the
+    training step, since Lightning does not prefetch from a loader with a length.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 class IAMOnDBDataModule(pl.LightningDataModule):
@@ -172,7 +213,7 @@ class IAMOnDBDataModule(pl.LightningDataModule):
         max_length: cut longer lines to this many points (None: keep whole lines).
         batch_size: sequences per batch.
         seed: seed of the paper split and of batch shuffling.
-        cache_dir: cache folder (default ``<data_dir>/.hmrnn_cache``).
+        cache_dir: cache folder (default: the user's cache directory; ``data_dir`` may be read-only).
     """
 
     def __init__(
@@ -204,27 +245,23 @@ class IAMOnDBDataModule(pl.LightningDataModule):
 
     @property
     def cache_path(self) -> Path:
-        root = Path(self.cache_dir) if self.cache_dir else self.data_dir / ".hmrnn_cache"
         src = self.source()
-        key = f"{src.resolve()}:{src.stat().st_mtime_ns}"
-        return root / f"iam-lines-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+        key = f"{src.resolve()}:{src.stat().st_size}:{src.stat().st_mtime_ns}"
+        return cache_root(self.cache_dir) / f"iam-lines-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
 
     def prepare_data(self) -> None:
         path = self.cache_path
         if path.exists():
             return
+        announce(f"IAM-OnDB strokes from {self.source()} (about a minute)", path)
         lines, _ = read_lines(self.source())
         ids = sorted(lines)
         lengths = np.array([len(lines[i]) for i in ids])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-        os.close(fd)
-        try:
+
+        def write(tmp: Path) -> None:
             np.savez(tmp, ids=np.array(ids), lengths=lengths, points=np.concatenate([lines[i] for i in ids]))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+
+        publish_file(path, write, suffix=".npz")
 
     def _official_forms(self, name: str) -> set[str]:
         path = self.data_dir / "splits" / name
@@ -282,7 +319,7 @@ class IAMOnDBDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         ds = self.dataset(split)
         sampler = BucketBatchSampler([len(s) - 1 for s in ds.sequences], self.batch_size, shuffle, self.seed)
-        return DataLoader(ds, batch_sampler=sampler, collate_fn=pad_collate)
+        return ResumableLoader(ds, batch_sampler=sampler, collate_fn=pad_collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -47,7 +47,7 @@ class PTBDataModule(CharStreamDataModule):
         batch_size: streams per batch (the paper: 64).
         seq_len: window length (the paper: 100).
         eval_batch_size: streams for validation / test.
-        cache_dir: cache folder (default ``<data_dir>/.hmrnn_cache``).
+        cache_dir: cache folder (default: the user's cache directory; ``data_dir`` may be read-only).
     """
 
     name = "ptb"
@@ -71,11 +71,12 @@ class PTBDataModule(CharStreamDataModule):
         pattern = "ptb.char.{}.txt" if self.source == "char" else "ptb.{}.txt"
         return {s: self.data_dir / pattern.format(s) for s in ("train", "valid", "test")}
 
-    def default_cache_root(self):
-        return self.data_dir / ".hmrnn_cache" if self.data_dir.is_dir() else super().default_cache_root()
-
     def cache_key(self) -> str:
-        return f"ptb:{self.source}:{self.data_dir.resolve()}"
+        stats = [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in self.files().values() if p.is_file()]
+        return f"ptb:{self.source}:{self.data_dir.resolve()}:{stats}"
+
+    def describe(self) -> str:
+        return f"Penn Treebank ({self.source} files in {self.data_dir})"
 
     def read_splits(self):
         files = self.files()

@@ -130,7 +130,15 @@ class Text8DataModule(CharStreamDataModule):
         self.sizes = tuple(int(n) for n in split_sizes)
 
     def cache_key(self) -> str:
-        return f"{self.name}:{self.data_dir.resolve()}:{self.sizes}"
+        """The local file's path, size and modification time (a replaced file makes a new cache),
+        or the hub name when there is no local file."""
+        path = self.local_file()
+        source = f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}" if path else f"hub:{self.hub_name}"
+        return f"{self.name}:{source}:{self.sizes}"
+
+    def describe(self) -> str:
+        path = self.local_file()
+        return f"{self.name} ({path if path else 'hub dataset ' + self.hub_name})"
 
     def local_file(self) -> Path | None:
         for candidate in (self.name, f"{self.name}.zip"):

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 from hmrnn_lightning.heads.base import Head
@@ -113,8 +114,15 @@ class HMRNNLanguageModel(pl.LightningModule):
         """Start ``stage``'s next window from zeros (also used after a skipped non-finite step)."""
         self._carried[stage] = None
 
-    def on_train_epoch_start(self) -> None:
-        self._carried["train"] = None
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The state restarts with the epoch's first window. Keyed on batch_idx rather than on the
+        # epoch-start hook, because a run resumed mid-epoch also starts its epoch there and must
+        # keep the carried state restored from the checkpoint.
+        state = self._carried["train"]
+        if batch_idx == 0 or state is None:
+            self._carried["train"] = None
+        elif state[0].h.device != self.device:  # restored from a checkpoint onto the CPU
+            self._carried["train"] = [LayerState(*(t.to(self.device) for t in s)) for s in state]
 
     def on_validation_epoch_start(self) -> None:
         self._carried["val"] = None
@@ -282,7 +290,30 @@ class HMRNNLanguageModel(pl.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hmrnn_vocab"] = self.vocab
+        checkpoint["hmrnn_carried_state"] = self._carried_state_to_save()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("hmrnn_vocab") is not None:
             self.vocab = list(checkpoint["hmrnn_vocab"])
+        self._carried["train"] = self._carried_state_to_load(checkpoint.get("hmrnn_carried_state"))
+
+    def _carried_state_to_save(self) -> dict | None:
+        """The truncated-BPTT state carried into the next training window, so a run resumed
+        mid-epoch continues exactly (Lightning saves the windows' position). Under DDP every rank
+        carries the state of its own streams: they are gathered on a leading rank axis (every rank
+        takes part in writing a checkpoint, so the collective is safe here)."""
+        state = self._carried["train"]
+        if state is None:
+            return None
+        world = self.trainer.world_size if self._trainer is not None else 1
+        layers = [tuple(s) for s in state]
+        stacked = self.all_gather(layers) if world > 1 else [tuple(t.unsqueeze(0) for t in layer) for layer in layers]
+        return {"world_size": world, "layers": [tuple(t.detach().cpu() for t in layer) for layer in stacked]}
+
+    def _carried_state_to_load(self, saved: dict | None) -> State | None:
+        if not isinstance(saved, dict):
+            return None  # none saved (or an older checkpoint): the next window starts fresh
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        if saved["world_size"] != world:
+            return None  # other devices cut other streams; the windows' position check says so
+        return [LayerState(*(t[rank] for t in layer)) for layer in saved["layers"]]

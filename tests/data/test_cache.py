@@ -1,0 +1,149 @@
+"""The cache: its default place, read-only data folders, concurrent builders, keys that follow the files."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hmrnn_lightning.data import PTBDataModule, SyntheticDataModule, Text8DataModule
+from hmrnn_lightning.data.base import DataError
+from hmrnn_lightning.data.cache import cache_root
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_cache_place_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("HMRNN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "hmrnn-lightning"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "hmrnn-lightning"
+    monkeypatch.setenv("HMRNN_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_root() == tmp_path / "env"
+    assert cache_root(str(tmp_path / "arg")) == tmp_path / "arg"  # cache_dir wins
+    dm = SyntheticDataModule(num_chars=2000, batch_size=2, seq_len=10)
+    dm.setup()
+    assert dm.cache_path.parent == tmp_path / "env" and (dm.cache_path / "meta.json").is_file()
+
+
+def _read_only(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def test_read_only_data_folder_works(tmp_path, monkeypatch):
+    """chmod'ed read-only: for a normal user any write there fails; root ignores the mode, so
+    the test also checks that nothing at all was written into the folder."""
+    folder = tmp_path / "ptb"
+    folder.mkdir()
+    for split, n in (("train", 60), ("valid", 8), ("test", 8)):
+        (folder / f"ptb.char.{split}.txt").write_text("t h e _ c a t _ s a t\n" * n)
+    before = {p: p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]}
+    _read_only(folder)
+    monkeypatch.setenv("HMRNN_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        dm = PTBDataModule(str(folder), batch_size=2, seq_len=10)
+        dm.setup()
+        assert dm.vocab.decode(dm.split_ids("train")[:8]) == "the_cat_"
+        assert next(iter(dm.train_dataloader()))[0].shape == (2, 10)
+        assert {p: p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]} == before
+        assert dm.cache_path.parent == tmp_path / "cache"
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("kind", ["read-only folder", "a file in the way"])
+def test_cache_place_that_cannot_be_written_is_one_clear_error(tmp_path, kind):
+    if kind == "read-only folder":
+        place = tmp_path / "locked"
+        place.mkdir()
+        _read_only(place)
+        if os.access(place, os.W_OK):
+            pytest.skip("root ignores folder permissions; the other case covers the error path")
+    else:
+        place = tmp_path / "file"
+        place.write_text("not a folder")
+    dm = SyntheticDataModule(num_chars=2000, batch_size=2, seq_len=10, cache_dir=str(place / "sub"))
+    try:
+        with pytest.raises(DataError, match=r"cannot write the data cache in .*(locked|file).*HMRNN_CACHE_DIR"):
+            dm.setup()
+    finally:
+        place.chmod(0o755)
+
+
+def test_windows_are_served_from_uint8_without_a_copy(tmp_path):
+    dm = SyntheticDataModule(num_chars=5000, batch_size=4, seq_len=10, cache_dir=str(tmp_path))
+    ids = dm.split_ids("train")
+    assert ids.dtype == torch.uint8
+    assert ids.data_ptr() == dm.split_ids("train").data_ptr()  # the same memory map, not a copy per call
+    assert isinstance(dm._arrays["train"], np.memmap)
+    windows = dm.train_dataloader()
+    assert windows.data.dtype == torch.uint8 and windows.data.data_ptr() == ids.data_ptr()
+    x, y = next(iter(windows))
+    assert x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[0], ids[:10].long()) and torch.equal(y[0], ids[1:11].long())
+
+
+def test_text8_cache_key_follows_the_file(tmp_path):
+    (tmp_path / "text8").write_text("abc def " * 50)
+    dm = Text8DataModule(str(tmp_path), split_sizes=[300, 50, 50], cache_dir=str(tmp_path / "c"))
+    first = dm.cache_path
+    assert dm.vocab.symbols == [" ", "a", "b", "c", "d", "e", "f"]
+    (tmp_path / "text8").write_text("xyz uvw " * 50)  # replaced, same size
+    os.utime(tmp_path / "text8", ns=(1, 1))
+    again = Text8DataModule(str(tmp_path), split_sizes=[300, 50, 50], cache_dir=str(tmp_path / "c"))
+    assert again.cache_path != first
+    assert again.vocab.symbols == [" ", "u", "v", "w", "x", "y", "z"]
+
+
+BUILD = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import hmrnn_lightning.data.cache as cache
+    from hmrnn_lightning.data import SyntheticDataModule
+
+    folder = Path(sys.argv[1])
+    rename = os.rename
+
+    def rename_when_both_are_ready(src, dst):
+        # hold the publishing rename until both processes have built their copy, so the two
+        # renames race for certain, whatever the load on the machine
+        (folder / f"ready-{os.getpid()}").touch()
+        while len(list(folder.glob("ready-*"))) < 2:
+            time.sleep(0.01)
+        rename(src, dst)
+
+    cache.os.rename = rename_when_both_are_ready
+    dm = SyntheticDataModule(num_chars=50_000, batch_size=4, seq_len=10, cache_dir=sys.argv[2])
+    dm.setup()
+    print(dm.cache_path, int(dm.split_ids("train").long().sum()))
+""")
+
+
+def test_two_processes_build_one_new_cache_at_once(tmp_path):
+    sync, cache = tmp_path / "sync", tmp_path / "cache"
+    sync.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(sync), str(cache)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    assert len(list(sync.iterdir())) == 2  # both reached the rename: both built a copy
+    assert outs[0][0] == outs[1][0]  # the same cache, the same content
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == 1 and entries[0].startswith("synthetic-")  # no temporary folder left behind
+    whole = cache / entries[0]
+    assert sorted(p.name for p in whole.iterdir()) == ["meta.json", "test.npy", "train.npy", "valid.npy", "vocab.json"]
+    fresh = SyntheticDataModule(num_chars=50_000, batch_size=4, seq_len=10, cache_dir=str(tmp_path / "again"))
+    for split in ("train", "valid", "test"):
+        assert np.array_equal(np.load(whole / f"{split}.npy"), fresh.split_ids(split).numpy())

@@ -1,0 +1,169 @@
+"""Kill-and-resume is exact: a real ``hmrnn fit`` killed with SIGKILL mid-epoch and resumed from
+``last.ckpt`` logs the same per-step losses as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hmrnn_lightning.data import SyntheticDataModule
+from tests.helpers import tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+EVERY = 5  # steps between checkpoints
+# 3000 symbols: 2700 of training in 4 streams of 675, 33 windows of 20 per epoch
+TINY = [
+    "--config", str(ROOT / "configs" / "quickstart.yaml"),
+    "--seed_everything=0",
+    "--data.init_args.num_chars=3000", "--data.init_args.batch_size=4", "--data.init_args.seq_len=20",
+    "--model.init_args.embedding_dim=8",
+    "--model.init_args.stack.init_args.hidden_sizes=[12, 12]",
+    "--model.init_args.head.init_args.embed_dim=12",
+    "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    f"--trainer.callbacks.every_n_train_steps={EVERY}",
+    "--trainer.callbacks.save_top_k=-1",
+    "--trainer.callbacks.save_last=true",
+    "--trainer.callbacks.filename=step{step}",
+]
+
+
+def fit(root: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled",
+           "HMRNN_CACHE_DIR": str(root.parent / "cache"), "PYTHONUNBUFFERED": "1"}
+    script = Path(sys.executable).with_name("hmrnn")  # the installed console script: the real entry point
+    entry = [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "hmrnn_lightning.cli"]
+    cmd = [*entry, "fit", *TINY,
+           f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, out[-3000:]
+    return proc
+
+
+def step_losses(root: Path) -> dict[int, float]:
+    """``train/bpc`` by global step from every CSV log written under ``root``."""
+    out: dict[int, float] = {}
+    for path in sorted(root.rglob("metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get("train/bpc"):
+                    out[int(row["step"])] = float(row["train/bpc"])
+    return out
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted(root.rglob("step*.ckpt"))
+
+
+def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
+    whole = tmp_path / "whole"
+    fit(whole)
+    reference = step_losses(whole)
+    assert len(reference) == 66  # 2 epochs of 33 steps
+
+    # kill -9 once the checkpoint of step 40 (7 steps into the second epoch) exists: the run is
+    # then busy with later steps or writing last.ckpt, as a crash would find it
+    killed = tmp_path / "killed"
+    proc = fit(killed, wait=False)
+    deadline = time.monotonic() + 1800
+    while not any("step=40" in p.name for p in checkpoints(killed)):
+        assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint at step 40 within 1800 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    last = next(killed.rglob("last.ckpt"))
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    resumed_from = ckpt["global_step"]
+    # last.ckpt is written just after step=N.ckpt, so the kill may land between the two
+    assert 33 < resumed_from < 66 and resumed_from % EVERY == 0  # mid-way through the second epoch
+    assert ckpt["hmrnn_carried_state"] is not None  # the TBPTT state travels with the checkpoint
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == resumed_from - 33
+
+    resumed = tmp_path / "resumed"
+    fit(resumed, f"--ckpt_path={last}")
+    after = step_losses(resumed)
+    assert sorted(after) == list(range(resumed_from, 66))
+    for step, loss in after.items():
+        assert loss == reference[step], f"step {step}: resumed {loss} != uninterrupted {reference[step]}"
+
+
+def test_resume_at_every_kind_of_step_in_process(tmp_path, recwarn):
+    """Resuming from the checkpoint of each step of a short run (mid-epoch, an epoch's last step,
+    after validation) continues with the same windows and carried state as the uninterrupted run,
+    and Lightning neither warns that the loader is not resumable nor that an IterableDataset has a length."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        dm = SyntheticDataModule(num_chars=1200, batch_size=2, seq_len=20, cache_dir=str(tmp_path / "cache"))
+        model = tiny_model(vocab_size=dm.vocab_size, hidden=8, layers=2)
+        seen = []
+
+        class Record(pl.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                seen.append((trainer.global_step, batch_idx, batch[0][:, 0].tolist(),
+                             None if module._carried["train"] is None or batch_idx == 0
+                             else module._carried["train"][0].h.sum().item()))
+
+        trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", num_sanity_val_steps=0, callbacks=[Record(), *callbacks],
+                             default_root_dir=tmp_path)
+        trainer.fit(model, dm, ckpt_path=ckpt_path, weights_only=False)  # our own file; hparams hold a partial
+        return seen
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    reference = run(callbacks=[saver])
+    per_epoch = len(reference) // 2
+    assert per_epoch == 27 and [r[1] for r in reference] == list(range(27)) * 2
+    for step in (3, per_epoch - 1, per_epoch):  # mid-epoch, an epoch's last step, after validation
+        resumed = run(ckpt_path=tmp_path / "ck" / f"step={step}.ckpt")
+        assert resumed == reference[step:], f"resumed from step {step}"
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "not resumable" in m or "`IterableDataset` has `__len__`" in m], messages
+
+
+def test_every_shipped_config_writes_last_ckpt_between_validations():
+    import yaml
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+        periodic = [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")
+                    and c.get("init_args", {}).get("every_n_train_steps") and c["init_args"].get("save_last")]
+        assert periodic, f"{path.name} has no step-based last.ckpt"
+
+
+def test_ddp_resume_restores_each_ranks_windows_and_state(tmp_path):
+    """Two gloo ranks: each carries the state of its own streams; a resume from a mid-epoch
+    checkpoint gives every rank its own state back (rank 0's logged losses would drift otherwise,
+    since the weights depend on both ranks' gradients)."""
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2", "--data.init_args.num_chars=6000", "--trainer.max_epochs=1"]
+    whole = tmp_path / "whole"
+    fit(whole, *ddp)
+    reference = step_losses(whole)
+    assert len(reference) == 33  # 5400 symbols in 2 x 4 streams of 675: 33 windows of 20
+    ckpt_path = next(p for p in checkpoints(whole) if "step=20" in p.name)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = ckpt["hmrnn_carried_state"]
+    assert state["world_size"] == 2 and state["layers"][0][0].shape == (2, 4, 12)
+    assert not torch.equal(state["layers"][0][0][0], state["layers"][0][0][1])  # two ranks, two states
+    resumed = tmp_path / "resumed"
+    fit(resumed, *ddp, f"--ckpt_path={ckpt_path}")
+    after = step_losses(resumed)
+    assert sorted(after) == list(range(20, 33))
+    for step, loss in after.items():
+        assert loss == reference[step], f"step {step}: resumed {loss} != uninterrupted {reference[step]}"
