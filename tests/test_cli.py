@@ -13,7 +13,7 @@ import yaml
 from hmrnn_lightning.cli import HMRNNCLI, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "cpu").glob("*.yaml")])
 OVERLAYS = sorted(p for sub in ("ablations", "logger", "trainer") for p in (ROOT / "configs" / sub).glob("*.yaml"))
 TINY = [
     "--config", str(ROOT / "configs" / "quickstart.yaml"),
@@ -34,9 +34,9 @@ def print_config(args, capsys):
     return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_parses(config, capsys):
-    assert config.read_text().startswith(f"# hmrnn fit --config configs/{config.name}")
+    assert config.read_text().startswith(f"# hmrnn fit --config {config.relative_to(ROOT).as_posix()}")
     cfg = print_config(["fit", "--config", str(config)], capsys)
     assert cfg["model"]["class_path"].startswith("hmrnn_lightning.")
 

@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join([*TRAINER_COMMANDS, *COMMANDS])}")
         return _run_lightning_cli(argv)
     except Exception as exc:
+        if not os.environ.get("HMRNN_DEBUG") and is_training_fault(exc):
+            report(exc)  # the run met a NaN or inf: the message names the step and the tensor
+            return 1
         if os.environ.get("HMRNN_DEBUG") or not is_user_error(exc):
             raise
         if isinstance(exc, LookupError) and str(exc).startswith("unknown encoding"):
@@ -129,6 +132,13 @@ def _command(name: str):
     """The small command ``name``, imported only when it runs."""
     module, _, func = COMMANDS[name].partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def is_training_fault(exc: BaseException) -> bool:
+    """A :class:`~hmrnn_lightning.callbacks.TrainingFault`: not bad input (exit 1, not 2), but
+    one line all the same, since the message already says where and what went non-finite."""
+    module = sys.modules.get("hmrnn_lightning.callbacks.fault_detection")
+    return module is not None and isinstance(exc, module.TrainingFault)
 
 
 def is_user_error(exc: BaseException) -> bool:
