@@ -40,7 +40,10 @@ class HMRNNLanguageModel(pl.LightningModule):
         embedding_dim: size of the input embedding.
         lr: initial Adam learning rate.
         lr_decay_factor: divide the learning rate by this when validation BPC stops falling.
-        lr_patience: validation runs without improvement before dividing.
+        lr_patience: validation runs without a new best before dividing. The paper divides
+            "when the validation negative log-likelihood stopped decreasing"; 2 (divide after
+            the third stale validation) keeps one noisy validation from dividing it, which
+            patience 0 did.
         grad_clip_norm: clip the global gradient norm to this (None: no clipping);
             a Trainer ``gradient_clip_val`` overrides it.
         vocab: the symbols, stored in checkpoints so a model can be used without its data.
@@ -56,7 +59,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         embedding_dim: int = 128,
         lr: float = 0.002,
         lr_decay_factor: float = 50.0,
-        lr_patience: int = 0,
+        lr_patience: int = 2,
         grad_clip_norm: float | None = 1.0,
         vocab: list[str] | None = None,
         boundary_tolerance: int = 1,
