@@ -186,3 +186,11 @@ def test_read_only_root_dir(tmp_path, capfd):
     finally:
         ro.chmod(0o700)
     assert code == 2 and len(lines) == 1 and "trainer.default_root_dir" in lines[0] and "cannot write" in lines[0]
+
+
+def test_diverged_training_is_one_line(tmp_path, capfd):
+    """FaultDetection's message on a NaN loss reaches the user as the one line, exit code 2."""
+    code, lines = run(capfd, tmp_path, *fit_args(tmp_path, "--model.init_args.lr=1e20", "--model.init_args.grad_clip_norm=null",
+                                                  "--trainer.max_steps=5"))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("hmrnn: error: training stopped at step") and "nan" in lines[0]

@@ -32,13 +32,14 @@ SUMMARIES = {
     "fit": "train a model from a config (checkpoints and logs in the run's folder)",
     "validate": "validation metrics of a checkpoint (--ckpt_path) on a config's data",
     "test": "test metrics (BPC, boundary rates) of a checkpoint on a config's data",
-    "predict": "run a checkpoint over new input (hmrnn predict --help)",
+    "predict": "per-symbol bits and each layer's boundaries for a text file, from a checkpoint",
     "list": "the component names a config may use (estimators, stacks, heads, data, plugins)",
     "sample": "generate text from a language-model checkpoint",
     "plot-boundaries": "draw each layer's boundaries for a text (the paper's Figures 3-4)",
     "sample-strokes": "draw sampled handwriting from a handwriting checkpoint",
     "plot-segments": "draw handwriting segmented by the model's boundaries",
     "ablate": "run a base config with each overlay config and tabulate BPC",
+    "compare": "HM-LSTM against an LSTM of the same parameter count, over seeds",
 }
 
 USAGE = """usage: hmrnn <command> [options]     (hmrnn <command> --help for a command's options)
@@ -134,7 +135,8 @@ def _command(name: str):
 def is_user_error(exc: BaseException) -> bool:
     """Bad input the user can fix (one line, exit 2), as opposed to a bug (a traceback).
 
-    Our own error classes, and an unknown text ``encoding`` (Python's ``LookupError``). Errors
+    Our own error classes (bad config, data or checkpoint; a training stopped by
+    ``FaultDetection``), and an unknown text ``encoding`` (Python's ``LookupError``). Errors
     raised while components are built are turned into :class:`ConfigError` by the CLI when they
     come from a component's own checks, so they arrive here already classified.
     """
@@ -142,9 +144,13 @@ def is_user_error(exc: BaseException) -> bool:
     from hmrnn_lightning.registry import RegistryError
 
     expected: tuple[type, ...] = (ConfigError, CheckpointError, RegistryError)
-    data = sys.modules.get("hmrnn_lightning.data.base")  # not imported: no DataError was raised
+    # modules not imported cannot have raised their errors, so they are not imported here
+    data = sys.modules.get("hmrnn_lightning.data.base")
     if data is not None:
         expected += (data.DataError,)
+    faults = sys.modules.get("hmrnn_lightning.callbacks.fault_detection")
+    if faults is not None:  # training diverged: FaultDetection's one message says where and when
+        expected += (faults.TrainingFault,)
     if isinstance(exc, expected):
         return True
     return isinstance(exc, LookupError) and str(exc).startswith("unknown encoding")

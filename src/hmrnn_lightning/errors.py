@@ -142,8 +142,6 @@ def _config_error_line(message: str) -> str:
         m = _KEY.match(text)
         if m:
             keys.append(m.group(1))
-            if m.group(2) and not m.group(2).startswith(_NOISE):
-                keys[-1] = m.group(1)
             continue
         m = _CLASS.match(text)
         if m:
@@ -174,8 +172,6 @@ def _ancestors(rows: list[tuple[int, str]], i: int) -> list[str]:
         if ind < indent and _is_heading(text):
             out.append(text)
             indent = ind
-        elif ind < indent and text.startswith("- "):
-            indent = ind + 0  # an alternative's bullet: keep climbing past it
     return out
 
 

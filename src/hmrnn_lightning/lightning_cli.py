@@ -86,9 +86,14 @@ class SaveAndLogConfig(SaveConfigCallback):
         trainer.logger.log_hyperparams(config)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Remove the run's folder if the run failed before writing anything but its config."""
-        run_dir = run_folder(trainer)
-        if not trainer.is_global_zero or run_dir is None or not run_dir.is_dir():
+        """Note the failed run's folder; :meth:`remove_if_empty` runs once Lightning has finalized
+        the loggers (they write into it after this hook)."""
+        self.failed_run = run_folder(trainer) if trainer.is_global_zero else None
+
+    def remove_if_empty(self) -> None:
+        """Remove the failed run's folder if it holds nothing but its config (and empty logs)."""
+        run_dir = getattr(self, "failed_run", None)
+        if run_dir is None or not run_dir.is_dir():
             return
         kept = {self.config_filename, "hparams.yaml", "metrics.csv"}
         files = [p for p in run_dir.rglob("*") if p.is_file()]
@@ -189,10 +194,19 @@ class HMRNNCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml", **commands})
         kwargs.setdefault("parser_class", HMRNNArgumentParser)
         kwargs.setdefault("trainer_class", HMRNNTrainer)
+        # a config without seed_everything was seeded with 0 after a warning; 0 is now the stated default
+        kwargs.setdefault("seed_everything_default", 0)
         # the settings reach the logger once, as the resolved config (SaveAndLogConfig), not a
         # second time as the model's and datamodule's hyperparameters
         kwargs["trainer_defaults"] = {"enable_autolog_hparams": False, **(kwargs.get("trainer_defaults") or {})}
-        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+        try:
+            super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
+        except BaseException:
+            # after Lightning has finalized the loggers, which write into the run's folder
+            for cb in getattr(getattr(self, "trainer", None), "callbacks", []):
+                if isinstance(cb, SaveAndLogConfig):
+                    cb.remove_if_empty()
+            raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Data-dependent sizes go from the datamodule to the model. jsonargparse skips a link whose
