@@ -158,9 +158,6 @@ def is_user_error(exc: BaseException) -> bool:
     data = sys.modules.get("hmrnn_lightning.data.base")
     if data is not None:
         expected += (data.DataError,)
-    faults = sys.modules.get("hmrnn_lightning.callbacks.fault_detection")
-    if faults is not None:  # training diverged: FaultDetection's one message says where and when
-        expected += (faults.TrainingFault,)
     if isinstance(exc, expected):
         return True
     return isinstance(exc, LookupError) and str(exc).startswith("unknown encoding")

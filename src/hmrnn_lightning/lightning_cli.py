@@ -99,7 +99,6 @@ class SaveAndLogConfig(SaveConfigCallback):
         files = [p for p in run_dir.rglob("*") if p.is_file()]
         if all(p.name in kept and (p.name != "metrics.csv" or p.stat().st_size == 0) for p in files):
             shutil.rmtree(run_dir, ignore_errors=True)
-            trainer.loggers = []  # Lightning finalises loggers after this hook; they would write into the removed folder
             try:
                 run_dir.parent.rmdir()  # the logger's name folder, if this run was its only one
             except OSError:

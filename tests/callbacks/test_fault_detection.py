@@ -130,19 +130,3 @@ def test_training_health_logs_operations_and_grad_norm(tmp_path):
         assert abs(sum(fractions) - 1.0) < 1e-6
         assert 0.0 <= float(r["health/unnested/l2"]) <= float(r["health/boundary_rate/l2"]) + 1e-9
 
-
-def test_hmrnn_fit_with_an_absurd_learning_rate_ends_in_one_line(tmp_path, capfd):
-    """Through the real entry point: exit 1, one ``hmrnn: error:`` line naming the step, and
-    no checkpoint holding a non-finite weight."""
-    from hmrnn_lightning.cli import main
-    from tests.test_cli import TINY
-
-    code = main(["fit", *TINY, f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-                 "--model.init_args.lr=1e20", "--model.init_args.grad_clip_norm=null", "--trainer.max_steps=40"])
-    err = capfd.readouterr().err
-    assert code == 1, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("hmrnn: error:")]
-    assert len(lines) == 1 and "training stopped at step" in lines[0], err
-    for path in tmp_path.rglob("*.ckpt"):
-        assert all_finite(path), path

@@ -94,3 +94,18 @@ def test_no_annealing_overlay_drops_only_the_annealing():
     annealing = [cb for cb in base if cb["class_path"].endswith(".SlopeAnnealing")]
     assert annealing  # the base anneals, so the overlay has something to drop
     assert overlaid == [cb for cb in base if cb not in annealing]  # everything else, settings included
+
+
+def test_a_diverging_run_is_recorded_and_the_series_goes_on(tiny_configs, tmp_path, capsys):
+    hm, _ = tiny_configs
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  init_args:\n    lr: 1.0e+30\n")  # NaN loss within a step or two
+    out = tmp_path / "abl"
+    assert main(["ablate", "--base", str(hm), "--no-baseline", "--overlays", str(bad), str(_overlay(tmp_path)), *BUDGET,
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "hmrnn: run 2/2: no_ln seed 0" in printed and "hmrnn: note: bad-seed0: training stopped at step" in printed
+    bad_row, good_row = list(csv.DictReader((out / "runs.csv").open()))
+    assert bad_row["test/bpc"] == "nan" and "no finite checkpoint to test" in bad_row["note"]
+    assert float(good_row["test/bpc"]) > 0 and good_row["note"] == ""
+    assert "| bad | 1 | nan | nan |" in (out / "results.md").read_text()  # not a number passed off as one

@@ -59,3 +59,19 @@ def test_probe_scores_each_layer_on_test_text():
     assert res["probe_f1/l1_word"] > 0.95
     assert res["probe_f1/l2_word"] < 0.6
     assert res["probe_f1_tol1/l1_word"] >= res["probe_f1/l1_word"] - 1e-6
+    # the next symbol is independent of the current one here: nothing in h_t predicts its label
+    assert res["probe_ahead1_f1/l1_word"] < 0.6
+
+
+def test_ahead_probe_finds_a_state_that_anticipates():
+    class Anticipating(_Echo):
+        """Layer 1 holds a noisy copy of the NEXT step's label (as if it knew the word was complete)."""
+
+        def forward(self, inputs, state=None):
+            _, out = super().forward(inputs, state)
+            nxt = torch.roll((inputs % 5 == 0).float(), -1, dims=1)
+            out.hidden[0] = torch.stack([nxt + 0.1 * torch.randn_like(nxt), torch.randn_like(nxt)], -1)
+            return None, out
+
+    res = probe_word_boundaries(Anticipating(), _windows(20, 0), _windows(10, 1), level=0, max_fit=1500)
+    assert res["probe_ahead1_f1/l1_word"] > 0.95 and res["probe_f1/l1_word"] < 0.6

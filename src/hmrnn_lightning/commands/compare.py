@@ -150,7 +150,7 @@ def probe_hidden_states(cli, max_fit: int, seed: int) -> dict[str, float]:
 
 #: table columns, in order: prefixes of the row keys that ``run_one`` and the probe produce
 COLUMNS = ("params", "steps", "test/bpc", "best_val_bpc", "chars_per_s", "test/boundary_rate/", "test/boundary_f1/",
-           "test/boundary_f1_tol1/", "probe_f1/", "probe_f1_tol1/")
+           "test/boundary_f1_tol1/", "probe_f1/", "probe_f1_tol1/", "probe_ahead1_f1/")
 
 
 def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
@@ -179,4 +179,6 @@ def _title(column: str) -> str:
         return f"probe word F1 {tag} ±1"
     if column.startswith("probe_f1/"):
         return f"probe word F1 {tag}"
+    if column.startswith("probe_ahead1_f1/"):
+        return f"probe next-ends-word F1 {tag}"
     return column

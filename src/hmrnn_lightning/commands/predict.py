@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
         "(-log2 of the probability the model gave it) and z1..zL-1 (each layer's boundary after it).",
     )
     p.add_argument("--ckpt_path", required=True, help="language-model checkpoint written by `hmrnn fit`")
-    p.add_argument("--text", required=True, help="UTF-8 text file, in the model's symbols")
+    p.add_argument("--text", required=True,
+                   help="UTF-8 text file in the model's symbols (a PTB model writes words joined by _, one sentence a line)")
     p.add_argument("--out", required=True, help="TSV file to write")
     p.add_argument("--window", type=int, default=1000, help="symbols per forward pass (state carried between)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")

@@ -119,6 +119,19 @@ def budget_args(max_time: float | None, max_steps: int | None, val_every: int | 
     return out
 
 
+def fit_or_fault(cli) -> str:
+    """Fit; a run that :class:`~hmrnn_lightning.callbacks.fault_detection.TrainingFault` stops
+    (a non-finite loss or gradient) is a result of the series, not its end: its message is
+    returned, and the caller tests the last finite best checkpoint or records NaN."""
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    except Exception as exc:
+        if type(exc).__name__ != "TrainingFault":  # the class lives with the callback, imported only if used
+            raise
+        return " ".join(str(exc).split())
+    return ""
+
+
 def relax_early_stopping(trainer: pl.Trainer) -> None:
     """A budget may end a run before its first validation; EarlyStopping then has nothing to
     check and, being strict, would fail the run at its end. Here it waits for the metric instead."""
@@ -216,11 +229,15 @@ def run_one(
         name_wandb_run(cli.trainer, spec.name, group)
         meter = TrainingThroughput()
         cli.trainer.callbacks.append(meter)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        fault = fit_or_fault(cli)
         ckpt, note = best_checkpoint(cli.trainer)
         best_val = next((cb.best_model_score for cb in cli.trainer.checkpoint_callbacks if getattr(cb, "best_model_score", None) is not None), None)
-        with _quiet("lightning.pytorch"):  # "Restoring states from ...": the table says which weights
-            tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+        if fault and ckpt is None:
+            tested, note = [{"test/bpc": float("nan")}], f"{fault}; no finite checkpoint to test"
+        else:
+            note = f"{fault}; tested the best checkpoint before it" if fault else note
+            with _quiet("lightning.pytorch"):  # "Restoring states from ...": the table says which weights
+                tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
         row: dict[str, Any] = {"label": spec.label, "seed": spec.seed, "params": count_parameters(cli.model),
                                "steps": cli.trainer.global_step, "chars_per_s": meter.rate,
                                "best_val_bpc": float(best_val) if best_val is not None else float("nan")}

@@ -18,6 +18,9 @@ Choices the measurement leaves open, made here:
 Where words are separated by a symbol (a space, PTB's ``_``), "this symbol ends a word" is
 a function of the current input, which every hidden state sees, so a probe near 1.0 is
 expected there; it tells most on text without separators (``SyntheticDataModule(spaces=False)``).
+Hence a second probe per layer, fitted the same way, reads ``h_t`` to predict whether the
+*next* symbol ends a word: on text with separators that is whether the state knows a word
+is complete before the separator arrives, which the input cannot give away.
 """
 
 from __future__ import annotations
@@ -101,56 +104,77 @@ def _states(model, batches: Iterable, level: int):
 
 
 def probe_word_boundaries(model, fit_batches: Iterable, test_batches: Iterable, level: int = 0,
-                          max_fit: int = 40_000, tolerances: tuple[int, ...] = (0, 1), seed: int = 0) -> dict[str, float]:
-    """Fit one probe per layer on ``fit_batches`` and score it on ``test_batches``.
+                          max_fit: int = 40_000, tolerances: tuple[int, ...] = (0, 1), ahead: tuple[int, ...] = (0, 1),
+                          seed: int = 0) -> dict[str, float]:
+    """Fit probes on ``fit_batches`` and score them on ``test_batches``: for every layer and
+    every offset ``a`` in ``ahead``, a probe reading ``h_t`` to predict the word-end label of
+    step ``t + a``. ``a = 0`` is "this symbol ends a word"; ``a = 1`` asks whether the state
+    already knows that the *next* symbol ends the word, which a separator in the input cannot
+    give away (see the module docstring).
 
     Args:
         model: a language model whose ``forward`` returns ``(logits, StackOutput)``.
         fit_batches, test_batches: windows ``(inputs, targets, labels)`` in stream order
             (a validation and a test dataloader).
         level: which column of ``labels`` holds word ends.
-        max_fit: most positions used to fit.
+        max_fit: most positions used to fit each probe.
         tolerances: F1 tolerances to report.
+        ahead: label offsets to probe for.
         seed: draws the fitting positions.
 
     Returns:
-        ``{"probe_f1/l{k}_word": ...}`` for tolerance 0 and ``"probe_f1_tol{t}/l{k}_word"``
-        otherwise (layers numbered from 1), plus ``probe_threshold/l{k}``.
+        ``probe_f1/l{k}_word`` (offset 0, exact), ``probe_f1_tol{t}/l{k}_word``, and for an
+        offset ``a > 0`` the same names with ``probe_ahead{a}_f1``; plus the thresholds,
+        ``probe_threshold/l{k}`` and ``probe_ahead{a}_threshold/l{k}``.
     """
     was_training = model.training
     model.eval()
     try:
-        feats: list[list[Tensor]] | None = None
-        labels: list[Tensor] = []
+        feats: dict[int, list[list[Tensor]]] = {a: [] for a in ahead}
+        labels: dict[int, list[Tensor]] = {a: [] for a in ahead}
         gen = torch.Generator().manual_seed(seed)
         windows = len(fit_batches) if hasattr(fit_batches, "__len__") else None
         for hidden, lab in _states(model, fit_batches, level):
-            feats = feats or [[] for _ in hidden]
             # keep a random share of each window, so a large split never sits in memory whole
             share = 1.0 if windows is None else min(1.0, 1.2 * max_fit / (windows * lab.numel()))
-            keep = torch.rand(lab.numel(), generator=gen) < share
-            for l, h in enumerate(hidden):
-                feats[l].append(h.reshape(-1, h.shape[-1])[keep])
-            labels.append(lab.reshape(-1)[keep])
-        if feats is None:
-            raise ValueError("probe_word_boundaries: no windows to fit on")
-        y = torch.cat(labels).float()
-        keep = torch.randperm(len(y), generator=gen)[:max_fit]
-        probes = [fit_logistic(torch.cat(f)[keep], y[keep]) for f in feats]
-        del feats
-        metrics = {t: BoundaryF1(len(probes), ["word"], t) for t in tolerances}
+            for a in ahead:
+                T = lab.shape[1] - a
+                if T <= 0:
+                    continue
+                keep = torch.rand(lab.shape[0] * T, generator=gen) < share
+                if not feats[a]:
+                    feats[a] = [[] for _ in hidden]
+                for l, h in enumerate(hidden):
+                    feats[a][l].append(h[:, :T].reshape(-1, h.shape[-1])[keep])
+                labels[a].append(lab[:, a:].reshape(-1)[keep])
+        probes: dict[int, list[LogisticProbe]] = {}
+        for a in ahead:
+            if not feats[a]:
+                raise ValueError("probe_word_boundaries: no windows to fit on")
+            y = torch.cat(labels[a]).float()
+            keep = torch.randperm(len(y), generator=gen)[:max_fit]
+            probes[a] = [fit_logistic(torch.cat(f)[keep], y[keep]) for f in feats[a]]
+        del feats, labels
+        metrics = {(a, t): BoundaryF1(len(probes[a]), ["word"], t) for a in ahead for t in tolerances}
         for hidden, lab in _states(model, test_batches, level):
-            pred = torch.stack([p.predict(h) for p, h in zip(probes, hidden)], -1)
-            for metric in metrics.values():
-                metric.update(pred, lab.unsqueeze(-1))
+            for a in ahead:
+                T = lab.shape[1] - a
+                if T <= 0:
+                    continue
+                pred = torch.stack([p.predict(h[:, :T]) for p, h in zip(probes[a], hidden)], -1)
+                for t in tolerances:
+                    metrics[(a, t)].update(pred, lab[:, a:].unsqueeze(-1))
     finally:
         model.train(was_training)
     out: dict[str, float] = {}
-    for t, metric in metrics.items():
+    for (a, t), metric in metrics.items():
+        name = "probe" if a == 0 else f"probe_ahead{a}"
         suffix = "" if t == 0 else f"_tol{t}"
         for key, value in metric.compute().items():
             if key.startswith("boundary_f1/"):
-                out[f"probe_f1{suffix}/" + key.split("/", 1)[1]] = float(value)
-    for l, p in enumerate(probes):
-        out[f"probe_threshold/l{l + 1}"] = p.threshold
+                out[f"{name}_f1{suffix}/" + key.split("/", 1)[1]] = float(value)
+    for a in ahead:
+        name = "probe" if a == 0 else f"probe_ahead{a}"
+        for l, p in enumerate(probes[a]):
+            out[f"{name}_threshold/l{l + 1}"] = p.threshold
     return out
