@@ -94,12 +94,15 @@ def test_checkpoint_with_a_non_finite_weight_is_refused(tmp_path):
     guard.on_save_checkpoint(trainer, None, {"state_dict": {"stack.cells.0.bias": torch.ones(2)}})  # finite: fine
 
 
-def test_the_model_brings_both_callbacks_unless_configured():
+def test_the_model_brings_its_callbacks_unless_configured(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
     model = tiny_model()
-    trainer = pl.Trainer(logger=False, callbacks=[FaultDetection(action="skip")])
-    model.trainer = trainer
-    brought = model.configure_callbacks()
-    assert [type(cb) for cb in brought] == [TrainingHealth]  # the user's FaultDetection stays
+    model.trainer = pl.Trainer(logger=False, callbacks=[FaultDetection(action="skip")])
+    assert [type(cb) for cb in model.configure_callbacks()] == [TrainingHealth]  # the user's FaultDetection stays
+    model.trainer = pl.Trainer(logger=CSVLogger(tmp_path))  # with a logger, the learning rate is logged too
+    assert [type(cb) for cb in model.configure_callbacks()] == [FaultDetection, TrainingHealth, LearningRateMonitor]
 
 
 def test_describe_parameter_names_the_layer():
