@@ -137,15 +137,38 @@ def matched_width(configs: list[str], extra: list[str], target: int) -> tuple[in
 
 
 def probe_hidden_states(cli, max_fit: int, seed: int) -> dict[str, float]:
-    """The linear word-boundary probe on the tested model (fit on validation, scored on test)."""
+    """The linear word-boundary probe on the tested model: fitted on the validation windows the
+    run validated on, scored on the test windows it was tested on (``limit_*_batches``
+    included), so the probe and the HM-LSTM's F1 are scored on the same text."""
+    import itertools
+
     from hmrnn_lightning.metrics.probe import probe_word_boundaries
 
-    dm = cli.datamodule
+    dm, trainer = cli.datamodule, cli.trainer
     levels = dm.boundary_levels() if hasattr(dm, "boundary_levels") else ["word"]
     if "word" not in levels:
         return {}
-    return probe_word_boundaries(cli.model, dm.val_dataloader(), dm.test_dataloader(), level=levels.index("word"),
-                                 max_fit=max_fit, seed=seed)
+
+    def first(loader, counts):
+        n = counts[0] if counts else None
+        return _Sized(itertools.islice(loader, int(n)), int(n)) if n is not None and n != float("inf") else loader
+
+    return probe_word_boundaries(cli.model, first(dm.val_dataloader(), trainer.num_val_batches),
+                                 first(dm.test_dataloader(), trainer.num_test_batches),
+                                 level=levels.index("word"), max_fit=max_fit, seed=seed)
+
+
+class _Sized:
+    """An iterator with a known length (the probe sizes its sample from it)."""
+
+    def __init__(self, it, n: int) -> None:
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 #: table columns, in order: prefixes of the row keys that ``run_one`` and the probe produce
