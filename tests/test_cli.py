@@ -202,21 +202,6 @@ def test_two_wandb_runs_keep_two_configs(tmp_path, monkeypatch):
         assert "vocab" not in model_args and "_instantiator" not in model_args and "_class_path" not in model_args
 
 
-def test_ablate_writes_csv_and_markdown_tables(tmp_path, capsys):
-    overlay = tmp_path / "no_ln.yaml"
-    overlay.write_text("model:\n  init_args:\n    stack:\n      init_args:\n        layer_norm: false\n")
-    base = tmp_path / "base.yaml"
-    base.write_text((ROOT / "configs" / "quickstart.yaml").read_text())
-    extra = TINY[2:] + [f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--trainer.max_epochs=1",
-                        "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
-    code = main(["ablate", "--base", str(base), "--overlays", str(overlay), "--out", str(tmp_path / "abl"), "--", *extra])
-    assert code == 0
-    rows = (tmp_path / "abl" / "results.csv").read_text().splitlines()
-    assert rows[0] == "run,overlay,val_bpc,test_bpc" and len(rows) == 3
-    assert all(float(r.split(",")[2]) > 0 and float(r.split(",")[3]) > 0 for r in rows[1:])
-    assert "| no_ln |" in (tmp_path / "abl" / "results.md").read_text()
-
-
 def _iam_args(tmp_path):
     from tests.data.test_iam import write_tree
 

@@ -19,6 +19,8 @@ COMMANDS = {
     "list": "hmrnn_lightning.commands.listing:cmd_list",
     "sample": "hmrnn_lightning.commands.sample:cmd_sample",
     "ablate": "hmrnn_lightning.commands.ablate:cmd_ablate",
+    "compare": "hmrnn_lightning.commands.compare:cmd_compare",
+    "predict": "hmrnn_lightning.commands.predict:cmd_predict",
     "plot-boundaries": "hmrnn_lightning.commands.plots:cmd_plot_boundaries",
     "sample-strokes": "hmrnn_lightning.commands.plots:cmd_sample_strokes",
     "plot-segments": "hmrnn_lightning.commands.plots:cmd_plot_segments",
