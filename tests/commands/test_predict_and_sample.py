@@ -102,6 +102,7 @@ def test_sampling_never_emits_the_unknown_symbol(tiny_checkpoint):
     (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
     (["--top_k", "0"], "--top_k must be positive, got 0"),
     (["--num_samples", "0"], "--num_samples must be positive, got 0"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
 ])
 def test_sample_bad_options_are_one_line(tiny_checkpoint, capsys, bad, message):
     with pytest.raises(SystemExit) as exc:

@@ -73,7 +73,7 @@ def cmd_compare(argv: list[str]) -> int:
     hm_configs = [args.hm] + data_overlay
     base_configs = [args.baseline] + data_overlay
 
-    hm_params = count_parameters(build_cli(hm_configs, extra).model)
+    hm_params = count_parameters(build_cli(hm_configs, extra, quiet=True).model)
     width_args: list[str] = []
     if not args.no_match:
         width, layers, base_params = matched_width(base_configs, extra, hm_params)
@@ -81,7 +81,7 @@ def cmd_compare(argv: list[str]) -> int:
         print(f"hmrnn: parameters: {args.names[0]} {hm_params:,}; {args.names[1]} {base_params:,} "
               f"({layers} x {width}, {100 * (base_params - hm_params) / hm_params:+.1f}%)", flush=True)
     else:
-        base_params = count_parameters(build_cli(base_configs, extra).model)
+        base_params = count_parameters(build_cli(base_configs, extra, quiet=True).model)
         print(f"hmrnn: parameters: {args.names[0]} {hm_params:,}; {args.names[1]} {base_params:,} (width from its config)", flush=True)
 
     specs = []
@@ -117,9 +117,9 @@ def matched_width(configs: list[str], extra: list[str], target: int) -> tuple[in
     parameter count is closest to ``target`` (see the module docstring)."""
     def params(width: int, layers: int) -> int:
         sizes = ", ".join([str(width)] * layers)
-        return count_parameters(build_cli(configs, [*extra, f"--model.init_args.stack.init_args.hidden_sizes=[{sizes}]"]).model)
+        return count_parameters(build_cli(configs, [*extra, f"--model.init_args.stack.init_args.hidden_sizes=[{sizes}]"], quiet=True).model)
 
-    layers = len(build_cli(configs, extra).model.stack.hidden_sizes)
+    layers = len(build_cli(configs, extra, quiet=True).model.stack.hidden_sizes)
     xs = [8, 16, 32]
     ys = [params(x, layers) for x in xs]
     # exact quadratic through three points (Lagrange form, as a*w^2 + b*w + c)
@@ -137,15 +137,38 @@ def matched_width(configs: list[str], extra: list[str], target: int) -> tuple[in
 
 
 def probe_hidden_states(cli, max_fit: int, seed: int) -> dict[str, float]:
-    """The linear word-boundary probe on the tested model (fit on validation, scored on test)."""
+    """The linear word-boundary probe on the tested model: fitted on the validation windows the
+    run validated on, scored on the test windows it was tested on (``limit_*_batches``
+    included), so the probe and the HM-LSTM's F1 are scored on the same text."""
+    import itertools
+
     from hmrnn_lightning.metrics.probe import probe_word_boundaries
 
-    dm = cli.datamodule
+    dm, trainer = cli.datamodule, cli.trainer
     levels = dm.boundary_levels() if hasattr(dm, "boundary_levels") else ["word"]
     if "word" not in levels:
         return {}
-    return probe_word_boundaries(cli.model, dm.val_dataloader(), dm.test_dataloader(), level=levels.index("word"),
-                                 max_fit=max_fit, seed=seed)
+
+    def first(loader, counts):
+        n = counts[0] if counts else None
+        return _Sized(itertools.islice(loader, int(n)), int(n)) if n is not None and n != float("inf") else loader
+
+    return probe_word_boundaries(cli.model, first(dm.val_dataloader(), trainer.num_val_batches),
+                                 first(dm.test_dataloader(), trainer.num_test_batches),
+                                 level=levels.index("word"), max_fit=max_fit, seed=seed)
+
+
+class _Sized:
+    """An iterator with a known length (the probe sizes its sample from it)."""
+
+    def __init__(self, it, n: int) -> None:
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 #: table columns, in order: prefixes of the row keys that ``run_one`` and the probe produce

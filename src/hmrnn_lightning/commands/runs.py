@@ -193,14 +193,18 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_cli(configs: Sequence[str], args: Sequence[str]):
-    """The CLI's trainer, model and datamodule for configs plus arguments, without running."""
+def build_cli(configs: Sequence[str], args: Sequence[str], quiet: bool = False):
+    """The CLI's trainer, model and datamodule for configs plus arguments, without running.
+    ``quiet`` keeps Lightning's start-up lines (seed, devices) for builds that only count."""
     from hmrnn_lightning.cli import HMRNNCLI
 
     argv: list[str] = []
     for cfg in configs:
         argv += ["--config", str(cfg)]
-    return HMRNNCLI(args=argv + list(args), run=False)
+    if not quiet:
+        return HMRNNCLI(args=argv + list(args), run=False)
+    with _quiet("lightning.pytorch"), _quiet("lightning.fabric"):
+        return HMRNNCLI(args=argv + list(args), run=False)
 
 
 def run_one(
@@ -224,7 +228,9 @@ def run_one(
     print(f"hmrnn: run {index}/{total}: {spec.label} seed {spec.seed}", flush=True)
     run_dir = root / spec.name
     try:
-        cli = build_cli(spec.configs, [f"--seed_everything={spec.seed}", f"--trainer.default_root_dir={run_dir}", *spec.args])
+        # no model summary per run: a series prints its own table (arguments after -- may turn it back on)
+        cli = build_cli(spec.configs, [f"--seed_everything={spec.seed}", f"--trainer.default_root_dir={run_dir}",
+                                       "--trainer.enable_model_summary=false", *spec.args])
         relax_early_stopping(cli.trainer)
         name_wandb_run(cli.trainer, spec.name, group)
         meter = TrainingThroughput()
