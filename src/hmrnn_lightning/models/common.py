@@ -13,9 +13,10 @@ def clip_gradients_by_default(module, optimizer, gradient_clip_val, gradient_cli
 
 
 def default_callbacks(module) -> list:
-    """``configure_callbacks`` body: :class:`FaultDetection` and :class:`TrainingHealth` with
-    their defaults, unless the Trainer already has one of that type (the user's settings win)."""
-    from hmrnn_lightning.callbacks import FaultDetection, TrainingHealth
+    """``configure_callbacks`` body: :class:`FaultDetection`, :class:`TrainingHealth` and
+    :class:`LostRank` with their defaults, unless the Trainer already has one of that type (the
+    user's settings win)."""
+    from hmrnn_lightning.callbacks import FaultDetection, LostRank, TrainingHealth
 
     present = module.trainer.callbacks if module._trainer is not None else []
-    return [cls() for cls in (FaultDetection, TrainingHealth) if not any(isinstance(cb, cls) for cb in present)]
+    return [cls() for cls in (FaultDetection, TrainingHealth, LostRank) if not any(isinstance(cb, cls) for cb in present)]
