@@ -1,251 +1,153 @@
-"""hmrnn: train, test and study Hierarchical Multiscale RNNs (LightningCLI, plus small commands).
+"""The ``hmrnn`` command: LightningCLI's ``fit|validate|test|predict`` plus small commands of our own.
 
-``hmrnn fit|validate|test|predict`` are LightningCLI subcommands; ``hmrnn list``,
-``hmrnn sample`` and ``hmrnn ablate`` are small commands of their own (``hmrnn <cmd> --help``).
+This module stays light: Lightning (and torch) are imported only by the command that runs,
+so ``hmrnn --help``, ``hmrnn --version`` and ``hmrnn list`` answer at once. The LightningCLI
+itself is :class:`hmrnn_lightning.lightning_cli.HMRNNCLI` (also importable from here).
 """
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import os
 import sys
-import warnings
-from pathlib import Path
 from typing import Any
 
-import yaml
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from hmrnn_lightning.errors import ConfigError, report
 
-from hmrnn_lightning import registry
-from hmrnn_lightning.data.base import DataError
-
-#: config keys whose ``class_path`` may be a registered short name, and the registry kind of each
-KEY_KINDS = {"estimator": "estimators", "stack": "stacks", "head": "heads", "data": "datamodules"}
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used, with where and why."""
-
-
-def expand_short_names(node: Any, key: str | None = None, where: str = "config") -> Any:
-    """Replace registered short names (``step``, ``hm``, ``ptb``...) in ``class_path`` by full class paths.
-
-    Saved configs therefore always hold full class paths.
-    """
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            if k == "class_path" and isinstance(v, str) and "." not in v:
-                out[k] = _full_path(v, key, where)
-            else:
-                out[k] = expand_short_names(v, k if k not in ("init_args", "dict_kwargs") else key, where)
-        return out
-    if isinstance(node, list):
-        return [expand_short_names(v, key, where) for v in node]
-    return node
-
-
-def _full_path(name: str, key: str | None, where: str) -> str:
-    """Full class path for a registered short name or class name; unknown names under a
-    known key (estimator, stack, head, data) are an error listing what exists."""
-    kinds = [KEY_KINDS[key]] if key in KEY_KINDS else list(registry.KINDS)
-    for kind in kinds:
-        names = registry.available(kind)
-        if name in names:
-            registry.resolve(kind, name)  # a plugin that fails to import is reported here, by name
-            return names[name]
-        by_class = {path.rsplit(".", 1)[-1]: path for path in names.values()}
-        if name in by_class:
-            return by_class[name]
-    if key in KEY_KINDS:
-        kind = KEY_KINDS[key]
-        known = ", ".join(registry.available(kind))
-        raise registry.RegistryError(f"{where}: unknown {kind[:-1]} {name!r} for {key!r}; known {kind}: {known}; or give a full class path")
-    return name  # jsonargparse may still resolve it
-
-
-class SaveAndLogConfig(SaveConfigCallback):
-    """Saves the resolved config beside the run and sends it to the logger (W&B, CSV...)."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        if trainer.logger is not None:
-            flat = self.parser.dump(self.config, skip_none=False, format="yaml")
-            trainer.logger.log_hyperparams({"config": yaml.safe_load(flat)})
-
-
-class HMRNNArgumentParser(LightningArgumentParser):
-    """Reports bad arguments as ``hmrnn: error: ...`` without the long usage block
-    (``--help`` shows the options; ``HMRNN_DEBUG=1`` restores jsonargparse's full report)."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if os.environ.get("HMRNN_DEBUG"):
-            return super().error(message, ex)
-        sys.stderr.write(f"hmrnn: error: {message.strip()}\n(--help lists the options)\n")
-        raise SystemExit(2)
-
-
-class HMRNNCLI(LightningCLI):
-    """LightningCLI for hmrnn-lightning: links the vocabulary from the datamodule to the model,
-    accepts registered short names, and turns bad input into one clear message."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        argv = kwargs.get("args")
-        self.chosen_model_class = find_model_class(rewrite_argv(list(sys.argv[1:] if argv is None else argv)))
-        kwargs.setdefault("save_config_callback", SaveAndLogConfig)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
-        kwargs.setdefault("parser_class", HMRNNArgumentParser)
-        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        """Data-dependent sizes go from the datamodule to the model: the vocabulary for language
-        models, the offset statistics for handwriting models (whichever the model takes)."""
-        params = inspect.signature(self.chosen_model_class.__init__).parameters
-        if "vocab_size" in params:
-            parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-        if "vocab" in params:
-            parser.link_arguments("data.vocab", "model.init_args.vocab", compute_fn=_symbols, apply_on="instantiate")
-        if "stats" in params:
-            parser.link_arguments("data.stats", "model.init_args.stats", apply_on="instantiate")
-
-    def parse_arguments(self, parser, args) -> None:
-        argv = list(sys.argv[1:] if args is None else args)
-        super().parse_arguments(parser, rewrite_argv(argv))
-
-
-def find_model_class(argv: list[str]) -> type:
-    """The model class the arguments choose (the last ``model.class_path`` given), without parsing."""
-    from hmrnn_lightning.models import HMRNNLanguageModel
-
-    path = None
-    for k, arg in enumerate(argv):
-        if arg == "--config" and k + 1 < len(argv):
-            try:
-                cfg = yaml.safe_load(argv[k + 1])
-            except yaml.YAMLError:
-                continue
-            model = cfg.get("model") if isinstance(cfg, dict) else None
-            if isinstance(model, dict) and isinstance(model.get("class_path"), str):
-                path = model["class_path"]
-        elif arg.startswith(("--model=", "--model.class_path=")):
-            value = arg.split("=", 1)[1]
-            if not value.startswith("{"):
-                path = value
-    if path is None:
-        return HMRNNLanguageModel
-    try:
-        cls = registry.import_path(path) if "." in path else None
-    except registry.RegistryError:
-        cls = None  # jsonargparse reports the bad class path with its own message
-    return cls if isinstance(cls, type) else HMRNNLanguageModel
-
-
-def _symbols(vocab) -> list[str]:
-    return list(vocab.symbols)
-
-
-def rewrite_argv(argv: list[str]) -> list[str]:
-    """Inline ``--config`` files with short names expanded, and expand ``--x.class_path=name``."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        value = None
-        if arg == "--config" and i + 1 < len(argv):
-            value, i = argv[i + 1], i + 1
-        elif arg.startswith("--config="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            out += ["--config", load_config_text(value)]
-        elif arg.startswith("--") and "=" in arg and arg.split("=", 1)[0].endswith(("estimator", "class_path", "stack", "head", "data")):
-            flag, val = arg.split("=", 1)
-            parts = flag.lstrip("-").split(".")
-            key = parts[-2] if parts[-1] == "class_path" and len(parts) > 1 else parts[-1]
-            out.append(f"{flag}={_full_path(val, key, flag) if '.' not in val and not val.startswith('{') else val}")
-        else:
-            out.append(arg)
-        i += 1
-    return out
-
-
-def load_config_text(path_or_text: str) -> str:
-    path = Path(path_or_text)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if data is None:
-            return "{}"
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of sections (trainer, model, data...)")
-        return yaml.safe_dump(expand_short_names(data, where=str(path)), sort_keys=False)
-    return path_or_text
-
-
-def require_file(path: str, what: str) -> None:
-    if not Path(path).is_file():
-        raise DataError(f"{what} not found: {path}")
-
-
+#: the small commands, each imported only when it runs: name -> "module:function"
 COMMANDS = {
     "list": "hmrnn_lightning.commands.listing:cmd_list",
     "sample": "hmrnn_lightning.commands.sample:cmd_sample",
     "ablate": "hmrnn_lightning.commands.ablate:cmd_ablate",
+    "compare": "hmrnn_lightning.commands.compare:cmd_compare",
+    "predict": "hmrnn_lightning.commands.predict:cmd_predict",
     "plot-boundaries": "hmrnn_lightning.commands.plots:cmd_plot_boundaries",
     "sample-strokes": "hmrnn_lightning.commands.plots:cmd_sample_strokes",
     "plot-segments": "hmrnn_lightning.commands.plots:cmd_plot_segments",
 }
-EXPECTED_ERRORS = (ConfigError, DataError, registry.RegistryError)
+#: LightningCLI's subcommands
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+#: one line per command for ``hmrnn --help`` (a command missing here is listed without one)
+SUMMARIES = {
+    "fit": "train a model from a config (checkpoints and logs in the run's folder)",
+    "validate": "validation metrics of a checkpoint (--ckpt_path) on a config's data",
+    "test": "test metrics (BPC, boundary rates) of a checkpoint on a config's data",
+    "predict": "run a checkpoint over new input (hmrnn predict --help)",
+    "list": "the component names a config may use (estimators, stacks, heads, data, plugins)",
+    "sample": "generate text from a language-model checkpoint",
+    "plot-boundaries": "draw each layer's boundaries for a text (the paper's Figures 3-4)",
+    "sample-strokes": "draw sampled handwriting from a handwriting checkpoint",
+    "plot-segments": "draw handwriting segmented by the model's boundaries",
+    "ablate": "run a base config with each overlay config and tabulate BPC",
+}
+
+USAGE = """usage: hmrnn <command> [options]     (hmrnn <command> --help for a command's options)
+
+Hierarchical Multiscale RNNs (Chung, Ahn & Bengio, ICLR 2017) on PyTorch Lightning.
+
+Start here:
+  hmrnn fit --config configs/quickstart.yaml                 train the small model (minutes, CPU)
+  hmrnn test --config configs/quickstart.yaml --ckpt_path RUN/checkpoints/last.ckpt
+  hmrnn sample --ckpt_path RUN/checkpoints/last.ckpt --prime "the "
+(RUN is the run folder `hmrnn fit` names when it starts, e.g. lightning_logs/version_0)
+
+commands:
+{commands}
+
+options:
+  -h, --help     this message
+  --version      the installed version
+Set HMRNN_DEBUG=1 to see full tracebacks and jsonargparse's complete reports."""
+
+
+def usage() -> str:
+    names = list(TRAINER_COMMANDS) + [n for n in COMMANDS if n not in TRAINER_COMMANDS]
+    width = max(len(n) for n in names) + 2
+    return USAGE.format(commands="\n".join(f"  {n:<{width}}{SUMMARIES.get(n, '')}".rstrip() for n in names))
+
+
+def __getattr__(name: str) -> Any:
+    """``HMRNNCLI`` and its parts, imported from :mod:`hmrnn_lightning.lightning_cli` on first use."""
+    if name in ("HMRNNCLI", "HMRNNArgumentParser", "SaveAndLogConfig"):
+        return getattr(importlib.import_module("hmrnn_lightning.lightning_cli"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def require_file(path: str, what: str) -> None:
+    """A file the user named must exist (a :class:`~hmrnn_lightning.data.base.DataError` if not)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        from hmrnn_lightning.data.base import DataError
+
+        raise DataError(f"{what} not found: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``hmrnn`` console script."""
+    """Entry point of the ``hmrnn`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-    for failure in registry.load_plugins():
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from hmrnn_lightning import __version__
+
+        print(f"hmrnn-lightning {__version__}")
+        return 0
+    try:
+        if argv[0] in COMMANDS:
+            return _command(argv[0])(argv[1:])
+        if argv[0] not in TRAINER_COMMANDS and not argv[0].startswith("-"):
+            raise ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join([*TRAINER_COMMANDS, *COMMANDS])}")
+        return _run_lightning_cli(argv)
+    except Exception as exc:
+        if os.environ.get("HMRNN_DEBUG") or not is_user_error(exc):
+            raise
+        if isinstance(exc, LookupError) and str(exc).startswith("unknown encoding"):
+            # only the datamodules take an encoding; Python's message names the value, not the key
+            exc = ConfigError(f"data.init_args.encoding: {exc} (Python codec names: utf-8, latin-1, ascii...)")
+        report(exc)
+        return 2
+
+
+def _run_lightning_cli(argv: list[str]) -> int:
+    """Run LightningCLI; its parser's exits (``--help``, ``--print_config``, a bad argument)
+    become the return code, so ``main`` always returns one."""
+    from hmrnn_lightning import registry
+    from hmrnn_lightning.lightning_cli import HMRNNCLI
+
+    for failure in registry.load_plugins():  # imported so their classes resolve by name
         print(f"hmrnn: warning: {failure}", file=sys.stderr)
     try:
-        if argv and argv[0] in COMMANDS:
-            return _command(argv[0])(argv[1:])
-        if argv and argv[0] in ("-h", "--help"):
-            print(__doc__.strip().splitlines()[0] + "\n\nextra commands: hmrnn list | sample | plot-boundaries | sample-strokes | plot-segments | ablate  (each takes --help)\n")
         HMRNNCLI(args=argv)
-        return 0
-    except EXPECTED_ERRORS as exc:
-        if os.environ.get("HMRNN_DEBUG"):
-            raise
-        print(f"hmrnn: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as exc:
-        if os.environ.get("HMRNN_DEBUG") or not _from_instantiation(exc):
-            raise
-        print(f"hmrnn: error: {exc}", file=sys.stderr)
-        return 2
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return 0
 
 
 def _command(name: str):
-    """The small command ``name``, imported only when it runs (so ``hmrnn list`` stays light)."""
-    import importlib
-
+    """The small command ``name``, imported only when it runs."""
     module, _, func = COMMANDS[name].partition(":")
     return getattr(importlib.import_module(module), func)
 
 
-def _from_instantiation(exc: BaseException) -> bool:
-    """True when the error was raised by one of our components' constructors (bad config values)."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "__init__" and "hmrnn_lightning" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
+def is_user_error(exc: BaseException) -> bool:
+    """Bad input the user can fix (one line, exit 2), as opposed to a bug (a traceback).
+
+    Our own error classes, and an unknown text ``encoding`` (Python's ``LookupError``). Errors
+    raised while components are built are turned into :class:`ConfigError` by the CLI when they
+    come from a component's own checks, so they arrive here already classified.
+    """
+    from hmrnn_lightning.checkpoints import CheckpointError
+    from hmrnn_lightning.registry import RegistryError
+
+    expected: tuple[type, ...] = (ConfigError, CheckpointError, RegistryError)
+    data = sys.modules.get("hmrnn_lightning.data.base")  # not imported: no DataError was raised
+    if data is not None:
+        expected += (data.DataError,)
+    if isinstance(exc, expected):
+        return True
+    return isinstance(exc, LookupError) and str(exc).startswith("unknown encoding")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -119,6 +119,41 @@ def class_path(kind: str, name: str) -> str:
     raise AssertionError("unreachable")
 
 
+def class_path_for(base: type | tuple, name: str) -> str | None:
+    """The class path registered as ``name`` whose class is a subclass of ``base`` (a class or a
+    tuple of classes), or ``None``. Used by the CLI to resolve short names while parsing, where
+    the expected type (``BoundaryEstimator``, ``LightningDataModule``...) says which kind is meant.
+
+    Raises:
+        RegistryError: the name is a plugin that fails to import.
+    """
+    bases = tuple(b for b in (base if isinstance(base, tuple) else (base,)) if isinstance(b, type))
+    for kind in KINDS:
+        path = available(kind).get(name)
+        if path is None:
+            continue
+        cls = resolve(kind, name)
+        if isinstance(cls, type) and issubclass(cls, bases):
+            return path
+    return None
+
+
+def names_for(base: type | tuple) -> list[str]:
+    """Registered names (plugins included) whose class is a subclass of ``base``; for messages.
+    Names whose class cannot be imported are left out."""
+    bases = tuple(b for b in (base if isinstance(base, tuple) else (base,)) if isinstance(b, type))
+    names = []
+    for kind in KINDS:
+        for name in available(kind):
+            try:
+                cls = resolve(kind, name)
+            except RegistryError:
+                continue
+            if isinstance(cls, type) and issubclass(cls, bases):
+                names.append(name)
+    return names
+
+
 def load_plugins() -> list[str]:
     """Import every installed plugin so class names resolve; returns the failures as messages."""
     failures = []

@@ -1,5 +1,7 @@
 """The gated output module's generation step (projections of copied layers are reused)."""
 
+import math
+
 import torch
 
 from hmrnn_lightning import HMStack, StepEstimator
@@ -28,3 +30,27 @@ def test_step_reuses_projections_of_copied_layers_and_matches_forward():
             torch.testing.assert_close(stepped, head(out.hidden), rtol=1e-12, atol=1e-12)
             state = out.state
         assert top_copies > 20  # projections really were reused
+
+
+def test_output_module_is_eqs_11_and_12_written_out():
+    """Eq. 11: g^l = sigm(w^l . [h^1; ...; h^L]); eq. 12: h^e = ReLU(sum_l g^l W^e_l h^l).
+    Computed here unit by unit from the module's weights, without its code."""
+    from hmrnn_lightning.heads.output_module import GatedOutputModule
+
+    torch.manual_seed(0)
+    sizes, E = [3, 2, 4], 5
+    module = GatedOutputModule(sizes, E).double()
+    hidden = [torch.randn(sizes_l, dtype=torch.float64) for sizes_l in sizes]
+    concat = [v for h in hidden for v in h.tolist()]
+    expected = []
+    for e in range(E):
+        total = 0.0
+        for l, h in enumerate(hidden):
+            w_l = module.gates.weight[l].tolist()  # w^l
+            g_l = 1.0 / (1.0 + math.exp(-sum(w * v for w, v in zip(w_l, concat))))
+            W_l = module.project[l].weight  # W^e_l, [E, dim h^l]
+            total += g_l * sum(W_l[e, j].item() * h[j].item() for j in range(sizes[l]))
+        expected.append(max(0.0, total))
+    got = module([h.view(1, 1, -1) for h in hidden]).view(-1)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert module.gates.bias is None  # eq. 11 has no bias term

@@ -45,3 +45,50 @@ def test_layers_and_levels_are_scored_separately():
     assert out["boundary_f1/l1_word"] == 1 and out["boundary_f1/l2_phrase"] == 1
     assert abs(out["boundary_precision/l1_phrase"].item() - 1 / 3) < 1e-6
     assert abs(out["boundary_recall/l2_word"].item() - 1 / 3) < 1e-6
+
+
+def test_tolerance_pairs_one_to_one():
+    """A detector firing at t - 1, t and t + 1 around every true boundary is not perfect."""
+    true = torch.zeros(1, 40, 1)
+    true[0, [5, 15, 25, 35], 0] = 1
+    smeared = torch.zeros(1, 40, 2)
+    for t in (5, 15, 25, 35):
+        smeared[0, t - 1 : t + 2, 0] = 1
+    m = BoundaryF1(1, ["word"], tolerance=1)
+    m.update(smeared, true)
+    out = m.compute()
+    assert abs(out["boundary_precision/l1_word"].item() - 4 / 12) < 1e-6
+    assert out["boundary_recall/l1_word"].item() == 1.0
+    assert abs(out["boundary_f1/l1_word"].item() - 0.5) < 1e-6
+
+
+def test_tolerance_matching_is_maximal():
+    """Predictions at 4 and 6 with true boundaries at 5 and 7: pairing 4-5 and 6-7 gives two
+    pairs; pairing greedily 6-5 would leave one."""
+    true = torch.zeros(1, 10, 1)
+    true[0, [5, 7], 0] = 1
+    z = torch.zeros(1, 10, 2)
+    z[0, [4, 6], 0] = 1
+    m = BoundaryF1(1, ["word"], tolerance=1)
+    m.update(z, true)
+    assert m.compute()["boundary_f1/l1_word"].item() == 1.0
+
+
+def test_tolerance_matches_brute_force_on_random_sequences():
+    import itertools
+
+    from hmrnn_lightning.metrics.boundary_f1 import matched_pairs
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        pred = torch.nonzero(torch.rand(9, generator=g) < 0.4).flatten().tolist()
+        true = torch.nonzero(torch.rand(9, generator=g) < 0.4).flatten().tolist()
+        best = 0
+        for r in range(min(len(pred), len(true)), 0, -1):  # largest set of disjoint pairs
+            if any(
+                all(abs(p - t) <= 1 for p, t in zip(ps, ts))
+                for ps in itertools.combinations(pred, r) for ts in itertools.permutations(true, r)
+            ):
+                best = r
+                break
+        assert matched_pairs(pred, true, 1) == best, (pred, true)

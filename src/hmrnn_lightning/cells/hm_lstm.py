@@ -17,7 +17,9 @@ class HMLSTMCell(HMCell):
     * UPDATE: ``c = f * c_{t-1} + i * g``
     * COPY:   ``c = c_{t-1}``, ``h = h_{t-1}``
     * FLUSH:  ``c = i * g`` (the cell forgets everything; the recurrent term
-      ``U h_{t-1}`` of eq. 5 still enters the gates, as the paper writes it)
+      ``U h_{t-1}`` of eq. 5 still enters the gates, as the paper writes it: eq. 5 is not
+      gated, and the reset is the cell's. The HM-RNN, which has no cell, drops the term
+      instead; see :class:`~hmrnn_lightning.cells.HMRNNCell`)
 
     and ``h = o * tanh(c)`` outside COPY (eq. 3); with layer norm ``h = o * tanh(LN(c))``.
     The mixing itself lives in :mod:`hmrnn_lightning.cells.operations`.

@@ -20,6 +20,11 @@ class HMRNNCell(HMCell):
     * FLUSH:  ``h = tanh(s^top + s^bottom + b)``: the recurrent term is dropped, because
       for an RNN the hidden state is the only memory and FLUSH is a hard reset of it.
 
+    This differs on purpose from the HM-LSTM, whose FLUSH keeps ``U h_{t-1}`` in the gates as
+    eq. 5 writes it: there the reset is ``c = i * g`` and ``h_{t-1}`` only steers the gates.
+    Keeping the recurrent term here would make FLUSH the same computation as UPDATE, so the
+    HM-RNN would have no reset at all.
+
     The boundary logit comes from the full pre-activation in both cases, as in eq. 4.
     ``LayerState.c`` holds a copy of ``h`` so that every cell has the same state shape.
 

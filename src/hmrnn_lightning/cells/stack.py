@@ -136,9 +136,13 @@ class HMStack(RecurrentStack):
         at 0: it never flushes, it UPDATEs when the layer below ends a segment and COPYs
         otherwise.
       * In COPY ``z^l_t = z^l_{t-1}`` (which is 0, since COPY needs ``z^l_{t-1} = 0``): the
-        detector is not re-evaluated because nothing is recomputed in COPY. A layer can
-        therefore only end a segment at a step where the layer below ended one, which keeps
-        boundaries nested (word ends are character ends, phrase ends are word ends).
+        detector is not re-evaluated because nothing is recomputed in COPY.
+      * Boundaries do not always nest. After a FLUSH (``z^l_{t-1} = 1``) the layer computes
+        at ``t`` and its detector decides ``z^l_t`` whether or not the layer below ended a
+        segment at ``t``, as eq. 2 and the boundary equation say; so a layer can end a segment
+        where the one below did not (measured: 8-18% of layer-2 steps in freshly initialised
+        LayerNorm 3 x 128 stacks on PTB text).
+        :class:`~hmrnn_lightning.metrics.BoundaryStatistics` logs the share as ``unnested/l{k}``.
 
     Args:
         input_size: features per input step (the embedding size).

@@ -1,70 +1,82 @@
-"""``hmrnn ablate``: a base config once per overlay, results collected in one table."""
+"""``hmrnn ablate``: a base config alone and with each overlay, over several seeds, in one table.
+
+Each run is fitted, then tested on its best-validation checkpoint (``ModelCheckpoint``'s
+``best_model_path``; the last weights, with a note, when a run has none) without printing
+Lightning's per-run metric table; one summary (mean and spread over seeds) is printed at the
+end. With a W&B logger in the config every run is its own W&B run, named
+``<overlay>-seed<k>``, and all runs of the ablation share the W&B group ``--name``. The run
+machinery is shared with ``hmrnn compare`` (:mod:`hmrnn_lightning.commands.runs`).
+"""
 
 from __future__ import annotations
 
-import os
+import argparse
 from pathlib import Path
+from typing import Any
 
-from hmrnn_lightning.cli import HMRNNCLI
+from hmrnn_lightning.commands.runs import (
+    RunSpec, atomic_write, budget_args, csv_text, fail, informative, markdown_summary, metric_columns, run_one, split_extra,
+    summarise,
+)
+
+#: columns of the summary, as prefixes of the per-run metrics
+COLUMNS = ("best_val_bpc", "test/bpc", "chars_per_s", "test/boundary_rate/", "test/boundary_f1/", "test/boundary_f1_tol1/")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hmrnn ablate",
+        description="Fit and test the base config alone and with each overlay, once per seed; write OUT/runs.csv "
+        "(one row per run), OUT/results.csv and OUT/results.md (mean and spread per overlay). Arguments after "
+        "`--` go to every run. With a W&B logger each run is its own W&B run in the group --name.",
+    )
+    p.add_argument("--base", required=True, help="base config (e.g. configs/ptb_step_anneal.yaml)")
+    p.add_argument("--overlays", nargs="*", default=[], help="overlay configs, one run each per seed")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (default: 0)")
+    p.add_argument("--max_time", type=float, default=None, help="training budget per run, in minutes")
+    p.add_argument("--max_steps", type=int, default=None, help="training budget per run, in optimiser steps")
+    p.add_argument("--val_every", type=int, default=None, help="validate (and checkpoint the best) every this many steps")
+    p.add_argument("--out", default="runs/ablation", help="output folder")
+    p.add_argument("--name", default="ablation", help="W&B group of the runs")
+    p.add_argument("--no-baseline", action="store_true", help="skip the base config alone")
+    return p
 
 
 def cmd_ablate(argv: list[str]) -> int:
-    """hmrnn ablate: run a base config with each overlay, collect BPC into CSV and Markdown."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog="hmrnn ablate",
-        description="Fit and test the base config once per overlay (and once alone), then write "
-        "OUT/results.csv and OUT/results.md with validation and test BPC. Extra arguments after "
-        "`--` go to every run. With W&B on, runs share the group WANDB_RUN_GROUP=<name>.",
-    )
-    p.add_argument("--base", required=True, help="base config (e.g. configs/ptb_step_anneal.yaml)")
-    p.add_argument("--overlays", nargs="*", default=[], help="overlay configs, one run each")
-    p.add_argument("--out", default="runs/ablation", help="output folder")
-    p.add_argument("--name", default="ablation", help="group name for loggers")
-    p.add_argument("--no-baseline", action="store_true", help="skip the run of the base config alone")
-    own, _, extra = _split_dashdash(argv)
-    args = p.parse_args(own)
+    """hmrnn ablate: the base config with each overlay, several seeds, one summary table."""
+    own, extra = split_extra(argv)
+    args = parser().parse_args(own)
+    for path in [args.base, *args.overlays]:
+        if not Path(path).is_file():
+            fail(f"config not found: {path}")
+    budget = budget_args(args.max_time, args.max_steps, args.val_every)
+    variants = ([] if args.no_baseline else [("base", None)]) + [(Path(o).stem, o) for o in args.overlays]
+    if not variants:
+        fail("nothing to run: give --overlays or leave out --no-baseline")
+    labels = [label for label, _ in variants]
+    if len(set(labels)) != len(labels):
+        fail(f"two overlays have the same name: {', '.join(labels)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("WANDB_RUN_GROUP", args.name)
-    runs = ([] if args.no_baseline else [("base", None)]) + [(Path(o).stem, o) for o in args.overlays]
-    rows = []
-    for name, overlay in runs:
-        cfg = ["--config", args.base] + (["--config", overlay] if overlay else [])
-        run_dir = out / name
-        common = cfg + [f"--trainer.default_root_dir={run_dir}"] + extra
-        cli = HMRNNCLI(args=common, run=False)  # run=False: no subcommand; fit and test are called below
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        val = cli.trainer.callback_metrics.get("val/bpc")
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=None)
-        test = cli.trainer.callback_metrics.get("test/bpc")
-        rows.append({"run": name, "overlay": overlay or "", "val_bpc": _num(val), "test_bpc": _num(test)})
-        _write_tables(out, rows)
-    print((out / "results.md").read_text())
+    specs = [RunSpec(label, [args.base] + ([overlay] if overlay else []), seed, budget + extra)
+             for seed in args.seeds for label, overlay in variants]
+    overlays = dict(variants)
+    rows: list[dict[str, Any]] = []
+    for k, spec in enumerate(specs, 1):
+        row = run_one(spec, out, k, len(specs), group=args.name)
+        row["overlay"] = overlays[spec.label] or ""
+        rows.append(row)
+        write_tables(out, rows)
+    print((out / "results.md").read_text(), end="")
+    print(f"hmrnn: wrote {out / 'results.csv'}, {out / 'results.md'} and {out / 'runs.csv'}")
     return 0
 
 
-def _num(x) -> str:
-    return "" if x is None else f"{float(x):.4f}"
-
-
-def _write_tables(out: Path, rows: list[dict]) -> None:
-    import csv
-
-    tmp = out / "results.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out / "results.csv")
-    lines = ["| run | overlay | val BPC | test BPC |", "|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['overlay']} | {r['val_bpc']} | {r['test_bpc']} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-
-
-def _split_dashdash(argv: list[str]) -> tuple[list[str], str, list[str]]:
-    if "--" in argv:
-        k = argv.index("--")
-        return argv[:k], "--", argv[k + 1 :]
-    return argv, "", []
+def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    """``runs.csv`` (every run), ``results.csv`` and ``results.md`` (mean and spread per overlay)."""
+    columns = [c for c in metric_columns(rows, COLUMNS) if informative(c, rows)]
+    summary = summarise(rows, columns)
+    atomic_write(out / "runs.csv", csv_text(rows))
+    atomic_write(out / "results.csv", csv_text(summary, ["label", "n"] + [f"{c}_{s}" for c in columns for s in ("mean", "sd")]))
+    titles = {"best_val_bpc": "best val BPC", "test/bpc": "test BPC", "chars_per_s": "train chars/s"}
+    atomic_write(out / "results.md", markdown_summary(summary, columns, {c: titles.get(c, c.removeprefix("test/")) for c in columns}))

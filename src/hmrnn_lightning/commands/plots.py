@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
-from hmrnn_lightning.cli import require_file
+from pathlib import Path
+
+from hmrnn_lightning.checkpoints import load_model
+
+from hmrnn_lightning.commands.runs import fail
 from hmrnn_lightning.data.base import DataError
+
+
+def check_out(path: str) -> None:
+    """Refuse an ``--out`` whose extension names no figure format, before any work."""
+    from hmrnn_lightning.viz.files import FigureFormatError, figure_format
+
+    try:
+        figure_format(path)
+    except FigureFormatError as exc:
+        fail(f"--out {exc}")
 
 
 def cmd_plot_boundaries(argv: list[str]) -> int:
@@ -20,13 +34,14 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
     )
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit`")
     p.add_argument("--text", required=True, help="the text to analyse (symbols of the model's vocabulary)")
-    p.add_argument("--out", default="boundaries.png", help="PNG file to write")
+    p.add_argument("--out", default="boundaries.png", help="figure to write; the extension picks the format (.png, .pdf, .svg...)")
+    p.add_argument("--title", default=None, help="title above the figure (default: the checkpoint's file name)")
     args = p.parse_args(argv)
-    require_file(args.ckpt_path, "checkpoint")
-    model = HMRNNLanguageModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    check_out(args.out)
+    model = load_model(args.ckpt_path, HMRNNLanguageModel)
     text = args.text.encode().decode("unicode_escape") if "\\" in args.text else args.text
     z, norms = model.analyse(text)
-    path = plot_boundaries(text, z.numpy(), norms.numpy(), args.out)
+    path = plot_boundaries(text, z.numpy(), norms.numpy(), args.out, title=args.title or Path(args.ckpt_path).name)
     print(f"wrote {path}")
     return 0
 
@@ -43,15 +58,20 @@ def cmd_sample_strokes(argv: list[str]) -> int:
     p.add_argument("--length", type=int, default=700, help="points to sample")
     p.add_argument("--bias", type=float, default=0.5, help="sampling bias (0: unbiased; larger: neater)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", default="sample.png", help="PNG file to write")
+    p.add_argument("--out", default="sample.png", help="figure to write; the extension picks the format (.png, .pdf, .svg...)")
     args = p.parse_args(argv)
-    require_file(args.ckpt_path, "checkpoint")
+    check_out(args.out)
+    if args.length <= 0:
+        fail(f"--length must be positive, got {args.length}")
+    if args.bias < 0:
+        fail(f"--bias must be 0 or more, got {args.bias}")
     import torch
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model = HandwritingModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
-    print(f"wrote {plot_strokes(model.generate(args.length, args.bias), args.out)}")
+    model = load_model(args.ckpt_path, HandwritingModel)
+    title = f"{Path(args.ckpt_path).name}: {args.length} points, bias {args.bias:g}, seed {args.seed if args.seed is not None else 'random'}"
+    print(f"wrote {plot_strokes(model.generate(args.length, args.bias), args.out, title=title)}")
     return 0
 
 
@@ -74,10 +94,10 @@ def cmd_plot_segments(argv: list[str]) -> int:
     p.add_argument("--index", type=int, default=0, help="which line of the split")
     p.add_argument("--min_length", type=int, default=300, help="as in training: lines with fewer points are dropped")
     p.add_argument("--layer", type=int, default=2, help="layer whose boundaries colour the second drawing")
-    p.add_argument("--out", default="segments.png")
+    p.add_argument("--out", default="segments.png", help="figure to write; the extension picks the format (.png, .pdf, .svg...)")
     args = p.parse_args(argv)
-    require_file(args.ckpt_path, "checkpoint")
-    model = HandwritingModel.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    check_out(args.out)
+    model = load_model(args.ckpt_path, HandwritingModel)
     dm = IAMOnDBDataModule(args.data_dir, min_length=args.min_length)
     ds = dm.dataset(args.split)
     if not 0 <= args.index < len(ds):

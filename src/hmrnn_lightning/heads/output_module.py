@@ -21,7 +21,8 @@ class GatedOutputModule(nn.Module):
         super().__init__()
         self.layer_sizes = [int(s) for s in layer_sizes]
         self.embed_dim = embed_dim
-        self.gates = nn.Linear(sum(self.layer_sizes), len(self.layer_sizes))  # rows are w^l
+        # rows are w^l; eq. 11 has no bias, so neither does this
+        self.gates = nn.Linear(sum(self.layer_sizes), len(self.layer_sizes), bias=False)
         self.project = nn.ModuleList(nn.Linear(s, embed_dim, bias=False) for s in self.layer_sizes)  # W^e_l
 
     def forward(self, hidden: list[Tensor]) -> Tensor:

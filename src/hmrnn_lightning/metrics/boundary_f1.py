@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
 
-def _dilate(x: Tensor, tolerance: int) -> Tensor:
-    """1 where ``x`` has a 1 within ``tolerance`` steps (along time, dim 1)."""
-    if tolerance == 0:
-        return x
-    k = 2 * tolerance + 1
-    return F.max_pool1d(x.transpose(1, 2), k, stride=1, padding=tolerance).transpose(1, 2)
+def matched_pairs(pred: np.ndarray, true: np.ndarray, tolerance: int) -> int:
+    """How many predictions can be paired one-to-one with true boundaries at most ``tolerance``
+    steps away (a maximum matching): positions are sorted, so a two-pointer walk that pairs each
+    true boundary with the earliest free prediction in its window finds the largest number."""
+    i = j = matched = 0
+    while i < len(pred) and j < len(true):
+        if pred[i] < true[j] - tolerance:
+            i += 1  # too early for this and every later true boundary
+        elif true[j] < pred[i] - tolerance:
+            j += 1  # nothing left near this true boundary
+        else:
+            matched, i, j = matched + 1, i + 1, j + 1
+    return matched
 
 
 class BoundaryF1(Metric):
     """Boundary quality of every layer (with a detector) against every level of known boundaries.
 
-    A predicted boundary at ``t`` counts as correct when a true one lies in
-    ``[t - tolerance, t + tolerance]``, and a true one as found when a prediction lies in that
-    window. Precision = correct predictions / predictions; recall = found / true ones.
+    Predicted and true boundaries are paired one-to-one, each pair at most ``tolerance`` steps
+    apart, as many pairs as possible; precision = pairs / predictions, recall = pairs / true
+    boundaries. One-to-one matters with a tolerance: a detector firing at ``t - 1``, ``t`` and
+    ``t + 1`` around every true boundary gets one pair per true boundary, so its precision is
+    about 1/3, not 1. Windows are scored on their own (a pair cannot straddle two windows).
     ``compute()`` returns ``{"boundary_{precision,recall,f1}/l{k}_{level}": value}``.
 
     Args:
@@ -36,23 +45,31 @@ class BoundaryF1(Metric):
         super().__init__(**kwargs)
         self.num_layers, self.levels, self.tolerance = num_layers, list(levels), tolerance
         shape = (num_layers, len(self.levels))
-        for name in ("correct", "predicted", "found", "actual"):
+        for name in ("matched", "predicted", "actual"):
             self.add_state(name, default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, z: Tensor, targets: Tensor) -> None:
         """Args: ``z [batch, time, >= num_layers]`` (binarised at 0.5), ``targets [batch, time, levels]``."""
-        pred = (z[..., : self.num_layers].detach() > 0.5).float()
-        true = targets.detach().float()
-        pred_near, true_near = _dilate(pred, self.tolerance), _dilate(true, self.tolerance)
-        # [layers, levels] counts via einsum over batch and time
-        self.correct += torch.einsum("btl,btk->lk", pred, true_near).double()
+        pred = z[..., : self.num_layers].detach() > 0.5
+        true = targets.detach() > 0.5
         self.predicted += pred.sum((0, 1)).double().unsqueeze(1).expand(-1, len(self.levels))
-        self.found += torch.einsum("btl,btk->lk", pred_near, true).double()
         self.actual += true.sum((0, 1)).double().unsqueeze(0).expand(self.num_layers, -1)
+        if self.tolerance == 0:  # pairs are the positions both mark
+            self.matched += torch.einsum("btl,btk->lk", pred.double(), true.double())
+            return
+        pred_np, true_np = pred.cpu().numpy(), true.cpu().numpy()
+        counts = np.zeros((self.num_layers, len(self.levels)))
+        for b in range(pred_np.shape[0]):
+            true_pos = [np.flatnonzero(true_np[b, :, k]) for k in range(len(self.levels))]
+            for l in range(self.num_layers):
+                pred_pos = np.flatnonzero(pred_np[b, :, l])
+                for k, positions in enumerate(true_pos):
+                    counts[l, k] += matched_pairs(pred_pos, positions, self.tolerance)
+        self.matched += torch.as_tensor(counts, dtype=torch.float64, device=self.matched.device)
 
     def compute(self) -> dict[str, Tensor]:
-        precision = self.correct / self.predicted.clamp_min(1)
-        recall = self.found / self.actual.clamp_min(1)
+        precision = self.matched / self.predicted.clamp_min(1)
+        recall = self.matched / self.actual.clamp_min(1)
         f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
         out = {}
         for l in range(self.num_layers):

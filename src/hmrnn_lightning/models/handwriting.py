@@ -85,7 +85,7 @@ class HandwritingModel(pl.LightningModule):
             aux = self.estimator.auxiliary_loss(out, (-ll * mask).detach())
             if aux is not None:
                 total = total + aux
-            self.log("slope", self.estimator.slope, batch_size=inputs.shape[0])
+            self.log("train/slope", self.estimator.slope, batch_size=inputs.shape[0])
         self.log("train/nll_per_step", loss, prog_bar=True, batch_size=inputs.shape[0])
         self.log("train/loglik", (ll * mask).sum() / inputs.shape[0], batch_size=inputs.shape[0])
         return total

@@ -41,7 +41,10 @@ class HMRNNLanguageModel(pl.LightningModule):
         embedding_dim: size of the input embedding.
         lr: initial Adam learning rate.
         lr_decay_factor: divide the learning rate by this when validation BPC stops falling.
-        lr_patience: validation runs without improvement before dividing.
+        lr_patience: validation runs without a new best before dividing. The paper divides
+            "when the validation negative log-likelihood stopped decreasing"; 2 (divide after
+            the third stale validation) keeps one noisy validation from dividing it, which
+            patience 0 did.
         grad_clip_norm: clip the global gradient norm to this (None: no clipping);
             a Trainer ``gradient_clip_val`` overrides it.
         vocab: the symbols, stored in checkpoints so a model can be used without its data.
@@ -57,7 +60,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         embedding_dim: int = 128,
         lr: float = 0.002,
         lr_decay_factor: float = 50.0,
-        lr_patience: int = 0,
+        lr_patience: int = 2,
         grad_clip_norm: float | None = 1.0,
         vocab: list[str] | None = None,
         boundary_tolerance: int = 1,
@@ -67,6 +70,8 @@ class HMRNNLanguageModel(pl.LightningModule):
             raise ValueError(f"HMRNNLanguageModel: vocab_size must be positive, got {vocab_size}")
         if vocab is not None and len(vocab) != vocab_size:
             raise ValueError(f"HMRNNLanguageModel: vocab has {len(vocab)} symbols but vocab_size is {vocab_size}")
+        if embedding_dim <= 0:
+            raise ValueError(f"HMRNNLanguageModel: embedding_dim must be positive, got {embedding_dim}")
         if lr <= 0 or lr_decay_factor < 1:
             raise ValueError(f"HMRNNLanguageModel: need lr > 0 and lr_decay_factor >= 1, got {lr}, {lr_decay_factor}")
         self.save_hyperparameters()  # under the CLI these are the resolved config, so checkpoints reload
@@ -163,7 +168,7 @@ class HMRNNLanguageModel(pl.LightningModule):
             if aux is not None:
                 total = total + aux
                 self.log("train/aux_loss", aux, batch_size=step_nll.shape[0])
-            self.log("slope", self.estimator.slope, batch_size=step_nll.shape[0])
+            self.log("train/slope", self.estimator.slope, batch_size=step_nll.shape[0])
         B = step_nll.shape[0]
         self.log("train/bpc", loss / math.log(2.0), prog_bar=True, batch_size=B)
         rates = out.boundaries.float().mean(dim=(0, 1))
@@ -234,15 +239,22 @@ class HMRNNLanguageModel(pl.LightningModule):
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prime: str = "", length: int = 200, temperature: float = 1.0) -> str:
+    def generate(self, prime: str = "", length: int = 200, temperature: float = 1.0, top_k: int | None = None) -> str:
         """Read ``prime``, then sample ``length`` symbols one at a time, carrying the state.
 
+        The unknown symbol (which stands for symbols unseen in training) is never sampled.
+        With ``top_k``, each step samples among the ``top_k`` most likely symbols only.
         Needs the vocabulary (stored in checkpoints written by the CLI).
         """
+        from hmrnn_lightning.data.vocab import UNK
+
         if self.vocab is None:
             raise ValueError("HMRNNLanguageModel.generate: this model has no vocabulary (train it with a datamodule)")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if length < 0 or (top_k is not None and top_k <= 0):
+            raise ValueError(f"need length >= 0 and top_k > 0, got {length}, {top_k}")
+        banned = [i for i, sym in enumerate(self.vocab) if sym == UNK]
         # an empty prime starts after an end of line (the start of a sentence), else after symbol 0
         start = prime or ("\n" if "\n" in self.vocab else None)
         ids = self.encode(start, "prime") if start else torch.zeros(1, 1, dtype=torch.long, device=self.embedding.weight.device)
@@ -251,7 +263,12 @@ class HMRNNLanguageModel(pl.LightningModule):
         logits, out = self(ids)
         state, produced, cache = out.state, [], None
         for _ in range(length):
-            probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
+            scores = logits[:, -1].float() / temperature
+            scores[:, banned] = float("-inf")
+            if top_k is not None and top_k < scores.shape[-1]:
+                kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
             nxt = torch.multinomial(probs, 1)
             produced.append(int(nxt))
             out = self.stack.step(self.embedding(nxt[:, 0]), state)  # skips the work COPY leaves out

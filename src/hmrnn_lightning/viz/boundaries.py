@@ -2,67 +2,70 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from hmrnn_lightning.viz.files import pyplot, save_figure
 
-def _pyplot():
-    import matplotlib
+__all__ = ["boundary_figure", "plot_boundaries", "save_figure"]
 
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
+#: how a step's symbol is shown on the x axis
+SHOWN = {" ": "␣", "\n": "⏎", "\t": "⇥"}
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` as PNG through a temporary file and a rename, so no half-written file is left."""
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+def boundary_figure(text: str, z: np.ndarray, h_norm: np.ndarray, title: str | None = None):
+    """The figure of :func:`plot_boundaries`, not yet written (for tests and notebooks).
 
-
-def plot_boundaries(text: str, z: np.ndarray, h_norm: np.ndarray, path: str | Path, title: str | None = None) -> Path:
-    """Write a PNG: characters along x; one row of white/black blocks per layer's ``z`` (Fig. 3),
-    then a heat map of ``||h^l_t||`` per layer (Fig. 4).
-
-    Args:
-        text: the characters, one per step.
-        z: ``[time, layers]`` boundary states (the top layer's column, always 0, is left out).
-        h_norm: ``[time, layers]`` l2 norms of the hidden states.
-        path: output file; written to a temporary name and renamed.
+    Layout: a 2 x 2 grid whose right column is narrow; the colour bar of the heat map sits in
+    it, so the boundary rows and the heat map share one width and their columns line up with
+    the characters below. Black blocks are boundaries (``z = 1``), as the legend says.
     """
-    plt = _pyplot()
+    plt = pyplot()
+    from matplotlib.patches import Patch
+
     T = len(text)
     if z.shape[0] != T or h_norm.shape[0] != T:
         raise ValueError(f"plot_boundaries: text has {T} characters but z has {z.shape[0]} and h_norm {h_norm.shape[0]} steps")
     detectors = max(z.shape[1] - 1, 1)
     layers = h_norm.shape[1]
-    fig, (ax_z, ax_h) = plt.subplots(
-        2, 1, figsize=(max(6, 0.16 * T), 0.45 * (detectors + layers) + 1.6), sharex=True,
-        gridspec_kw={"height_ratios": [detectors, layers]},
-    )
-    ax_z.imshow(1 - z[:, :detectors].T, aspect="auto", cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    fig = plt.figure(figsize=(max(6.0, 0.16 * T + 1.2), 0.45 * (detectors + layers) + 2.0))
+    grid = fig.add_gridspec(2, 2, height_ratios=[detectors, layers], width_ratios=[1, 0.015], hspace=0.08, wspace=0.02)
+    ax_z = fig.add_subplot(grid[0, 0])
+    ax_h = fig.add_subplot(grid[1, 0], sharex=ax_z)
+    fig.add_subplot(grid[0, 1]).axis("off")  # keeps the z row as wide as the heat map
+    extent_z = (-0.5, T - 0.5, detectors - 0.5, -0.5)
+    ax_z.imshow(1 - z[:, :detectors].T, aspect="auto", cmap="gray", vmin=0, vmax=1, interpolation="nearest", extent=extent_z)
     ax_z.set_yticks(range(detectors), [f"z{l + 1}" for l in range(detectors)])
-    ax_z.set_ylim(detectors - 0.5, -0.5)
-    im = ax_h.imshow(h_norm.T, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax_z.tick_params(axis="x", labelbottom=False)
+    ax_z.legend(
+        handles=[Patch(facecolor="black", label="boundary (z = 1)"),
+                 Patch(facecolor="white", edgecolor="0.5", label="no boundary (z = 0)")],
+        loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False, fontsize=8,
+    )
+    im = ax_h.imshow(h_norm.T, aspect="auto", cmap="viridis", interpolation="nearest", extent=(-0.5, T - 0.5, layers - 0.5, -0.5))
     ax_h.set_yticks(range(layers), [f"|h{l + 1}|" for l in range(layers)])
-    ax_h.set_xticks(range(T), [{" ": "␣", "\n": "⏎"}.get(c, c) for c in text], fontsize=7, family="monospace")
-    fig.colorbar(im, ax=ax_h, fraction=0.02, pad=0.01)
+    ax_h.set_xticks(range(T), [SHOWN.get(c, c) for c in text], fontsize=7, family="monospace")
+    ax_h.set_xlim(-0.5, T - 0.5)
+    fig.colorbar(im, cax=fig.add_subplot(grid[1, 1]), label="‖h‖")
     if title:
-        ax_z.set_title(title)
-    fig.tight_layout()
-    return save_figure(fig, path)
+        fig.suptitle(title)
+    return fig
+
+
+def plot_boundaries(text: str, z: np.ndarray, h_norm: np.ndarray, path: str | Path, title: str | None = None) -> Path:
+    """Write the figure: characters along x; one row of black (boundary) / white blocks per
+    layer's ``z`` (Fig. 3), then a heat map of ``||h^l_t||`` per layer (Fig. 4).
+
+    Args:
+        text: the characters, one per step.
+        z: ``[time, layers]`` boundary states (the top layer's column, always 0, is left out).
+        h_norm: ``[time, layers]`` l2 norms of the hidden states.
+        path: output file; its extension picks the format (``.png``, ``.pdf``, ``.svg``...);
+            written to a temporary name and renamed.
+        title: drawn above the figure.
+    """
+    from hmrnn_lightning.viz.files import figure_format
+
+    figure_format(path)  # an unknown extension fails before any drawing
+    return save_figure(boundary_figure(text, z, h_norm, title), path)

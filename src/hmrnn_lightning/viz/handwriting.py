@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hmrnn_lightning.viz.boundaries import _pyplot, save_figure
+from hmrnn_lightning.viz.files import pyplot as _pyplot, save_figure
 
 
 def _absolute(offsets: np.ndarray) -> np.ndarray:
@@ -35,7 +35,8 @@ def _draw(ax, xy: np.ndarray, pen: np.ndarray, segment: np.ndarray | None) -> No
 
 
 def plot_strokes(offsets: np.ndarray, path: str | Path, title: str | None = None) -> Path:
-    """Draw ``(dx, dy, pen)`` offsets as pen strokes (PNG)."""
+    """Draw ``(dx, dy, pen)`` offsets as pen strokes, in the format of ``path``'s extension,
+    with ``title`` (e.g. the sampling parameters) above."""
     plt = _pyplot()
     if offsets.ndim != 2 or offsets.shape[1] != 3:
         raise ValueError(f"plot_strokes: expected [points, 3] offsets, got {offsets.shape}")

@@ -1,0 +1,336 @@
+"""Series of training runs for ``hmrnn compare`` and ``hmrnn ablate``: fit, test on the best
+checkpoint, collect metrics, and summarise seeds as mean and spread in one table.
+
+A run is the CLI's own ``fit`` then ``test`` on a config (plus overlays and overrides), so
+what a series measures is exactly what ``hmrnn fit`` / ``hmrnn test`` would give.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+
+
+@dataclass
+class RunSpec:
+    """One run of a series.
+
+    Attributes:
+        label: what is run (``hm_lstm``, ``ln_lstm``, an overlay's name); rows with the same
+            label are seeds of one model and are summarised together.
+        configs: config files, later ones overlaying earlier ones.
+        seed: ``seed_everything`` for the run.
+        args: further CLI arguments (budget, data folder...).
+    """
+
+    label: str
+    configs: list[str]
+    seed: int
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-seed{self.seed}"
+
+
+class TrainingThroughput(pl.Callback):
+    """Training symbols per second: symbols in the training batches over the time spent
+    between the start and the end of those batches (forward, backward, optimiser step), so
+    validation, checkpointing and start-up do not count. Multiplied by the world size under DDP.
+    """
+
+    def __init__(self) -> None:
+        self.symbols = 0
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":  # CUDA runs asynchronously; time the finished work
+            import torch
+
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._start is None:
+            return
+        self._sync(pl_module)
+        self.seconds += time.perf_counter() - self._start
+        self.symbols += int(batch[0].numel()) * trainer.world_size
+        self._start = None
+
+    @property
+    def rate(self) -> float:
+        return self.symbols / self.seconds if self.seconds > 0 else float("nan")
+
+
+def fail(message: str) -> None:
+    """Report bad input to a small command as one line and exit with status 2."""
+    print(f"hmrnn: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A command's own arguments, and those after ``--`` that go to every run."""
+    if "--" in argv:
+        k = argv.index("--")
+        return argv[:k], argv[k + 1 :]
+    return argv, []
+
+
+def budget_args(max_time: float | None, max_steps: int | None, val_every: int | None = None) -> list[str]:
+    """Trainer arguments for a budget of ``max_time`` minutes and/or ``max_steps`` steps.
+
+    With a budget the config's ``max_epochs`` no longer applies (``-1``), so the budget, not a
+    PTB-sized epoch count, ends every run alike (EarlyStopping in the config still may).
+    """
+    out: list[str] = []
+    if max_time is not None:
+        if max_time <= 0:
+            fail(f"--max_time must be positive minutes, got {max_time}")
+        secs = int(round(max_time * 60))
+        out.append(f"--trainer.max_time={secs // 86400:02d}:{secs % 86400 // 3600:02d}:{secs % 3600 // 60:02d}:{secs % 60:02d}")
+    if max_steps is not None:
+        if max_steps <= 0:
+            fail(f"--max_steps must be positive, got {max_steps}")
+        out.append(f"--trainer.max_steps={max_steps}")
+    if out:
+        out.append("--trainer.max_epochs=-1")
+    if val_every is not None:
+        if val_every <= 0:
+            fail(f"--val_every must be positive, got {val_every}")
+        # steps are counted across epochs, so short budgets still validate (and checkpoint)
+        out += [f"--trainer.val_check_interval={val_every}", "--trainer.check_val_every_n_epoch=null"]
+    return out
+
+
+def relax_early_stopping(trainer: pl.Trainer) -> None:
+    """A budget may end a run before its first validation; EarlyStopping then has nothing to
+    check and, being strict, would fail the run at its end. Here it waits for the metric instead."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, EarlyStopping):
+            cb.strict = False
+
+
+def best_checkpoint(trainer: pl.Trainer) -> tuple[str | None, str]:
+    """The best-validation checkpoint of the run and a note.
+
+    ``(ModelCheckpoint.best_model_path, "")`` when the run has one; otherwise ``(None, note)``:
+    the test then uses the weights at the end of training, and the note says so.
+    """
+    for cb in trainer.checkpoint_callbacks:
+        path = getattr(cb, "best_model_path", "")
+        if getattr(cb, "monitor", None) and path and Path(path).is_file():
+            return path, ""
+    if not trainer.checkpoint_callbacks:
+        return None, "no ModelCheckpoint in the config: tested the last weights"
+    return None, "no best checkpoint (no validation finished within the budget): tested the last weights"
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Raise a library logger to WARNING for the duration of the block."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def name_wandb_run(trainer: pl.Trainer, name: str, group: str | None) -> None:
+    """Name the W&B run a WandbLogger is about to start, and put it in ``group``, unless the
+    config names them. (W&B reads ``WANDB_NAME`` once per process, so the environment cannot
+    name the second run of a series; the logger's init arguments can, until it starts.)"""
+    for logger in trainer.loggers:
+        init = getattr(logger, "_wandb_init", None)
+        if isinstance(init, dict) and getattr(logger, "_experiment", None) is None:
+            if not init.get("name"):
+                init["name"] = name
+            if group and not init.get("group"):
+                init["group"] = group
+
+
+def finish_wandb() -> None:
+    """End the current W&B run, so the next run of the series starts its own."""
+    wandb = sys.modules.get("wandb")  # never import W&B for runs that do not use it
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_cli(configs: Sequence[str], args: Sequence[str]):
+    """The CLI's trainer, model and datamodule for configs plus arguments, without running."""
+    from hmrnn_lightning.cli import HMRNNCLI
+
+    argv: list[str] = []
+    for cfg in configs:
+        argv += ["--config", str(cfg)]
+    return HMRNNCLI(args=argv + list(args), run=False)
+
+
+def run_one(
+    spec: RunSpec,
+    root: Path,
+    index: int,
+    total: int,
+    after_test: Callable[[Any, str | None], dict[str, float]] | None = None,
+    group: str | None = None,
+) -> dict[str, Any]:
+    """Fit, test on the best checkpoint (quietly), and return one row of metrics.
+
+    Args:
+        spec: the run.
+        root: the series' folder; the run writes under ``root/<label>-seed<k>``.
+        index: 1-based position in the series, for the progress line.
+        total: runs in the series.
+        after_test: extra measurements on the tested model, ``f(cli, checkpoint) -> metrics``.
+        group: W&B group; each run is its own W&B run named after it.
+    """
+    print(f"hmrnn: run {index}/{total}: {spec.label} seed {spec.seed}", flush=True)
+    run_dir = root / spec.name
+    try:
+        cli = build_cli(spec.configs, [f"--seed_everything={spec.seed}", f"--trainer.default_root_dir={run_dir}", *spec.args])
+        relax_early_stopping(cli.trainer)
+        name_wandb_run(cli.trainer, spec.name, group)
+        meter = TrainingThroughput()
+        cli.trainer.callbacks.append(meter)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        ckpt, note = best_checkpoint(cli.trainer)
+        best_val = next((cb.best_model_score for cb in cli.trainer.checkpoint_callbacks if getattr(cb, "best_model_score", None) is not None), None)
+        with _quiet("lightning.pytorch"):  # "Restoring states from ...": the table says which weights
+            tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+        row: dict[str, Any] = {"label": spec.label, "seed": spec.seed, "params": count_parameters(cli.model),
+                               "steps": cli.trainer.global_step, "chars_per_s": meter.rate,
+                               "best_val_bpc": float(best_val) if best_val is not None else float("nan")}
+        row.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+        if after_test is not None:
+            row.update(after_test(cli, ckpt))
+        row["checkpoint"] = ckpt or ""
+        row["note"] = note
+    finally:
+        finish_wandb()
+    if note:
+        print(f"hmrnn: note: {spec.name}: {note}", flush=True)
+    return row
+
+
+# -- summaries ---------------------------------------------------------------------------------------
+def summarise(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Per label: ``n`` and, for every column, the mean and the sample standard deviation
+    over seeds (``{col}_mean``, ``{col}_sd``; sd is blank with one seed). Non-finite values
+    (a run that diverged) make that label's mean NaN rather than being skipped silently."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        group = [r for r in rows if r["label"] == label]
+        row: dict[str, Any] = {"label": label, "n": len(group)}
+        for col in columns:
+            vals = [float(r[col]) for r in group if r.get(col) not in (None, "")]
+            if not vals:
+                row[f"{col}_mean"], row[f"{col}_sd"] = "", ""
+                continue
+            mean = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+            row[f"{col}_mean"], row[f"{col}_sd"] = mean, ("" if sd is None else sd)
+        out.append(row)
+    return out
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x in (None, ""):
+        return ""
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown_summary(summary: list[dict[str, Any]], columns: Sequence[str], titles: dict[str, str] | None = None,
+                     exact: Sequence[str] = ("params", "steps")) -> str:
+    """A Markdown table: one row per label, each cell ``mean ± sd`` (columns in ``exact``, counts
+    that are the same for every seed, show the mean alone)."""
+    titles = titles or {}
+    head = ["model", "seeds"] + [titles.get(c, c) for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary:
+        cells = [str(row["label"]), str(row["n"])]
+        for c in columns:
+            mean, sd = row.get(f"{c}_mean", ""), row.get(f"{c}_sd", "")
+            if c in exact and isinstance(mean, float):
+                cells.append(f"{mean:.0f}")
+                continue
+            digits = 0 if isinstance(mean, float) and abs(mean) >= 1000 else 3
+            spread = f" ± {sd:.{digits}f}" if isinstance(sd, float) else ""
+            cells.append(_fmt(mean) + spread)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file in the same folder and a rename; mode as umask allows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def csv_text(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def metric_columns(rows: list[dict[str, Any]], prefixes: Sequence[str]) -> list[str]:
+    """Columns present in any row that start with one of ``prefixes``, in the prefixes' order."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return list(dict.fromkeys(k for p in prefixes for k in keys if k.startswith(p)))
+
+
+def informative(column: str, rows: list[dict[str, Any]]) -> bool:
+    """Whether a summary shows ``column``: boundary columns only for layers with a detector
+    (the top layer's z is 0 by construction), boundary F1 only against word ends."""
+    tag = column.rsplit("/", 1)[-1]
+    if "boundary_f1" in column:
+        return tag.endswith("_word")
+    if column.startswith("test/boundary_rate/"):
+        layers = [int(k.rsplit("/l", 1)[1]) for r in rows for k in r if k.startswith("test/boundary_rate/l")]
+        return int(tag[1:]) < max(layers, default=0)
+    return True
