@@ -73,6 +73,7 @@ def test_cache_place_that_cannot_be_written_is_one_clear_error(tmp_path, kind):
         place = tmp_path / "file"
         place.write_text("not a folder")
     dm = SyntheticDataModule(num_chars=2000, batch_size=2, seq_len=10, cache_dir=str(place / "sub"))
+    dm.read_splits = lambda: pytest.fail("the corpus was read before the cache place was checked")
     try:
         with pytest.raises(DataError, match=r"cannot write the data cache in .*(locked|file).*HMRNN_CACHE_DIR"):
             dm.setup()
@@ -147,3 +148,9 @@ def test_two_processes_build_one_new_cache_at_once(tmp_path):
     fresh = SyntheticDataModule(num_chars=50_000, batch_size=4, seq_len=10, cache_dir=str(tmp_path / "again"))
     for split in ("train", "valid", "test"):
         assert np.array_equal(np.load(whole / f"{split}.npy"), fresh.split_ids(split).numpy())
+
+
+def test_str_names_the_module_without_building_loaders(tmp_path):
+    dm = SyntheticDataModule(num_chars=2000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
+    assert str(dm).startswith("SyntheticDataModule(batch_size=2, seq_len=10, cache=")
+    assert not list(tmp_path.iterdir())  # nothing built to print it

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_dir
+from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_dir, writable_parent
 from hmrnn_lightning.data.errors import DataError
 from hmrnn_lightning.data.streams import StreamWindows
 from hmrnn_lightning.data.vocab import UNK, Vocabulary
@@ -97,6 +97,7 @@ class CharStreamDataModule(pl.LightningDataModule):
 
     def _build_cache(self) -> None:
         final = self.cache_path
+        writable_parent(final)  # fail before the work, not after
         announce(self.describe(), final)
         splits = self.read_splits()
         for split in SPLITS:
@@ -193,6 +194,10 @@ class CharStreamDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> StreamWindows:
         return self._loader("test", self.eval_batch_size, drop_last=False, labels=True)
+
+    def __str__(self) -> str:
+        # Lightning's own __str__ builds every loader and expects DataLoaders; say what it is instead
+        return f"{type(self).__name__}(batch_size={self.batch_size}, seq_len={self.seq_len}, cache={self.cache_path})"
 
     def log_layout(self, windows: StreamWindows) -> None:
         """Say once, on rank 0, what a training step sees: the global batch and each stream's length."""

@@ -48,8 +48,9 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return base / APP_NAME
 
 
-def _writable_parent(final: Path) -> Path:
-    """Create ``final``'s parent, or raise one clear :class:`CacheError` saying how to move the cache."""
+def writable_parent(final: Path) -> Path:
+    """Create ``final``'s parent, or raise one clear :class:`CacheError` saying how to move the cache.
+    Called before the work of building an entry, and again when publishing it."""
     parent = final.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def publish_dir(final: Path, fill: Callable[[Path], None]) -> None:
     If another process published ``final`` first (its rename won), that copy is kept and ours
     is discarded: both are built from the same source, so either is whole and right.
     """
-    parent = _writable_parent(final)
+    parent = writable_parent(final)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=parent))
     try:
         fill(tmp)
@@ -84,7 +85,7 @@ def publish_dir(final: Path, fill: Callable[[Path], None]) -> None:
 
 def publish_file(final: Path, write: Callable[[Path], None], suffix: str = "") -> None:
     """Write the file ``final`` with ``write(tmp_path)`` and rename it into place (atomic on POSIX)."""
-    parent = _writable_parent(final)
+    parent = writable_parent(final)
     fd, name = tempfile.mkstemp(prefix=final.name + ".tmp-", suffix=suffix, dir=parent)
     os.close(fd)
     tmp = Path(name)

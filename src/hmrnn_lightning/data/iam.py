@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_file
+from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_file, writable_parent
 from hmrnn_lightning.data.errors import DataError
 
 def parse_line_strokes(xml: bytes | str) -> np.ndarray:
@@ -253,6 +253,7 @@ class IAMOnDBDataModule(pl.LightningDataModule):
         path = self.cache_path
         if path.exists():
             return
+        writable_parent(path)  # fail before the minute of parsing, not after
         announce(f"IAM-OnDB strokes from {self.source()} (about a minute)", path)
         lines, _ = read_lines(self.source())
         ids = sorted(lines)

@@ -13,17 +13,17 @@ def clip_gradients_by_default(module, optimizer, gradient_clip_val, gradient_cli
 
 
 def default_callbacks(module) -> list:
-    """``configure_callbacks`` body: :class:`FaultDetection` and :class:`TrainingHealth` with
-    their defaults, and Lightning's ``LearningRateMonitor`` when the run has a logger (so the
-    divisions by ``lr_decay_factor`` show), each unless the Trainer already has one of that type
-    (the user's settings win)."""
+    """``configure_callbacks`` body: :class:`FaultDetection`, :class:`TrainingHealth` and
+    :class:`LostRank` with their defaults, and Lightning's ``LearningRateMonitor`` when the run
+    has a logger (so the divisions by ``lr_decay_factor`` show), each unless the Trainer already
+    has one of that type (the user's settings win)."""
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    from hmrnn_lightning.callbacks import FaultDetection, TrainingHealth
+    from hmrnn_lightning.callbacks import FaultDetection, LostRank, TrainingHealth
 
     trainer = module.trainer if module._trainer is not None else None
     present = trainer.callbacks if trainer is not None else []
-    wanted = [FaultDetection, TrainingHealth]
+    wanted = [FaultDetection, TrainingHealth, LostRank]
     if trainer is not None and trainer.loggers:
         wanted.append(LearningRateMonitor)
     return [cls() for cls in wanted if not any(isinstance(cb, cls) for cb in present)]

@@ -306,9 +306,15 @@ class HMRNNLanguageModel(pl.LightningModule):
         if state is None:
             return None
         world = self.trainer.world_size if self._trainer is not None else 1
-        layers = [tuple(s) for s in state]
-        stacked = self.all_gather(layers) if world > 1 else [tuple(t.unsqueeze(0) for t in layer) for layer in layers]
-        return {"world_size": world, "layers": [tuple(t.detach().cpu() for t in layer) for layer in stacked]}
+
+        def gather(t: Tensor) -> Tensor:  # [world, ...]; torch's own collective (Lightning's all_gather warns)
+            if world == 1:
+                return t.unsqueeze(0)
+            parts = [torch.empty_like(t) for _ in range(world)]
+            torch.distributed.all_gather(parts, t.contiguous())
+            return torch.stack(parts)
+
+        return {"world_size": world, "layers": [tuple(gather(t).detach().cpu() for t in layer) for layer in state]}
 
     def _carried_state_to_load(self, saved: dict | None) -> State | None:
         if not isinstance(saved, dict):
