@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from hmrnn_lightning.callbacks import FaultDetection, TrainingFault, TrainingHealth
+from hmrnn_lightning.callbacks import FaultDetection, LostRank, TrainingFault, TrainingHealth
 from hmrnn_lightning.callbacks.fault_detection import describe_parameter
 from hmrnn_lightning.data.streams import StreamWindows
 from tests.helpers import tiny_model
@@ -100,9 +100,9 @@ def test_the_model_brings_its_callbacks_unless_configured(tmp_path):
 
     model = tiny_model()
     model.trainer = pl.Trainer(logger=False, callbacks=[FaultDetection(action="skip")])
-    assert [type(cb) for cb in model.configure_callbacks()] == [TrainingHealth]  # the user's FaultDetection stays
+    assert [type(cb) for cb in model.configure_callbacks()] == [TrainingHealth, LostRank]  # the user's FaultDetection stays
     model.trainer = pl.Trainer(logger=CSVLogger(tmp_path))  # with a logger, the learning rate is logged too
-    assert [type(cb) for cb in model.configure_callbacks()] == [FaultDetection, TrainingHealth, LearningRateMonitor]
+    assert [type(cb) for cb in model.configure_callbacks()] == [FaultDetection, TrainingHealth, LostRank, LearningRateMonitor]
 
 
 def test_describe_parameter_names_the_layer():
