@@ -73,8 +73,9 @@ def test_reinforce_adds_its_loss_and_trains():
     model = tiny_model(estimator=ReinforceEstimator())
     batch = next(iter(loader(torch.randint(0, 11, (401,)), 4, 10)))
     model.log = lambda *a, **k: None  # outside a Trainer
-    loss = model.training_step(batch, 0)
-    loss.backward()
+    out = model.training_step(batch, 0)
+    assert out["boundaries"].shape == (4, 10, 3) and not out["boundaries"].requires_grad  # for callbacks
+    out["loss"].backward()
     logit_weights = [c.bottom_up.weight.grad[-1].abs().sum() for c in model.stack.cells[:2]]
     assert all(g > 0 for g in logit_weights)  # the detectors get a gradient only from the score function
 
