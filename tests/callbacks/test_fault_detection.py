@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from hmrnn_lightning.callbacks import FaultDetection, TrainingFault, TrainingHealth
+from hmrnn_lightning.callbacks import FaultDetection, LostRank, TrainingFault, TrainingHealth
 from hmrnn_lightning.callbacks.fault_detection import describe_parameter
 from hmrnn_lightning.data.streams import StreamWindows
 from tests.helpers import tiny_model
@@ -99,7 +99,7 @@ def test_the_model_brings_both_callbacks_unless_configured():
     trainer = pl.Trainer(logger=False, callbacks=[FaultDetection(action="skip")])
     model.trainer = trainer
     brought = model.configure_callbacks()
-    assert [type(cb) for cb in brought] == [TrainingHealth]  # the user's FaultDetection stays
+    assert [type(cb) for cb in brought] == [TrainingHealth, LostRank]  # the user's FaultDetection stays
 
 
 def test_describe_parameter_names_the_layer():
