@@ -148,7 +148,9 @@ def test_ddp_two_cpu_processes(tmp_path):
     # one thread per rank: two ranks on a 2-core machine must not oversubscribe it
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "hmrnn_lightning.cli", "fit", *tiny(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
-           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")]
+           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+           # CSV named here: with tensorboard installed (a dependency) the default logger is TensorBoard
+           "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}")]
     # the timeout only guards against a hang: two ranks starting on a loaded 2-core machine can take minutes
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
