@@ -89,15 +89,25 @@ class SaveAndLogConfig(SaveConfigCallback):
         """Note the failed run's folder; :meth:`remove_if_empty` runs once Lightning has finalized
         the loggers (they write into it after this hook)."""
         self.failed_run = run_folder(trainer) if trainer.is_global_zero else None
+        self.failed_at_step = trainer.global_step
 
     def remove_if_empty(self) -> None:
-        """Remove the failed run's folder if it holds nothing but its config (and empty logs)."""
+        """Remove the failed run's folder if it holds nothing but its config and logs with nothing
+        in them: an empty ``metrics.csv``, or TensorBoard's event file of a run that failed before
+        its first optimizer step (it is written at start, with the hyperparameters only)."""
         run_dir = getattr(self, "failed_run", None)
         if run_dir is None or not run_dir.is_dir():
             return
         kept = {self.config_filename, "hparams.yaml", "metrics.csv"}
+        before_training = getattr(self, "failed_at_step", 1) == 0
+
+        def empty_log(p: Path) -> bool:
+            if p.name.startswith("events.out.tfevents."):
+                return before_training
+            return p.name in kept and (p.name != "metrics.csv" or p.stat().st_size == 0)
+
         files = [p for p in run_dir.rglob("*") if p.is_file()]
-        if all(p.name in kept and (p.name != "metrics.csv" or p.stat().st_size == 0) for p in files):
+        if all(empty_log(p) for p in files):
             shutil.rmtree(run_dir, ignore_errors=True)
             try:
                 run_dir.parent.rmdir()  # the logger's name folder, if this run was its only one
