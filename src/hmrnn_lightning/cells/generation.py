@@ -12,8 +12,8 @@ makes unnecessary:
 * the weights are prepared once (detached, the first layer's two side by side) and kept
   until a parameter changes.
 
-With layer norm each term is normalised on its own (:class:`~hmrnn_lightning.cells.base.HMCell`),
-so the first layer's two products stay apart; the rest is the same.
+With layer norm the bottom-up term is normalised on its own (:class:`~hmrnn_lightning.cells.base.HMCell`
+says why only that one), so the first layer's two products stay apart; the rest is the same.
 
 The values are the reference loop's up to summation order. One difference is visible:
 the boundary logit of a row in COPY is not computed, and :meth:`HMStack.step` reports it
