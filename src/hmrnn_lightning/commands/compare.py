@@ -185,7 +185,6 @@ def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(out / "compare.md", markdown_summary(summary, columns, {c: _title(c) for c in columns}))
 
 
-
 def _title(column: str) -> str:
     names = {"params": "params", "steps": "steps", "test/bpc": "test BPC", "best_val_bpc": "best val BPC",
              "chars_per_s": "train chars/s"}
