@@ -185,22 +185,24 @@ def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(out / "compare.md", markdown_summary(summary, columns, {c: _title(c) for c in columns}))
 
 
+#: table titles of the compare columns; prefixes in the order they are tried (longer first)
+_TITLES = {"params": "params", "steps": "steps", "test/bpc": "test BPC", "best_val_bpc": "best val BPC",
+           "chars_per_s": "train chars/s"}
+_PREFIX_TITLES = (
+    ("test/boundary_rate/", "z rate {}"),
+    ("test/boundary_f1_tol1/", "z word F1 {} ±1"),
+    ("test/boundary_f1/", "z word F1 {}"),
+    ("probe_f1_tol1/", "probe word F1 {} ±1"),
+    ("probe_f1/", "probe word F1 {}"),
+    ("probe_ahead1_f1/", "probe next-ends-word F1 {}"),
+)
+
+
 def _title(column: str) -> str:
-    names = {"params": "params", "steps": "steps", "test/bpc": "test BPC", "best_val_bpc": "best val BPC",
-             "chars_per_s": "train chars/s"}
-    if column in names:
-        return names[column]
+    if column in _TITLES:
+        return _TITLES[column]
     tag = column.rsplit("/", 1)[-1].replace("_word", "")
-    if column.startswith("test/boundary_rate/"):
-        return f"z rate {tag}"
-    if column.startswith("test/boundary_f1_tol1/"):
-        return f"z word F1 {tag} ±1"
-    if column.startswith("test/boundary_f1/"):
-        return f"z word F1 {tag}"
-    if column.startswith("probe_f1_tol1/"):
-        return f"probe word F1 {tag} ±1"
-    if column.startswith("probe_f1/"):
-        return f"probe word F1 {tag}"
-    if column.startswith("probe_ahead1_f1/"):
-        return f"probe next-ends-word F1 {tag}"
+    for prefix, title in _PREFIX_TITLES:
+        if column.startswith(prefix):
+            return title.format(tag)
     return column
