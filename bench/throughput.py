@@ -14,9 +14,13 @@ Sampling feeds one symbol at a time without gradients, for the whole batch and f
 the JSON line records the rates seen). Peak memory is the GPU's peak allocation on CUDA and
 the process's peak resident size on CPU.
 
-Impls: lstm; hm_reference (the readable loop); hm_fused (per-step autograd, merged products);
-hm_sequence (one autograd function over the sequence, what `impl="auto"` picks for the
-HM-LSTM, with or without layer norm); hm_fused_compile (hm_fused with torch.compile on the elementwise update).
+Impls: lstm; hm_reference (the readable loop); hm_sequence (one autograd function over the
+sequence with row skipping, what `impl="auto"` picks on a CPU); hm_triton (matrix products and
+Triton kernels, dense, what `impl="auto"` picks on a GPU; under TRITON_INTERPRET=1 it runs on a
+CPU, far too slowly to time).
+
+`--profile FILE` runs one impl and shape under torch.profiler for two training steps after the
+warm-up and writes the table of where the time went (by CUDA / CPU time) to FILE.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ SHAPES = {  # the paper's: layers x hidden, embedding, batch, length, vocab, out
     "text8": dict(layers=3, hidden=1024, emb=128, batch=128, length=100, vocab=27, out_emb=2048),
     "tiny": dict(layers=3, hidden=64, emb=16, batch=8, length=50, vocab=30, out_emb=64),
 }
-IMPLS = ("lstm", "hm_reference", "hm_fused", "hm_sequence", "hm_fused_compile")
+IMPLS = ("lstm", "hm_reference", "hm_sequence", "hm_triton")
 
 
 def build(impl: str, shape: dict, device: str, layer_norm: bool, boundary_bias: float | None = None):
@@ -61,9 +65,9 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool, boundary_bias: 
             return head(out[:, -1]), st
 
         return modules, step, sample_step
-    hm_impl = {"hm_reference": "reference", "hm_sequence": "sequence"}.get(impl, "fused")
+    hm_impl = impl.removeprefix("hm_")
     stack = HMStack(shape["emb"], [shape["hidden"]] * shape["layers"], StepEstimator(), layer_norm=layer_norm,
-                    impl=hm_impl, compile=impl.endswith("compile"))
+                    impl=hm_impl)
     if boundary_bias is not None:
         with torch.no_grad():
             for cell in stack.cells[:-1]:
@@ -92,7 +96,7 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool, boundary_bias: 
 
 
 def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, layer_norm: bool, precision: str,
-            boundary_bias: float | None = None) -> dict:
+            boundary_bias: float | None = None, profile: str | None = None) -> dict:
     import torch
 
     torch.manual_seed(0)
@@ -117,6 +121,8 @@ def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, la
         opt.step()
     sync()
     elapsed = time.perf_counter() - start
+    if profile:
+        write_profile(profile, device, lambda: train_step(step, opt, x, y, autocast), sync)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -149,11 +155,33 @@ def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, la
     return row
 
 
+def train_step(step, opt, x, y, autocast) -> None:
+    with autocast:
+        loss = step(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def write_profile(path: str, device: str, run, sync) -> None:
+    """Two training steps under torch.profiler; the table of operators by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            run()
+        sync()
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shapes", nargs="+", default=["ptb"], choices=list(SHAPES))
-    p.add_argument("--impls", nargs="+", default=["lstm", "hm_reference", "hm_fused"], choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=["lstm", "hm_reference", "hm_sequence"], choices=IMPLS)
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, cuDNN autotune)")
     p.add_argument("--layer-norm", action="store_true", help="LayerNorm HM-LSTM (nn.LSTM has none)")
@@ -162,12 +190,14 @@ def main() -> None:
                    help="set the boundary detectors' bias (e.g. -1: sparse boundaries, as after training); "
                         "the JSON line records the firing rates seen while sampling")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="profile the first impl of --impls on the first of --shapes and write the table to FILE")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.single:
-        impl, shape = args.single.split(":")
+    if args.single or args.profile:
+        impl, shape = args.single.split(":") if args.single else (args.impls[0], args.shapes[0])
         print(json.dumps(measure(impl, shape, args.device, args.steps, args.warmup, args.layer_norm, args.precision,
-                                 args.boundary_bias)))
+                                 args.boundary_bias, args.profile)))
         return
     rows = []
     for shape in args.shapes:

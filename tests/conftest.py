@@ -7,6 +7,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not os.environ.get("HMRNN_TEST_CUDA"):  # CPU unless GPU checks are asked for explicitly
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # the Triton kernels run on CPU tensors through Triton's interpreter (read when they are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 

@@ -10,7 +10,7 @@ from hmrnn_lightning.registry import RegistryError
 B, T, D = 3, 12, 5
 
 
-@pytest.fixture(params=["reference", "fused"], autouse=True)
+@pytest.fixture(params=["reference", "sequence"], autouse=True)
 def impl(request, monkeypatch):
     """Every test here runs on both implementations."""
     monkeypatch.setattr("tests.cells.test_stack.IMPL", request.param)

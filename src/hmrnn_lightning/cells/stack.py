@@ -7,6 +7,7 @@ of one layer at a time, exactly the paper's equations.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,16 @@ from hmrnn_lightning.cells.operations import keep_if_copy
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 
 State = list[LayerState]
+
+#: The values of :class:`HMStack`'s ``impl``.
+IMPLS = ("auto", "reference", "sequence", "triton")
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 @dataclass
@@ -152,12 +163,14 @@ class HMStack(RecurrentStack):
         layer_norm: use the LayerNorm variant of the cell.
         impl: ``reference`` (the readable loop below); ``sequence``
             (:mod:`hmrnn_lightning.cells.sequence`: one autograd function over the whole
-            sequence with a hand-written backward; HM-LSTM with or without layer norm,
-            estimators without trainable parameters); ``fused``
-            (:mod:`hmrnn_lightning.cells.fused`: per-step autograd with merged matrix
-            products; any HM-LSTM); or ``auto``: the first of sequence, fused, reference
-            that applies. All give the same results.
-        compile: ``torch.compile`` the fused path's elementwise update (GPU; slow to start on CPU).
+            sequence with a hand-written backward, skipping closed rows; the CPU's fast path;
+            HM-LSTM with or without layer norm, estimators without trainable parameters);
+            ``triton`` (:mod:`hmrnn_lightning.cells.triton_window`: matrix products and
+            Triton kernels, dense, no host synchronisation; the GPU's fast path; HM-LSTM with
+            the step, Bernoulli or soft estimator; on a CPU only under ``TRITON_INTERPRET=1``);
+            or ``auto``: ``triton`` on a GPU where it applies, else ``sequence`` where it
+            applies, else ``reference``. :meth:`active_impl` says which. All give the same
+            results up to summation order (Bernoulli draws its noise differently on ``triton``).
     """
 
     def __init__(
@@ -167,8 +180,7 @@ class HMStack(RecurrentStack):
         estimator: BoundaryEstimator,
         cell: str = "hm_lstm",
         layer_norm: bool = False,
-        impl: Literal["auto", "reference", "fused", "sequence"] = "auto",
-        compile: bool = False,
+        impl: Literal["auto", "reference", "sequence", "triton"] = "auto",
     ) -> None:
         super().__init__(input_size, hidden_sizes)
         from hmrnn_lightning.registry import resolve
@@ -180,32 +192,47 @@ class HMStack(RecurrentStack):
         self.estimator = estimator
         self.layer_norm = layer_norm
         self.cells = build_cells(cell_class, self.input_size, self.hidden_sizes, layer_norm)
-        if impl not in ("auto", "reference", "fused", "sequence"):
-            raise ValueError(f"HMStack: impl must be auto, reference, fused or sequence, got {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"HMStack: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.impl = impl
-        self.compile = compile
         self.active_impl()  # fail now, not at the first batch
 
-    def active_impl(self) -> str:
-        """The path :meth:`forward` takes: ``sequence``, ``fused`` or ``reference``. Checked per
-        call, because the estimator (or layer norm) can be swapped after construction."""
-        from hmrnn_lightning.cells import fused, sequence
+    def active_impl(self, device: torch.device | str | None = None) -> str:
+        """The path :meth:`forward` takes for inputs on ``device`` (default: where the parameters
+        are): ``triton``, ``sequence`` or ``reference``. Checked per call, because the
+        estimator (or its mode: a Bernoulli estimator thresholds in eval) can change after
+        construction."""
+        from hmrnn_lightning.cells import sequence, triton_window
 
+        device = torch.device(device) if device is not None else next(self.parameters()).device
         if self.impl == "reference":
             return "reference"
-        if self.impl == "sequence" and not sequence.supports(self):
-            raise ValueError(
-                "HMStack: impl='sequence' needs HM-LSTM cells and an estimator without trainable parameters "
-                f"(cell={self.cell_name!r}, estimator={type(self.estimator).__name__}); use impl='auto'"
-            )
-        if self.impl == "fused" and not fused.supports(self):
-            raise ValueError(f"HMStack: impl='fused' supports HM-LSTM cells only, not {self.cell_name!r}")
-        if self.impl in ("sequence", "fused"):
-            return self.impl
+        if self.impl == "sequence":
+            if not sequence.supports(self):
+                raise ValueError(
+                    "HMStack: impl='sequence' needs HM-LSTM cells and an estimator without trainable parameters "
+                    f"(cell={self.cell_name!r}, estimator={type(self.estimator).__name__}); use impl='auto'"
+                )
+            return "sequence"
+        if self.impl == "triton":
+            reason = triton_window.why_not(self)
+            if reason is not None:
+                raise ValueError(f"HMStack: impl='triton' cannot run this stack: {reason}; use impl='auto'")
+            if device.type != "cuda" and not triton_window.interpreting():
+                raise ValueError(
+                    f"HMStack: impl='triton' runs on CUDA tensors (on a CPU only under TRITON_INTERPRET=1), "
+                    f"got {device.type}; use impl='auto'"
+                )
+            return "triton"
+        if device.type == "cuda":
+            if triton_window.why_not(self) is None:
+                return "triton"
+            if not triton_window.triton_available():
+                _warn_once("HMStack: Triton is not installed, so the GPU runs the slower sequence path; "
+                           "pip install 'hmrnn-lightning[gpu]'")
         if sequence.supports(self):
             return "sequence"
-        return "fused" if fused.supports(self) else "reference"
-
+        return "reference"
 
     def forward(self, x: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> StackOutput:
         """Run the sequence.
@@ -222,7 +249,14 @@ class HMStack(RecurrentStack):
         L = self.num_layers
         if boundaries is not None and boundaries.shape != (B, T, L - 1):
             raise ValueError(f"HMStack: boundaries must have shape {(B, T, L - 1)}, got {tuple(boundaries.shape)}")
-        impl = self.active_impl()
+        impl = self.active_impl(x.device)
+        if impl == "triton":
+            from hmrnn_lightning.cells.operations import operations_from_boundaries
+            from hmrnn_lightning.cells.triton_window import window_forward
+
+            first_z = torch.stack([s.z for s in state], dim=-1)
+            hidden, z_all, logits, state = window_forward(self, x, state, boundaries)
+            return StackOutput(hidden, z_all, logits, operations_from_boundaries(z_all, first_z), state)
         if impl == "sequence":
             from hmrnn_lightning.cells.operations import operations_from_boundaries
             from hmrnn_lightning.cells.sequence import sequence_forward
@@ -230,11 +264,6 @@ class HMStack(RecurrentStack):
             first_z = torch.stack([s.z for s in state], dim=-1)
             hidden, z_all, logits, state = sequence_forward(self, x, state, boundaries)
             return StackOutput(hidden, z_all, logits, operations_from_boundaries(z_all, first_z), state)
-        if impl == "fused":
-            from hmrnn_lightning.cells.fused import fused_forward
-
-            hidden, zs, logits, ops_out, state = fused_forward(self, x, state, boundaries, self.compile)
-            return self._pack(hidden, zs, logits, ops_out, state)
         ones = x.new_ones(B, dtype=self.state_dtype(x))
         zeros = x.new_zeros(B, dtype=self.state_dtype(x))
         hidden: list[list[Tensor]] = [[] for _ in range(L)]
@@ -264,12 +293,11 @@ class HMStack(RecurrentStack):
         return self._pack(hidden, zs, logits, ops_out, state)
 
     def _step(self, x: Tensor, state: State | None) -> StackOutput:
-        """Where the sequence path applies, rows whose layer is in COPY are not computed at all
+        """On the CPU's sequence path, rows whose layer is in COPY are not computed at all
         (:mod:`hmrnn_lightning.cells.generation`); their boundary logits read NaN. Elsewhere
-        this is :meth:`forward` on a sequence of length 1."""
-        from hmrnn_lightning.cells import sequence
-
-        if self.impl == "reference" or not sequence.supports(self):
+        this is :meth:`forward` on a sequence of length 1 (on the GPU's Triton path: dense,
+        so sampling never waits on the host)."""
+        if self.active_impl(x.device) != "sequence":
             return super()._step(x, state)
         from hmrnn_lightning.cells.generation import generation_step
         from hmrnn_lightning.cells.operations import operations_from_boundaries

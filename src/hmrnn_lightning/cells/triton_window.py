@@ -1,0 +1,377 @@
+"""GPU path for HM-LSTM stacks: a training window as matrix products and Triton kernels.
+
+Per layer and step, forward: up to three matrix products (the recurrent, top-down and
+bottom-up terms; the first layer's input term is one product over the whole window before
+the loop) and one :func:`~hmrnn_lightning.cells.hm_lstm_kernel.triton_kernels` forward
+kernel, which does everything pointwise: the bottom-up term's layer norm, the gates ``z``
+on the terms, the gate activations, the boundary estimator, UPDATE / COPY / FLUSH, the
+cell's layer norm, and writes ``c``, ``h``, ``z``. Backward: one kernel and up to three
+products per layer and step for the gradients of ``h^l_{t-1}``, ``h^{l+1}_{t-1}`` and
+``h^{l-1}_t``; the weight gradients are one product per weight over the whole window.
+
+Everything is dense and the shapes are static: no row is skipped and nothing is read back
+to the host inside the window, so a GPU never waits on the CPU and the window can be
+captured in a CUDA graph (:class:`~hmrnn_lightning.cells.stack.HMStack`'s ``cuda_graph``).
+(The CPU path, :mod:`~hmrnn_lightning.cells.sequence`, skips closed rows instead, which
+pays on a CPU.)
+
+How the gradients of a gated term reach the row that owns its gate. A term ``z W h`` has
+two gradients: ``z (ds W)`` for ``h`` and ``<W h, ds>`` for ``z``. Without layer norm the
+second equals ``<h, ds W>``, so the product ``ds W`` is kept ungated and the kernel of the
+layer and step that produced ``h`` (and knows ``h``) applies both: the top-down term of
+layer ``l`` at step ``t`` reads ``h^{l+1}_{t-1}`` and is gated by ``z^l_{t-1}``, which is
+the gate ``z_below`` of layer ``l+1`` at step ``t-1``; the bottom-up term of layer ``l+1``
+at step ``t`` reads ``h^l_t`` and is gated by ``z^l_t``, layer ``l``'s own. The normalised
+bottom-up term needs ``LN(W h)``, so its kernel keeps the product and computes ``<LN(W h), ds>``
+itself.
+
+Saved for the backward pass: per layer the pre-activation ``s`` of every step (overwritten in
+place by ``ds`` in the backward pass, then the weight gradients' left factor), ``c``, ``h``,
+and with layer norm the bottom-up product (overwritten by its gradient).
+
+Mixed precision: under autocast the products run in the autocast dtype; states, ``s``, the
+kernels and the boundary decisions are fp32. The kernels see fp32 tensors only, so the same
+code runs under Triton's interpreter on a CPU, where the tests run it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from hmrnn_lightning.cells.base import LayerState, at_least_fp32
+from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
+from hmrnn_lightning.cells.hm_lstm_kernel import (
+    BERNOULLI, GIVEN, LayerWeights, block_size, estimator_mode, flatten_layers, rowdot, triton_kernels,
+    unflatten_layers,
+)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def why_not(stack) -> str | None:
+    """None when this path can run ``stack``; else the reason."""
+    if not all(type(cell) is HMLSTMCell for cell in stack.cells):
+        return f"it runs HM-LSTM cells only (cell={stack.cell_name!r})"
+    if estimator_mode(stack.estimator) is None:
+        return f"it runs the step, Bernoulli and soft estimators only, not {type(stack.estimator).__name__}"
+    for cell in stack.cells:
+        if cell.norm_recurrent is not None or cell.norm_top_down is not None:
+            return "it normalises the bottom-up term and the cell only"
+        if cell.layer_norm and not all(
+            n.weight is not None and n.bias is not None for n in (cell.norm_bottom_up, cell.norm_cell)
+        ):
+            return "its layer norms need their affine weight and bias"
+    if not triton_available():
+        return "Triton is not installed (pip install 'hmrnn-lightning[gpu]')"
+    return None
+
+
+@dataclass
+class _Meta:
+    """The non-tensor inputs of the autograd function."""
+
+    names: list[list[str]]
+    mode: int  # hm_lstm_kernel.GIVEN / STEP / BERNOULLI / SOFT
+    given: Tensor | None  # [T, L - 1, B]: the boundaries (GIVEN) or uniform noise (BERNOULLI)
+    slope: Tensor
+    mm_dtype: torch.dtype | None
+    eps: float
+
+
+def window_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
+    """The body of :meth:`HMStack.forward` on this path; returns ``(hidden, boundaries,
+    logits, state)`` like :func:`~hmrnn_lightning.cells.sequence.sequence_forward`."""
+    kind = x.device.type
+    mm_dtype = torch.get_autocast_dtype(kind) if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) else None
+    dtype = stack.state_dtype(x)
+    first = stack.cells[0]
+    L = len(stack.cells)
+    B, T, _ = x.shape
+    mode = estimator_mode(stack.estimator)
+    given = None
+    if boundaries is not None:
+        mode, given = GIVEN, boundaries.to(dtype).permute(1, 2, 0).contiguous()
+    elif mode == BERNOULLI:  # drawn here, on the device's generator: reproducible and capturable
+        given = torch.rand(T, max(L - 1, 1), B, device=x.device, dtype=dtype)
+    # the first layer's input term: without layer norm one product here, which autograd
+    # differentiates; with it the input goes in whole and the function returns its gradient
+    x_in = x.to(dtype) if first.layer_norm else at_least_fp32(first.bottom_up(x)).to(dtype)
+    layers = [LayerWeights.from_cell(cell) for cell in stack.cells]
+    names, flat_weights = flatten_layers(layers)
+    flat_state = [t.contiguous() for s in state for t in (s.h, s.c, s.z)]
+    eps = first.norm_cell.eps if first.layer_norm else 0.0
+    meta = _Meta(names, mode, given, stack.estimator.slope.to(x.device, dtype), mm_dtype, eps)
+    tensors = [x_in, *flat_weights, *flat_state]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        outs = _Window.apply(meta, *tensors)
+    else:
+        with torch.no_grad():
+            outs, _ = _forward(meta, x_in, layers, flat_state, keep=False)
+    hidden = list(outs[:L])
+    final = [LayerState(*outs[L + 2 + 3 * l : L + 5 + 3 * l]) for l in range(L)]
+    return hidden, outs[L], outs[L + 1], final
+
+
+def _mm(a: Tensor, w_t: Tensor, mm_dtype, out: Tensor | None = None, base: Tensor | None = None) -> Tensor:
+    """``base + a @ w_t`` (into ``out``); under autocast the product in ``mm_dtype``."""
+    if mm_dtype is None:
+        if base is not None:
+            return torch.addmm(base, a, w_t, out=out) if out is not None else torch.addmm(base, a, w_t)
+        return torch.mm(a, w_t, out=out) if out is not None else torch.mm(a, w_t)
+    product = a.to(mm_dtype) @ w_t
+    if out is None:
+        out = product.to(a.dtype if a.dtype != mm_dtype else torch.float32)
+    else:
+        out.copy_(product)
+    return out.add_(base) if base is not None else out
+
+
+def _accumulate(acc: Tensor, a: Tensor, w: Tensor, mm_dtype) -> None:
+    """``acc += a @ w`` in place."""
+    if mm_dtype is None:
+        acc.addmm_(a, w)
+    else:
+        acc.add_(a.to(mm_dtype) @ w)
+
+
+class _Saved:
+    """What the backward pass reads, time-major (``[T, B, ...]``)."""
+
+    def __init__(self) -> None:
+        self.s: list[Tensor] = []  # pre-activations, then ds
+        self.below: list[Tensor | None] = []  # with LN, the bottom-up products, then their gradients
+        self.c: list[Tensor] = []
+        self.h: list[Tensor] = []
+        self.z: Tensor | None = None  # [T, L, B]
+        self.e: Tensor | None = None  # [T, L - 1, B], the estimator's decisions before COPY keeps z
+        self.x_in: Tensor | None = None
+
+
+def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: list[Tensor], keep: bool):
+    forward_kernel, _ = triton_kernels()
+    L = len(layers)
+    B, T, _ = x_in.shape
+    ln = layers[0].layer_norm
+    sizes = [w.hidden_size for w in layers]
+    mm = meta.mm_dtype
+    cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
+    new = x_in.new_empty
+    slots = T if keep else 1
+    S = [new(slots, B, 4 * H + 1) for H in sizes]
+    C = [new(T, B, H) for H in sizes]
+    Hd = [new(T, B, H) for H in sizes]
+    Z = x_in.new_zeros(T, L, B)
+    E = new(T, max(L - 1, 1), B)
+    LG = new(T, max(L - 1, 1), B)
+    above_buf = [new(B, 4 * sizes[l] + 1) if l + 1 < L else None for l in range(L)]
+    R: list[Tensor | None] = [None] * L
+    if ln:
+        x_tm = x_in.transpose(0, 1).reshape(T * B, -1)
+        R[0] = _mm(x_tm, cast(layers[0].bottom_up).t(), mm).view(T, B, -1)
+        for l in range(1, L):
+            R[l] = new(slots, B, 4 * sizes[l] + 1)
+        base0 = None
+    else:
+        base0 = (x_in + layers[0].bias).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
+        for l in range(1, L):
+            R[l] = new(1, B, 4 * sizes[l] + 1)  # the product is not kept without LN
+    w_rec = [cast(w.recurrent).t() for w in layers]
+    w_above = [cast(w.top_down).t() if w.top_down is not None else None for w in layers]
+    w_below = [cast(w.bottom_up).t() for w in layers]
+    h0 = [flat_state[3 * l] for l in range(L)]
+    c0 = [flat_state[3 * l + 1] for l in range(L)]
+    z0 = [flat_state[3 * l + 2] for l in range(L)]
+    for t in range(T):
+        slot = t if keep else 0
+        for l in range(L):
+            w = layers[l]
+            H = sizes[l]
+            h_prev = Hd[l][t - 1] if t else h0[l]
+            c_prev = C[l][t - 1] if t else c0[l]
+            zp = Z[t - 1, l] if t else z0[l]
+            s = S[l][slot]
+            base = base0[t] if (l == 0 and not ln) else w.bias
+            # fp32: the bias goes into the product; under autocast the kernel adds it
+            _mm(h_prev, w_rec[l], mm, out=s, base=base if mm is None else None)
+            if w_above[l] is not None:
+                _mm(Hd[l + 1][t - 1] if t else h0[l + 1], w_above[l], mm, out=above_buf[l])
+            below = None
+            if l > 0:
+                below = R[l][slot if ln else 0]
+                _mm(Hd[l - 1][t], w_below[l], mm, out=below)
+            elif ln:
+                below = R[0][t]
+            top = l + 1 == L
+            given = meta.given[t, l] if (meta.given is not None and not top) else s
+            forward_kernel[(B,)](
+                s, above_buf[l] if above_buf[l] is not None else s, below if below is not None else s,
+                base if mm is not None else s,
+                w.below_gamma if w.below_gamma is not None else s, w.below_beta if w.below_beta is not None else s,
+                c_prev, h_prev, zp, Z[t, l - 1] if l > 0 else zp,
+                w.cell_gamma if w.cell_gamma is not None else s, w.cell_beta if w.cell_beta is not None else s,
+                given, meta.slope, C[l][t], Hd[l][t], Z[t, l], E[t, min(l, L - 2)] if not top else s,
+                LG[t, min(l, L - 2)] if not top else s, meta.eps,
+                H=H, BLOCK=block_size(H), HAS_BASE=mm is not None, BASE_ROWS=(l == 0 and not ln),
+                HAS_ABOVE=not top, HAS_BELOW=below is not None, BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln,
+                TOP=top, MODE=meta.mode,
+            )
+    hidden = [h.transpose(0, 1) for h in Hd]
+    z_all = Z.permute(2, 0, 1)
+    logits = LG[:, : L - 1].permute(2, 0, 1)
+    final = [t for l in range(L) for t in (Hd[l][T - 1].clone(), C[l][T - 1].clone(), Z[T - 1, l].clone())]
+    saved = None
+    if keep:
+        saved = _Saved()
+        saved.s, saved.below, saved.c, saved.h, saved.z, saved.e = S, R if ln else [None] * L, C, Hd, Z, E
+        saved.x_in = x_in if ln else None
+    return (*hidden, z_all, logits, *final), saved
+
+
+class _Window(torch.autograd.Function):
+    """Inputs: meta, x_in, the tensors of each layer's :class:`LayerWeights`, (h, c, z) per layer.
+    Outputs: L hidden sequences, boundaries, logits, (h, c, z) per layer."""
+
+    @staticmethod
+    def forward(ctx, meta: _Meta, x_in: Tensor, *rest: Tensor):  # type: ignore[override]
+        n = sum(len(names) for names in meta.names)
+        flat_weights, flat_state = list(rest[:n]), list(rest[n:])
+        layers = unflatten_layers(meta.names, flat_weights)
+        with torch.autocast(x_in.device.type, enabled=False):
+            outs, saved = _forward(meta, x_in, layers, flat_state, keep=True)
+        ctx.meta, ctx.saved, ctx.layers, ctx.flat_state = meta, saved, layers, flat_state
+        ctx.x_shape = x_in.shape
+        return outs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        with torch.autocast(grads[0].device.type if grads[0] is not None else "cpu", enabled=False):
+            out = _backward(ctx.meta, ctx.saved, ctx.layers, ctx.flat_state, ctx.x_shape, grads)
+        ctx.saved = None  # free the stored activations now, not when the graph goes
+        return (None, *out)
+
+
+def _time_major(g: Tensor | None) -> Tensor | None:
+    return None if g is None else g.transpose(0, 1).contiguous()
+
+
+def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state, x_shape, grads):
+    _, backward_kernel = triton_kernels()
+    L = len(layers)
+    B, T, _ = x_shape
+    ln = layers[0].layer_norm
+    sizes = [w.hidden_size for w in layers]
+    mm = meta.mm_dtype
+    cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
+    S, R, C, Hd, Z, E = saved.s, saved.below, saved.c, saved.h, saved.z, saved.e
+    h0 = [flat_state[3 * l] for l in range(L)]
+    c0 = [flat_state[3 * l + 1] for l in range(L)]
+    z0 = [flat_state[3 * l + 2] for l in range(L)]
+    g_hidden = [_time_major(grads[l]) for l in range(L)]
+    g_z = None if grads[L] is None else grads[L].permute(1, 2, 0).contiguous()  # [T, L, B]
+    g_logits = None if grads[L + 1] is None else grads[L + 1].permute(1, 2, 0).contiguous()  # [T, L - 1, B]
+    g_final = grads[L + 2 :]
+
+    def start(g, like):
+        return torch.zeros_like(like) if g is None else g.contiguous().clone()
+
+    DH = [start(g_final[3 * l], h0[l]) for l in range(L)]  # d h^l_t, accumulated
+    DC = [start(g_final[3 * l + 1], c0[l]) for l in range(L)]
+    DZ = [start(g_final[3 * l + 2], z0[l]) for l in range(L)]
+    DZ[L - 1].zero_()  # the top layer's z is a constant
+    DXA = [h0[l + 1].new_zeros(B, sizes[l + 1]) if l + 1 < L else None for l in range(L)]  # ds W_above, ungated
+    DXB = [h0[l - 1].new_zeros(B, sizes[l - 1]) if (l > 0 and not ln) else None for l in range(L)]  # ds W_below
+    w_rec = [cast(w.recurrent) for w in layers]
+    w_above = [cast(w.top_down) if w.top_down is not None else None for w in layers]
+    w_below = [cast(w.bottom_up) for w in layers]
+    rows_gb = [torch.zeros(B, 4 * H + 1, dtype=C[0].dtype, device=C[0].device) if ln else None for H in sizes]
+    rows_bb = [torch.zeros_like(r) if r is not None else None for r in rows_gb]
+    rows_gc = [C[l].new_zeros(B, sizes[l]) if ln else None for l in range(L)]
+    rows_bc = [torch.zeros_like(r) if r is not None else None for r in rows_gc]
+    for t in range(T - 1, -1, -1):
+        for l in range(L - 1, -1, -1):
+            w = layers[l]
+            H = sizes[l]
+            top = l + 1 == L
+            s = S[l][t]
+            below = R[l][t] if ln else None
+            dummy = s
+            backward_kernel[(B,)](
+                s, below if below is not None else dummy,
+                w.below_gamma if ln else dummy, w.below_beta if ln else dummy,
+                rows_gb[l] if ln else dummy, rows_bb[l] if ln else dummy,
+                C[l][t], C[l][t - 1] if t else c0[l], Hd[l][t - 1] if t else h0[l], Hd[l][t],
+                Z[t - 1, l] if t else z0[l], Z[t, l - 1] if l > 0 else dummy,
+                E[t, l] if not top else dummy, meta.slope,
+                w.cell_gamma if ln else dummy, w.cell_beta if ln else dummy,
+                rows_gc[l] if ln else dummy, rows_bc[l] if ln else dummy,
+                g_hidden[l][t] if g_hidden[l] is not None else dummy, DH[l], DC[l], DZ[l],
+                g_z[t, l] if (g_z is not None and not top) else dummy,
+                g_logits[t, l] if (g_logits is not None and not top) else dummy,
+                DXA[l - 1] if l > 0 else dummy, DXB[l + 1] if (not top and not ln) else dummy,
+                DZ[l - 1] if l > 0 else dummy, Z[t, l], meta.eps,
+                H=H, BLOCK=block_size(H), HAS_BELOW=(ln or l > 0), BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln,
+                TOP=top, MODE=meta.mode if not top else GIVEN, HAS_GH=g_hidden[l] is not None,
+                HAS_GZ=g_z is not None and not top, HAS_GLOGIT=g_logits is not None and not top,
+                HAS_DXA=l > 0, HAS_DXB=not top and not ln,
+            )
+            # s now holds ds; DH[l] holds the COPY part of d h^l_{t-1}
+            _accumulate(DH[l], s, w_rec[l], mm)
+            if w_above[l] is not None:
+                _mm(s, w_above[l], mm, out=DXA[l])
+            if l > 0:
+                if ln:  # gated d raw: straight into d h^{l-1}_t
+                    _accumulate(DH[l - 1], below, w_below[l], mm)
+                else:
+                    _mm(s, w_below[l], mm, out=DXB[l])
+    # the initial state: the top-down terms of step 0 read h^{l+1}_{-1}, gated by z^l_{-1}
+    d_h0 = [DH[l] + (z0[l - 1].unsqueeze(-1) * DXA[l - 1] if l > 0 else 0.0) for l in range(L)]
+    d_z0 = [DZ[l] + (rowdot(h0[l + 1], DXA[l]).squeeze(-1) if l + 1 < L else 0.0) for l in range(L)]
+    # weight gradients: one product per weight over the window
+    flat = []
+    for l, w in enumerate(layers):
+        dS = S[l].reshape(T * B, -1)
+        h_prev = torch.cat([h0[l].unsqueeze(0), Hd[l][:-1]]).reshape(T * B, -1)
+        grads_l = {"recurrent": _mm(dS.t(), cast(h_prev), mm), "bias": dS.sum(0)}
+        if w.top_down is not None:
+            zp = torch.cat([z0[l].unsqueeze(0), Z[:-1, l]]).unsqueeze(-1)
+            h_above = torch.cat([h0[l + 1].unsqueeze(0), Hd[l + 1][:-1]])
+            grads_l["top_down"] = _mm(dS.t(), cast((zp * h_above).reshape(T * B, -1)), mm)
+        if l == 0:
+            if ln:
+                d_raw = R[0].reshape(T * B, -1)
+                grads_l["bottom_up"] = _mm(d_raw.t(), cast(saved.x_in.transpose(0, 1).reshape(T * B, -1)), mm)
+                dx = _mm(d_raw, w_below[0], mm).view(T, B, -1).transpose(0, 1)
+            else:
+                dx = S[0].transpose(0, 1)  # the gradient of x_in = W x + b
+                grads_l["bottom_up"] = None  # autograd has it, through x_in
+        else:
+            if ln:
+                grads_l["bottom_up"] = _mm(R[l].reshape(T * B, -1).t(), cast(Hd[l - 1].reshape(T * B, -1)), mm)
+            else:
+                gated = Z[:, l - 1].unsqueeze(-1) * Hd[l - 1]
+                grads_l["bottom_up"] = _mm(dS.t(), cast(gated.reshape(T * B, -1)), mm)
+        if ln:
+            grads_l["below_gamma"], grads_l["below_beta"] = rows_gb[l].sum(0), rows_bb[l].sum(0)
+            grads_l["cell_gamma"], grads_l["cell_beta"] = rows_gc[l].sum(0), rows_bc[l].sum(0)
+        for name in meta.names[l]:
+            g = grads_l.get(name)
+            flat.append(None if g is None else g.to(getattr(w, name).dtype))
+    d_state = [t for l in range(L) for t in (d_h0[l], DC[l], d_z0[l])]
+    return (dx, *flat, *d_state)
