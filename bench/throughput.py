@@ -17,7 +17,8 @@ the process's peak resident size on CPU.
 Impls: lstm; hm_reference (the readable loop); hm_sequence (one autograd function over the
 sequence with row skipping, what `impl="auto"` picks on a CPU); hm_triton (matrix products and
 Triton kernels, dense, what `impl="auto"` picks on a GPU; under TRITON_INTERPRET=1 it runs on a
-CPU, far too slowly to time).
+CPU, far too slowly to time); hm_triton_graph (hm_triton with each training window captured in a
+CUDA graph, `HMStack(cuda_graph=True)`).
 
 `--profile FILE` runs one impl and shape under torch.profiler for two training steps after the
 warm-up and writes the table of where the time went (by CUDA / CPU time) to FILE.
@@ -38,7 +39,7 @@ SHAPES = {  # the paper's: layers x hidden, embedding, batch, length, vocab, out
     "text8": dict(layers=3, hidden=1024, emb=128, batch=128, length=100, vocab=27, out_emb=2048),
     "tiny": dict(layers=3, hidden=64, emb=16, batch=8, length=50, vocab=30, out_emb=64),
 }
-IMPLS = ("lstm", "hm_reference", "hm_sequence", "hm_triton")
+IMPLS = ("lstm", "hm_reference", "hm_sequence", "hm_triton", "hm_triton_graph")
 
 
 def build(impl: str, shape: dict, device: str, layer_norm: bool, boundary_bias: float | None = None):
@@ -65,9 +66,9 @@ def build(impl: str, shape: dict, device: str, layer_norm: bool, boundary_bias: 
             return head(out[:, -1]), st
 
         return modules, step, sample_step
-    hm_impl = impl.removeprefix("hm_")
+    hm_impl = impl.removeprefix("hm_").removesuffix("_graph")
     stack = HMStack(shape["emb"], [shape["hidden"]] * shape["layers"], StepEstimator(), layer_norm=layer_norm,
-                    impl=hm_impl)
+                    impl=hm_impl, cuda_graph=impl.endswith("_graph"))
     if boundary_bias is not None:
         with torch.no_grad():
             for cell in stack.cells[:-1]:

@@ -5,9 +5,12 @@ Where things live:
   * pre-activation terms (eqs. 4-7) and the cell interface: :mod:`hmrnn_lightning.cells.base`
   * HM-LSTM layer: :mod:`hmrnn_lightning.cells.hm_lstm`; HM-RNN layer: :mod:`hmrnn_lightning.cells.hm_rnn`
   * the time loop over a sequence: :mod:`hmrnn_lightning.cells.stack` (the reference);
-    fast paths behind it: :mod:`hmrnn_lightning.cells.sequence` (hand-written backward),
-    :mod:`hmrnn_lightning.cells.fused` (per step, for estimators with trainable parameters), and
-    :mod:`hmrnn_lightning.cells.generation` (one step for sampling)
+    fast paths behind it share the pointwise step of :mod:`hmrnn_lightning.cells.hm_lstm_kernel`
+    (PyTorch and Triton forms, the z-carry and top-layer rules, the per-layer weight layout):
+    :mod:`hmrnn_lightning.cells.sequence` (the CPU's: hand-written backward, closed rows skipped),
+    :mod:`hmrnn_lightning.cells.triton_window` (the GPU's: dense, Triton kernels),
+    :mod:`hmrnn_lightning.cells.cuda_graph` (capturing a training window on the GPU) and
+    :mod:`hmrnn_lightning.cells.generation` (one step for sampling on the CPU)
   * LSTM baselines: :mod:`hmrnn_lightning.cells.lstm`
 """
 

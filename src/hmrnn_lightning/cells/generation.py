@@ -28,9 +28,8 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.operations import select_operations
-from hmrnn_lightning.cells.sequence import (
-    _affine, _cell_forward, _gated_addmm_, _matmul_dtype, layer_params, ln_preactivation, term_weights,
-)
+from hmrnn_lightning.cells.hm_lstm_kernel import TOP_LAYER_Z, carry_boundary, pointwise_forward
+from hmrnn_lightning.cells.sequence import _affine, _gated_addmm_, _matmul_dtype, layer_params, ln_preactivation, term_weights
 
 
 def _prepared_weights(stack) -> list[list[Tensor | None]]:
@@ -106,17 +105,17 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         H = cell.hidden_size
         act, c_new, h_new = s.new_empty(s.shape[0], 4 * H), torch.empty_like(c_prev), torch.empty_like(h_prev)
         norm = cell.norm_cell
-        _cell_forward(s, c_prev, h_prev, u_r, k_r, zp_r, act, c_new, h_new, (norm.weight, norm.bias, norm.eps) if cell.layer_norm else None)
+        pointwise_forward(s, c_prev, h_prev, u_r, k_r, zp_r, act, c_new, h_new, (norm.weight, norm.bias, norm.eps) if cell.layer_norm else None)
         if l + 1 < L:
             logit = s[:, 4 * H]
             k1 = k_r.squeeze(-1)
-            z_new = k1 * zp_r.squeeze(-1) + (1.0 - k1) * stack.estimator(logit).to(dtype)
+            z_new = carry_boundary(k1, zp_r.squeeze(-1), stack.estimator(logit).to(dtype))
         else:
-            z_new = torch.zeros_like(zp_r.squeeze(-1))
+            z_new = torch.full_like(zp_r.squeeze(-1), TOP_LAYER_Z)
         if part:
             h_new = prev.h.index_copy(0, rows, h_new)
             c_new = prev.c.index_copy(0, rows, c_new)
-            z_new = prev.z.index_copy(0, rows, z_new) if l + 1 < L else torch.zeros_like(prev.z)
+            z_new = prev.z.index_copy(0, rows, z_new) if l + 1 < L else torch.full_like(prev.z, TOP_LAYER_Z)
             if l + 1 < L:
                 logits[:, l].index_copy_(0, rows, logit)
         elif l + 1 < L:

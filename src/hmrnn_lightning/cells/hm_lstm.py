@@ -53,8 +53,8 @@ def hm_lstm_update(
     s: Tensor, c_prev: Tensor, h_prev: Tensor, update: Tensor, copy: Tensor, flush: Tensor, norm_cell: nn.Module
 ) -> tuple[Tensor, Tensor]:
     """Eqs. 2-3 for the LSTM: from the pre-activation ``s [batch, 4H + 1]`` and the operation
-    weights (``[batch, 1]`` each) to the new ``(c, h)``. Shared by the reference loop and
-    the fused path, so both apply the same rule."""
+    weights (``[batch, 1]`` each) to the new ``(c, h)``: the specification, written apart
+    from the fast paths' :mod:`~hmrnn_lightning.cells.hm_lstm_kernel` so that it can test them."""
     H = c_prev.shape[-1]
     f = torch.sigmoid(s[:, :H])
     i = torch.sigmoid(s[:, H : 2 * H])

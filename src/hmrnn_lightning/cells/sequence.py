@@ -67,6 +67,10 @@ from torch.autograd.function import once_differentiable
 
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
+from hmrnn_lightning.cells.hm_lstm_kernel import (
+    TOP_LAYER_Z, carry_boundary, gate_activations, layer_norm_rows, layer_norm_rows_backward, pointwise_backward, pointwise_forward,
+    rowdot,
+)
 from hmrnn_lightning.cells.operations import select_operations
 
 
@@ -278,23 +282,13 @@ def _gated_addmm_(s: Tensor, gate: Tensor, gated_x: Tensor, w: Tensor, mm_dtype)
         s.index_add_(0, rows, _linear(gated_x.index_select(0, rows), w, mm_dtype))
 
 
-def _layer_norm(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(LN(x), mean, 1/std)`` from the kernel ``nn.LayerNorm`` runs, so values match it bit for bit."""
-    return torch.native_layer_norm(x, (x.shape[-1],), gamma, beta, eps)
-
-
-def _layer_norm_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, gamma: Tensor, beta: Tensor):
-    """``(dx, dgamma, dbeta)`` of :func:`_layer_norm` (PyTorch's own backward kernel)."""
-    return torch.ops.aten.native_layer_norm_backward(dy, x, (x.shape[-1],), mean, rstd, gamma, beta, [True, True, True])
-
-
 def term_norm(raw: Tensor, p: dict[str, Tensor], name: str, eps: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(term, mean, 1/std)`` of a product: layer-normalised when the layer's parameters hold
     ``gamma_<name>`` (:func:`layer_params`), else the product itself with no statistics."""
     gamma = p.get(f"gamma_{name}")
     if gamma is None:
         return raw, None, None
-    return _layer_norm(raw, gamma, p[f"beta_{name}"], eps)
+    return layer_norm_rows(raw, gamma, p[f"beta_{name}"], eps)
 
 
 def term_norm_backward(dy: Tensor, raw: Tensor, mean, rstd, p: dict[str, Tensor], name: str):
@@ -302,7 +296,7 @@ def term_norm_backward(dy: Tensor, raw: Tensor, mean, rstd, p: dict[str, Tensor]
     gamma = p.get(f"gamma_{name}")
     if gamma is None:
         return dy, None, None
-    return _layer_norm_backward(dy, raw, mean, rstd, gamma, p[f"beta_{name}"])
+    return layer_norm_rows_backward(dy, raw, mean, rstd, gamma, p[f"beta_{name}"])
 
 
 def ln_term(
@@ -318,33 +312,6 @@ def ln_term(
     raw = raw.contiguous() if out is None else out.copy_(raw)
     term, mean, rstd = term_norm(raw, p, name, eps)
     return term, raw, mean, rstd
-
-
-def _gate_activations(s: Tensor, act: Tensor) -> None:
-    """``f, i, o = sigm(s)``, ``g = tanh(s)`` into ``act`` ``[B, 4H]``."""
-    H = act.shape[-1] // 4
-    torch.sigmoid(s[:, : 3 * H], out=act[:, : 3 * H])
-    torch.tanh(s[:, 3 * H : 4 * H], out=act[:, 3 * H :])
-
-
-def _cell_forward(
-    s: Tensor, c_prev: Tensor, h_prev: Tensor, u: Tensor, k: Tensor, zp: Tensor, act: Tensor, c_out: Tensor,
-    h_out: Tensor, cell_norm: tuple[Tensor, Tensor, float] | None = None,
-) -> None:
-    """Gates and eqs. 2-3 into ``act`` ``[B, 4H]``, ``c_out`` and ``h_out``; with ``cell_norm``
-    ``(gamma, beta, eps)``, ``h = o tanh(LN(c))``.
-
-    ``c = (u f + k) c_prev + (u + z_prev) i g`` is the reference's
-    ``u (f c_prev + i g) + z_prev i g + k c_prev`` regrouped; with binary weights COPY
-    (``k = 1``) still gives ``c_prev`` exactly, and ``lerp`` returns its end point exactly
-    at weight 1, so ``h`` is copied bit for bit too."""
-    H = c_prev.shape[-1]
-    _gate_activations(s, act)
-    f, i, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
-    torch.addcmul(k, u, f, out=c_out)
-    c_out.mul_(c_prev).addcmul_(i * g, u + zp)
-    normed = c_out if cell_norm is None else _layer_norm(c_out, *cell_norm)[0]
-    torch.lerp(torch.tanh(normed).mul_(o), h_prev, k, out=h_out)
 
 
 def ln_preactivation(
@@ -428,7 +395,7 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
         else:
             keep.inputs, keep.gates = inputs, gates
     ones = torch.ones(B, 1, dtype=dtype, device=x_in.device)
-    zeros = torch.zeros(B, dtype=dtype, device=x_in.device)
+    zeros = torch.full((B,), TOP_LAYER_Z, dtype=dtype, device=x_in.device)
     for t in range(T):
         slot = t if keep is not None else 0
         zb = ones
@@ -451,7 +418,7 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
             u, k = ops.update, ops.copy
             c_new = keep.cells[l][t] if keep is not None else torch.empty_like(c[l])
             cell_norm = (params[l]["gamma_cell"], params[l]["beta_cell"], meta.eps) if ln else None
-            _cell_forward(s, c[l], h[l], u, k, zp, act, c_new, hidden[l][:, t], cell_norm)
+            pointwise_forward(s, c[l], h[l], u, k, zp, act, c_new, hidden[l][:, t], cell_norm)
             if l + 1 < L:
                 logit = s[:, 4 * H]
                 logits[:, t, l] = logit
@@ -469,7 +436,7 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
                 if keep is not None:
                     keep.estimates[:, t, l] = e
                 k1 = k.squeeze(-1)
-                z_new = k1 * z[l] + (1.0 - k1) * e
+                z_new = carry_boundary(k1, z[l], e)
             else:
                 z_new = zeros
             z_all[:, t, l] = z_new
@@ -534,11 +501,6 @@ def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """``sum(a * b)`` over the last axis, kept as ``[B, 1]``."""
-    return torch.linalg.vecdot(a, b).unsqueeze(-1)
-
-
 def _rows_linear(d: Tensor, w_t: Tensor, rows: Tensor | None, mm_dtype) -> Tensor:
     """``d @ w_t^T`` where only ``rows`` of ``d`` can be non-zero (None: all rows)."""
     if rows is None or rows.numel() == d.shape[0]:
@@ -547,42 +509,6 @@ def _rows_linear(d: Tensor, w_t: Tensor, rows: Tensor | None, mm_dtype) -> Tenso
     if rows.numel() > 0:
         out.index_copy_(0, rows, _linear(d.index_select(0, rows), w_t, mm_dtype))
     return out
-
-
-def _cell_backward(act, c_t, c_prev, h_prev, u, k, zp, dh, dc, ds, cell_norm=None):
-    """The chain rule of :func:`_cell_forward`: writes ``d s[:, :4H]`` into ``ds`` and returns
-    ``(dc_prev, dh_prev, du, dk, dzp, d_norm)`` where ``dh_prev`` is only the part through
-    COPY, ``dzp`` only the part through FLUSH (the caller adds the matrix-product parts), and
-    ``d_norm`` the cell norm's ``(dgamma, dbeta)`` (None without ``cell_norm``)."""
-    H = c_t.shape[-1]
-    f, i, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
-    if cell_norm is None:
-        tc = torch.tanh(c_t)
-    else:
-        normed, c_mean, c_rstd = _layer_norm(c_t, *cell_norm)
-        tc = torch.tanh(normed)
-    h_new = o * tc
-    dh_new = (1.0 - k) * dh
-    dk = _rowdot(h_prev - h_new, dh)
-    torch.mul(tc * dh_new, o * (1.0 - o), out=ds[:, 2 * H : 3 * H])  # output gate
-    d_tanh_arg = o * dh_new * (1.0 - tc * tc)
-    d_norm = None
-    if cell_norm is None:
-        dct = dc + d_tanh_arg
-    else:
-        gamma, beta, eps = cell_norm
-        d_c, *d_norm = _layer_norm_backward(d_tanh_arg, c_t, c_mean, c_rstd, gamma, beta)
-        dct = dc + d_c
-    torch.mul(u * c_prev * dct, f * (1.0 - f), out=ds[:, :H])  # forget gate
-    uz_dct = (u + zp) * dct
-    torch.mul(uz_dct * g, i * (1.0 - i), out=ds[:, H : 2 * H])  # input gate
-    torch.mul(uz_dct * i, 1.0 - g * g, out=ds[:, 3 * H : 4 * H])  # candidate
-    dc_prev = torch.addcmul(k, u, f) * dct
-    ig = i * g
-    du = _rowdot(torch.addcmul(ig, f, c_prev), dct)
-    dzp = _rowdot(ig, dct)  # FLUSH's weight is z_prev itself
-    dk = dk + _rowdot(c_prev, dct)
-    return dc_prev, k * dh, du, dk, dzp, d_norm
 
 
 def _gated_columns(l: int, sizes: list[int]) -> dict[str, slice]:
@@ -670,7 +596,7 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
                 act = act_ln[l]
             else:
                 act = keep.gates[l][t]
-            dc_next[l], dh_prev, du, dk, dzp, d_norm = _cell_backward(
+            dc_next[l], dh_prev, du, dk, dzp, d_norm = pointwise_backward(
                 act, keep.cells[l][t], c_prev, h_prev, u, k, zp, dh, dc_next[l], ds, cell_norm
             )
             if d_norm is not None:
@@ -714,7 +640,7 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
                 d_in, d_gates = {"rec": da[:, :H]}, {}
                 for name, cols in _gated_columns(l, sizes).items():
                     x = (hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]) if name == "above" else hidden[l - 1][:, t]
-                    d_in[name], d_gates[name] = _term_gate(name, l, zp, zb) * da[:, cols], _rowdot(x, da[:, cols])
+                    d_in[name], d_gates[name] = _term_gate(name, l, zp, zb) * da[:, cols], rowdot(x, da[:, cols])
             dh_prev = dh_prev + d_in["rec"]
             if not top:
                 dh_next[l + 1] = dh_next[l + 1] + d_in["above"]  # layer l+1 at step t is done
@@ -770,7 +696,7 @@ def _ln_terms(meta: _Meta, keep: _Kept, p, l: int, t: int, zp, zb, act: Tensor) 
             s += terms[name][0]
         else:
             s.addcmul_(terms[name][0], gate)
-    _gate_activations(s, act)
+    gate_activations(s, act)
     return terms
 
 
@@ -794,7 +720,7 @@ def _ln_input_grads(meta: _Meta, keep: _Kept, p, w_t, d_p, d_raw, terms, l: int,
             continue
         rows = live
         if gate is not None:
-            d_gates[name] = _rowdot(term, ds)
+            d_gates[name] = rowdot(term, ds)
             if rows is not None:
                 rows = rows[gate.squeeze(-1).index_select(0, rows) != 0]
         d_in[name] = _rows_linear(d_raw_t, w_t[name], rows, meta.mm_dtype)

@@ -171,6 +171,9 @@ class HMStack(RecurrentStack):
             or ``auto``: ``triton`` on a GPU where it applies, else ``sequence`` where it
             applies, else ``reference``. :meth:`active_impl` says which. All give the same
             results up to summation order (Bernoulli draws its noise differently on ``triton``).
+        cuda_graph: on the Triton path, capture each training window in a CUDA graph and replay
+            it (:mod:`hmrnn_lightning.cells.cuda_graph` says what that requires: fixed batch and
+            window length; other windows, evaluation and sampling run without a graph).
     """
 
     def __init__(
@@ -181,6 +184,7 @@ class HMStack(RecurrentStack):
         cell: str = "hm_lstm",
         layer_norm: bool = False,
         impl: Literal["auto", "reference", "sequence", "triton"] = "auto",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(input_size, hidden_sizes)
         from hmrnn_lightning.registry import resolve
@@ -195,6 +199,7 @@ class HMStack(RecurrentStack):
         if impl not in IMPLS:
             raise ValueError(f"HMStack: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.impl = impl
+        self.cuda_graph = cuda_graph
         self.active_impl()  # fail now, not at the first batch
 
     def active_impl(self, device: torch.device | str | None = None) -> str:
@@ -251,11 +256,15 @@ class HMStack(RecurrentStack):
             raise ValueError(f"HMStack: boundaries must have shape {(B, T, L - 1)}, got {tuple(boundaries.shape)}")
         impl = self.active_impl(x.device)
         if impl == "triton":
+            from hmrnn_lightning.cells import cuda_graph
             from hmrnn_lightning.cells.operations import operations_from_boundaries
             from hmrnn_lightning.cells.triton_window import window_forward
 
             first_z = torch.stack([s.z for s in state], dim=-1)
-            hidden, z_all, logits, state = window_forward(self, x, state, boundaries)
+            result = None
+            if self.cuda_graph and cuda_graph.applies(self, x, boundaries):
+                result = cuda_graph.graphed_window(self, x, state)
+            hidden, z_all, logits, state = result or window_forward(self, x, state, boundaries)
             return StackOutput(hidden, z_all, logits, operations_from_boundaries(z_all, first_z), state)
         if impl == "sequence":
             from hmrnn_lightning.cells.operations import operations_from_boundaries
@@ -319,4 +328,4 @@ class HMStack(RecurrentStack):
         )
 
     def extra_repr(self) -> str:
-        return f"cell={self.cell_name!r}, impl={self.impl!r}"
+        return f"cell={self.cell_name!r}, impl={self.impl!r}" + (", cuda_graph=True" if self.cuda_graph else "")

@@ -1,0 +1,95 @@
+"""CUDA-graph capture of a training window on the Triton path (``HMStack(cuda_graph=True)``).
+
+A window of the HM-LSTM is hundreds of small launches (per layer and step: up to three matrix
+products and one kernel, forward and backward), each costing the host some microseconds. A
+CUDA graph records them once and replays them as one launch, so the GPU no longer waits on
+Python. :func:`torch.cuda.make_graphed_callables` captures the window's forward and backward
+as one autograd function; this module keeps one capture per kind of window.
+
+What it requires, and what happens otherwise:
+  * the Triton path (:mod:`~hmrnn_lightning.cells.triton_window`), which is dense and never
+    reads a value back to the host inside the window;
+  * training with gradients and no oracle ``boundaries``: evaluation, sampling and oracle
+    runs take the ordinary path;
+  * a fixed window: batch, length, dtype, autocast dtype, estimator mode (a Bernoulli
+    estimator samples in training and thresholds in eval) and which inputs need gradients
+    form the key of a capture. A new key is captured on first sight (three warm-up runs, then
+    the capture); the last, shorter window of an epoch is one more key. At most
+    :data:`MAX_CAPTURES` are kept per stack; beyond that, windows run without a graph.
+  * parameters updated in place (every ``torch.optim`` optimizer does), since the graph reads
+    them where they were at capture; the slope is read from the estimator's buffer, so
+    annealing needs no new capture.
+
+Each capture holds its window's activations in its own memory pool, so memory grows with the
+number of captures, not with replays. Outputs are the graph's static tensors, valid until the
+next replay; the final state is cloned so it can be carried to the next window.
+
+Status: written and reviewed without a GPU (the CPU interpreter cannot run CUDA graphs), so
+``cuda_graph`` is off by default until ``bench/gpu_checks.sh`` has measured it.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from hmrnn_lightning.cells.base import LayerState
+from hmrnn_lightning.cells.hm_lstm_kernel import estimator_mode
+
+#: The most captures one stack keeps (training windows, plus the last short window of an epoch).
+MAX_CAPTURES = 4
+
+_CAPTURES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class _Window(nn.Module):
+    """The window as a module whose parameters are the stack's, so the graphed backward returns
+    their gradients. Not registered under the stack (that would put it in checkpoints)."""
+
+    def __init__(self, stack) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
+        from hmrnn_lightning.cells.triton_window import window_forward
+
+        L = len(flat_state) // 3
+        state = [LayerState(*flat_state[3 * l : 3 * l + 3]) for l in range(L)]
+        hidden, z_all, logits, final = window_forward(self.stack, x, state, None)
+        return (*hidden, z_all, logits, *[t for s in final for t in s])
+
+
+def applies(stack, x: Tensor, boundaries: Tensor | None) -> bool:
+    return x.is_cuda and stack.training and boundaries is None and torch.is_grad_enabled()
+
+
+def graphed_window(stack, x: Tensor, state: list[LayerState]):
+    """``window_forward(stack, x, state, None)`` through a captured graph; None when no capture
+    can be made for this window (then the caller runs it without one)."""
+    flat_state = [t.contiguous() for s in state for t in (s.h, s.c, s.z)]
+    mm_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    key = (tuple(x.shape), x.dtype, mm_dtype, estimator_mode(stack.estimator), x.requires_grad,
+           tuple(t.requires_grad for t in flat_state))
+    captures = _CAPTURES.setdefault(stack, {})
+    fn = captures.get(key)
+    if fn is None:
+        if len(captures) >= MAX_CAPTURES:
+            return None
+        sample = (x.detach().clone().requires_grad_(x.requires_grad),
+                  *[t.detach().clone().requires_grad_(t.requires_grad) for t in flat_state])
+        with torch.autocast("cuda", dtype=mm_dtype or torch.bfloat16, enabled=mm_dtype is not None, cache_enabled=False):
+            fn = torch.cuda.make_graphed_callables(_Window(stack), sample, allow_unused_input=True)
+        captures[key] = fn
+    with torch.autocast("cuda", dtype=mm_dtype or torch.bfloat16, enabled=mm_dtype is not None, cache_enabled=False):
+        outs = fn(x, *flat_state)
+    L = stack.num_layers
+    hidden = list(outs[:L])
+    final = [LayerState(*(t.clone() for t in outs[L + 2 + 3 * l : L + 5 + 3 * l])) for l in range(L)]
+    return hidden, outs[L], outs[L + 1], final
+
+
+def forget(stack) -> None:
+    """Drop a stack's captures (their memory pools go with them)."""
+    _CAPTURES.pop(stack, None)
