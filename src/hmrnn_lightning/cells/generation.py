@@ -29,7 +29,7 @@ from torch import Tensor
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.operations import select_operations
 from hmrnn_lightning.cells.hm_lstm_kernel import TOP_LAYER_Z, carry_boundary, pointwise_forward
-from hmrnn_lightning.cells.sequence import _affine, _gated_addmm_, _matmul_dtype, layer_params, ln_preactivation, term_weights
+from hmrnn_lightning.cells.sequence import affine, gated_addmm_, matmul_dtype, layer_params, ln_preactivation, term_weights
 
 
 def _prepared_weights(stack) -> list[list[Tensor | None]]:
@@ -62,7 +62,7 @@ def _pick(t: Tensor, rows: Tensor | None) -> Tensor:
 @torch.no_grad()
 def generation_step(stack, x: Tensor, state: list[LayerState]):
     """``x`` ``[batch, input_size]`` -> ``(h per layer, z [batch, layers], logits [batch, layers - 1], state)``."""
-    mm_dtype = _matmul_dtype(x)
+    mm_dtype = matmul_dtype(x)
     dtype = stack.state_dtype(x)
     x = x.to(dtype)
     cells = stack.cells
@@ -97,11 +97,11 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         else:
             w_first, w_above, w_below = weights[l]
             first = torch.cat([x, h_prev], dim=1) if l == 0 else h_prev
-            s = _affine(cell.bias, first, w_first, mm_dtype)
+            s = affine(cell.bias, first, w_first, mm_dtype)
             if w_above is not None:
-                _gated_addmm_(s, zp_r, zp_r * h_above, w_above, mm_dtype)
+                gated_addmm_(s, zp_r, zp_r * h_above, w_above, mm_dtype)
             if w_below is not None:
-                _gated_addmm_(s, zb_r, zb_r * h_below, w_below, mm_dtype)
+                gated_addmm_(s, zb_r, zb_r * h_below, w_below, mm_dtype)
         H = cell.hidden_size
         act, c_new, h_new = s.new_empty(s.shape[0], 4 * H), torch.empty_like(c_prev), torch.empty_like(h_prev)
         norm = cell.norm_cell

@@ -108,7 +108,7 @@ def supports(stack) -> bool:
     return True
 
 
-def _matmul_dtype(x: Tensor) -> torch.dtype | None:
+def matmul_dtype(x: Tensor) -> torch.dtype | None:
     """The autocast dtype for matrix products when autocast is on for ``x``'s device."""
     kind = x.device.type
     if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
@@ -178,7 +178,7 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     Returns ``(hidden, boundaries, logits, state)``: ``hidden`` per layer ``[B, T, H_l]``,
     ``boundaries`` ``[B, T, L]``, ``logits`` ``[B, T, L - 1]``, the final state.
     """
-    mm_dtype = _matmul_dtype(x)
+    mm_dtype = matmul_dtype(x)
     dtype = stack.state_dtype(x)
     first = stack.cells[0]
     if first.layer_norm:
@@ -261,7 +261,7 @@ def _linear(a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
     return _matmul(w, a.t(), mm_dtype).t()
 
 
-def _affine(bias: Tensor, a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
+def affine(bias: Tensor, a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
     """``bias + a @ w^T``; ``bias`` is ``[out]`` or ``[batch, out]``."""
     if mm_dtype is None or mm_dtype == a.dtype:
         return torch.addmm(bias.unsqueeze(-1) if bias.dim() == 1 else bias.t(), w, a.t()).t()
@@ -272,7 +272,7 @@ def _open_rows(gate: Tensor) -> Tensor:
     return gate.squeeze(-1).nonzero().squeeze(-1)
 
 
-def _gated_addmm_(s: Tensor, gate: Tensor, gated_x: Tensor, w: Tensor, mm_dtype) -> None:
+def gated_addmm_(s: Tensor, gate: Tensor, gated_x: Tensor, w: Tensor, mm_dtype) -> None:
     """``s += gated_x @ w^T`` where ``gated_x = gate * x``: rows whose gate is 0 are zero and
     are skipped."""
     rows = _open_rows(gate)
@@ -455,10 +455,10 @@ def _merged_preactivation(meta: _Meta, w: Tensor, bias: Tensor, a: Tensor, h: li
     for name, cols in blocks.items():
         torch.mul(h[l + 1] if name == "above" else h[l - 1], _term_gate(name, l, zp, zb), out=a[:, cols])
     if not meta.skip_rows:
-        return _affine(bias, a, w, meta.mm_dtype)
-    s = _affine(bias, a[:, :H], w[:, :H], meta.mm_dtype)
+        return affine(bias, a, w, meta.mm_dtype)
+    s = affine(bias, a[:, :H], w[:, :H], meta.mm_dtype)
     for name, cols in blocks.items():
-        _gated_addmm_(s, _term_gate(name, l, zp, zb), a[:, cols], w[:, cols], meta.mm_dtype)
+        gated_addmm_(s, _term_gate(name, l, zp, zb), a[:, cols], w[:, cols], meta.mm_dtype)
     return s
 
 

@@ -46,8 +46,8 @@ from torch.autograd.function import once_differentiable
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
 from hmrnn_lightning.cells.hm_lstm_kernel import (
-    BERNOULLI, GIVEN, LayerWeights, block_size, estimator_mode, flatten_layers, rowdot, triton_kernels,
-    unflatten_layers,
+    BERNOULLI, GIVEN, LayerWeights, block_size, estimator_mode, flatten_layers, num_warps, rowdot,
+    triton_kernels, unflatten_layers,
 )
 
 
@@ -229,7 +229,7 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: 
                 LG[t, min(l, L - 2)] if not top else s, meta.eps,
                 H=H, BLOCK=block_size(H), HAS_BASE=mm is not None, BASE_ROWS=(l == 0 and not ln),
                 HAS_ABOVE=not top, HAS_BELOW=below is not None, BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln,
-                TOP=top, MODE=meta.mode,
+                TOP=top, MODE=meta.mode, num_warps=num_warps(H),
             )
     hidden = [h.transpose(0, 1) for h in Hd]
     z_all = Z.permute(2, 0, 1)
@@ -329,7 +329,7 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
                 H=H, BLOCK=block_size(H), HAS_BELOW=(ln or l > 0), BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln,
                 TOP=top, MODE=meta.mode if not top else GIVEN, HAS_GH=g_hidden[l] is not None,
                 HAS_GZ=g_z is not None and not top, HAS_GLOGIT=g_logits is not None and not top,
-                HAS_DXA=l > 0, HAS_DXB=not top and not ln,
+                HAS_DXA=l > 0, HAS_DXB=not top and not ln, num_warps=num_warps(H),
             )
             # s now holds ds; DH[l] holds the COPY part of d h^l_{t-1}
             _accumulate(DH[l], s, w_rec[l], mm)
