@@ -25,3 +25,17 @@ def test_bench_writes_one_json_line_per_impl(tmp_path):
     assert rows[0]["ratio_vs_lstm"] == 1.0
     assert len(rows[1]["sample_boundary_rate"]) == 3 and rows[1]["sample_boundary_rate"][2] == 0.0  # top never fires
     assert "| hm_sequence | tiny |" in proc.stdout  # the Markdown table
+
+
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter never meets Triton's compiler; this compiles every kernel variant the GPU
+    path launches to PTX for an H100, in a subprocess without TRITON_INTERPRET."""
+    import pytest
+
+    pytest.importorskip("triton")
+    script = BENCH.parent / "compile_kernels.py"
+    proc = subprocess.run([sys.executable, str(script), "--hidden", "48", "--no-assemble"],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 12 and all(r["ptx_chars"] > 0 and "error" not in r for r in rows)

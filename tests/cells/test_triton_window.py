@@ -173,3 +173,41 @@ def test_a_learnable_or_subclassed_estimator_is_not_taken_by_the_kernels():
     b = BernoulliEstimator()
     assert estimator_mode(b) == BERNOULLI
     assert estimator_mode(b.eval()) == STEP  # thresholds at evaluation
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a GPU (run with HMRNN_TEST_CUDA=1)")
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_cuda_graph_windows_and_steps_equal_the_uncaptured_path(layer_norm):
+    """Three training windows with the state carried (the first captures, the others replay),
+    then a shorter window (its own capture), then sampling steps: same values and gradients as
+    without capture."""
+    torch.manual_seed(0)
+    plain = HMStack(6, [16, 12, 10], StepEstimator(), layer_norm=layer_norm, impl="triton").to(DEVICE)
+    graphed = copy.deepcopy(plain)
+    graphed.cuda_graph = True
+    states = {"plain": None, "graphed": None}
+    for length in (STEPS, STEPS, STEPS, 5):
+        x = torch.randn(4, length, 6, device=DEVICE)
+        results = {}
+        for name, stack in (("plain", plain), ("graphed", graphed)):
+            xi = x.clone().requires_grad_()
+            out = stack(xi, states[name])
+            loss = sum((h * h).sum() for h in out.hidden) + out.boundary_logits.pow(2).sum()
+            grads = torch.autograd.grad(loss, [xi, *stack.parameters()])
+            states[name] = [s.detach() for s in out.state]
+            results[name] = (out, grads)
+        (a, ga), (b, gb) = results["plain"], results["graphed"]
+        assert torch.equal(a.boundaries, b.boundaries)
+        for ha, hb in zip(a.hidden, b.hidden):
+            torch.testing.assert_close(hb, ha, rtol=1e-5, atol=1e-6)
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5)
+    plain.eval()
+    graphed.eval()
+    sa = sb = None
+    for t in range(5):
+        xt = torch.randn(4, 6, device=DEVICE)
+        oa, ob = plain.step(xt, sa), graphed.step(xt, sb)
+        sa, sb = oa.state, ob.state
+        for ha, hb in zip(oa.hidden, ob.hidden):
+            torch.testing.assert_close(hb, ha, rtol=1e-5, atol=1e-6)

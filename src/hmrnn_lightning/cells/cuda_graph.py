@@ -24,6 +24,9 @@ Each capture holds its window's activations in its own memory pool, so memory gr
 number of captures, not with replays. Outputs are the graph's static tensors, valid until the
 next replay; the final state is cloned so it can be carried to the next window.
 
+Sampling (:meth:`HMStack.step`) is captured too, one graph per batch size
+(:func:`graphed_step`).
+
 Status: written and reviewed without a GPU (the CPU interpreter cannot run CUDA graphs), so
 ``cuda_graph`` is off by default until ``bench/gpu_checks.sh`` has measured it.
 """
@@ -87,6 +90,52 @@ def graphed_window(stack, x: Tensor, state: list[LayerState]):
     L = stack.num_layers
     hidden = list(outs[:L])
     final = [LayerState(*(t.clone() for t in outs[L + 2 + 3 * l : L + 5 + 3 * l])) for l in range(L)]
+    return hidden, outs[L], outs[L + 1], final
+
+
+def graphed_step(stack, x: Tensor, state: list[LayerState]):
+    """One sampling step (``x`` ``[batch, input]``, no gradient) through a captured graph, as
+    ``window_forward`` on a window of one step returns it; None when no capture can be made.
+
+    Sampling is launch-bound: a step is a few small products and kernels per layer. The
+    capture holds static input buffers; a step copies ``x`` and the state into them (one
+    multi-tensor copy), replays, and copies the outputs out (one more), so what it returns
+    stays valid after the next step."""
+    from hmrnn_lightning.cells.triton_window import window_forward
+
+    flat_state = [t for s in state for t in (s.h, s.c, s.z)]
+    mm_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    key = ("step", tuple(x.shape), x.dtype, mm_dtype, estimator_mode(stack.estimator))
+    captures = _CAPTURES.setdefault(stack, {})
+    entry = captures.get(key)
+    L = stack.num_layers
+
+    def run(static_x, static_state):
+        st = [LayerState(*static_state[3 * l : 3 * l + 3]) for l in range(L)]
+        hidden, z_all, logits, final = window_forward(stack, static_x.unsqueeze(1), st, None)
+        return [*hidden, z_all, logits, *[t for s in final for t in s]]
+
+    if entry is None:
+        if len(captures) >= MAX_CAPTURES:
+            return None
+        static_x, static_state = x.clone(), [t.clone() for t in flat_state]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compiles, the allocator settles
+            for _ in range(2):
+                run(static_x, static_state)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = run(static_x, static_state)
+        entry = captures[key] = (graph, static_x, static_state, static_out)
+    graph, static_x, static_state, static_out = entry
+    torch._foreach_copy_([static_x, *static_state], [x, *flat_state])
+    graph.replay()
+    outs = [torch.empty_like(t) for t in static_out]
+    torch._foreach_copy_(outs, static_out)
+    hidden = outs[:L]
+    final = [LayerState(*outs[L + 2 + 3 * l : L + 5 + 3 * l]) for l in range(L)]
     return hidden, outs[L], outs[L + 1], final
 
 

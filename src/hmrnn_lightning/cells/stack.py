@@ -173,7 +173,8 @@ class HMStack(RecurrentStack):
             results up to summation order (Bernoulli draws its noise differently on ``triton``).
         cuda_graph: on the Triton path, capture each training window in a CUDA graph and replay
             it (:mod:`hmrnn_lightning.cells.cuda_graph` says what that requires: fixed batch and
-            window length; other windows, evaluation and sampling run without a graph).
+            window length; other windows and evaluation run without a graph), and each
+            sampling step (:meth:`step`, one graph per batch size).
     """
 
     def __init__(
@@ -306,7 +307,18 @@ class HMStack(RecurrentStack):
         (:mod:`hmrnn_lightning.cells.generation`); their boundary logits read NaN. Elsewhere
         this is :meth:`forward` on a sequence of length 1 (on the GPU's Triton path: dense,
         so sampling never waits on the host)."""
-        if self.active_impl(x.device) != "sequence":
+        impl = self.active_impl(x.device)
+        if impl == "triton" and self.cuda_graph and x.is_cuda:
+            from hmrnn_lightning.cells import cuda_graph
+            from hmrnn_lightning.cells.operations import operations_from_boundaries
+
+            state = self.check_input(x.unsqueeze(1), state)
+            result = cuda_graph.graphed_step(self, x, state)
+            if result is not None:
+                hidden, z_all, logits, new_state = result
+                first_z = torch.stack([s.z for s in state], dim=-1)
+                return StackOutput(hidden, z_all, logits, operations_from_boundaries(z_all, first_z), new_state)
+        if impl != "sequence":
             return super()._step(x, state)
         from hmrnn_lightning.cells.generation import generation_step
         from hmrnn_lightning.cells.operations import operations_from_boundaries

@@ -1,0 +1,111 @@
+"""Compile the HM-LSTM Triton kernels for a GPU without one: Triton's real compiler, ahead of time.
+
+    python bench/compile_kernels.py                    # H100 (sm_90a), PTB and Text8 widths
+    python bench/compile_kernels.py --arch 80 --hidden 256 512 --out /tmp/kernels.jsonl
+
+The tests run the kernels under Triton's interpreter, which executes the Python of a kernel on
+numpy and so never meets the compiler's rules (types fixed per variable, constexpr branches,
+register pressure). This script compiles every variant the GPU path launches (forward and
+backward; first, middle and top layer; with and without layer norm) for the given
+architecture and hidden sizes, then assembles each with the ptxas that ships with Triton and
+prints one JSON line per kernel: registers per thread and spilled bytes at the warps
+``hm_lstm_kernel.num_warps`` picks. Exit status 1 if any variant fails to compile.
+``TRITON_INTERPRET`` must be unset (the script unsets it for itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def variants(hidden: int):
+    for layer_norm in (False, True):
+        for layer in ("first", "middle", "top"):
+            first, top = layer == "first", layer == "top"
+            common = dict(H=hidden, HAS_BELOW=layer_norm or not first, BELOW_GATED=not first, NORM_BELOW=layer_norm,
+                          NORM_CELL=layer_norm, TOP=top)
+            yield "forward", layer, layer_norm, dict(common, HAS_BASE=False, BASE_ROWS=False, HAS_ABOVE=not top, MODE=1)
+            yield "backward", layer, layer_norm, dict(common, MODE=0 if top else 1, HAS_GH=True, HAS_GZ=not top,
+                                                      HAS_GLOGIT=False, HAS_DXA=not first, HAS_DXB=not top and not layer_norm)
+
+
+def assemble(ptx: str, arch: str) -> dict:
+    """Registers and spills from Triton's own ptxas (whichever of its copies reads this PTX)."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        for name in ("ptxas", "ptxas-blackwell"):
+            tool = os.path.join(bin_dir, name)
+            if not os.path.exists(tool):
+                continue
+            proc = subprocess.run([tool, f"-arch=sm_{arch}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                text = proc.stdout + proc.stderr
+                regs = re.search(r"Used (\d+) registers", text)
+                spills = re.search(r"(\d+) bytes spill stores", text)
+                return {"registers": int(regs.group(1)) if regs else None,
+                        "spill_store_bytes": int(spills.group(1)) if spills else None}
+    return {"registers": None, "spill_store_bytes": None}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="90a", help="compute capability without the dot, e.g. 90a (H100), 80 (A100)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[512, 1024], help="layer widths to compile for")
+    p.add_argument("--no-assemble", action="store_true", help="stop at PTX (no ptxas)")
+    p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    args = p.parse_args()
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hmrnn_lightning.cells import hm_lstm_kernel as K
+
+    forward, backward = K.triton_kernels()
+    capability = int(re.match(r"\d+", args.arch).group(0))
+    target = GPUTarget("cuda", capability, 32)
+    failed = 0
+    for hidden in args.hidden:
+        for kind, layer, layer_norm, constants in variants(hidden):
+            fn = forward if kind == "forward" else backward
+            constants = dict(constants, BLOCK=K.block_size(hidden))
+            names = [q.name for q in fn.params]
+            signature = {q.name: "constexpr" if q.is_constexpr else ("fp32" if q.name == "eps" else "*fp32")
+                         for q in fn.params}
+            row = {"kernel": kind, "layer": layer, "layer_norm": layer_norm, "hidden": hidden, "arch": args.arch,
+                   "num_warps": K.num_warps(hidden), "triton": triton.__version__}
+            try:
+                source = ASTSource(fn=fn, signature=signature,
+                                   constexprs={(names.index(k),): v for k, v in constants.items()})
+                compiled = triton.compile(source, target=target, options={"num_warps": K.num_warps(hidden)})
+                row["ptx_chars"] = len(compiled.asm["ptx"])
+                if not args.no_assemble:
+                    row.update(assemble(compiled.asm["ptx"], args.arch))
+            except Exception as e:  # noqa: BLE001 - report every variant, then fail
+                failed += 1
+                row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
