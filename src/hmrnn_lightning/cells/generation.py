@@ -93,7 +93,7 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         h_below = x if l == 0 else _pick(new_state[l - 1].h, rows)
         if ln_params is not None:
             p, inputs = ln_params[l], {"rec": h_prev, "above": h_above, "below": h_below}
-            s = ln_preactivation(p, term_weights(p), inputs, l, zp_r, zb_r, cell.norm_cell.eps, mm_dtype, skip_closed=True)
+            s = ln_preactivation(p, term_weights(p, l, L), inputs, l, zp_r, zb_r, cell.norm_cell.eps, mm_dtype, skip_closed=True)
         else:
             w_first, w_above, w_below = weights[l]
             first = torch.cat([x, h_prev], dim=1) if l == 0 else h_prev

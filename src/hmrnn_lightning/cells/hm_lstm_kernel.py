@@ -79,9 +79,38 @@ class LayerWeights:
     cell_gamma: Tensor | None = None
     cell_beta: Tensor | None = None
 
+    #: The pre-activation terms by the short names the loops use, and the field of each one's weight:
+    #: ``rec`` ``U_l h^l_{t-1}``; ``above`` ``U_{l+1} h^{l+1}_{t-1}``, gated by ``z^l_{t-1}``;
+    #: ``below`` ``W_{l-1} h^{l-1}_t``, gated by ``z^{l-1}_t`` (never for the first layer).
+    TERMS = {"rec": "recurrent", "above": "top_down", "below": "bottom_up"}
+
     @property
     def hidden_size(self) -> int:
         return self.recurrent.shape[1]
+
+    def term_weight(self, term: str) -> Tensor | None:
+        return getattr(self, self.TERMS[term])
+
+    def term_norm(self, term: str) -> tuple[Tensor, Tensor] | None:
+        """``(gamma, beta)`` of the term's layer norm; None where the term is not normalised
+        (only the bottom-up term is, see :class:`~hmrnn_lightning.cells.base.HMCell`)."""
+        if term == "below" and self.below_gamma is not None:
+            return self.below_gamma, self.below_beta
+        return None
+
+    def merged(self, first_layer: bool) -> Tensor:
+        """Without layer norm, ``[U_l; U_{l+1}; W_{l-1}]`` side by side, ``[4H + 1, K]``: one
+        product for all terms (the first layer's bottom-up weight is left out: its product is
+        one over the whole window). :meth:`split_merged` undoes it for the gradient."""
+        parts = [self.recurrent] + ([self.top_down] if self.top_down is not None else [])
+        return torch.cat(parts + ([] if first_layer else [self.bottom_up]), dim=1)
+
+    def split_merged(self, merged: Tensor, first_layer: bool) -> dict[str, Tensor]:
+        """``{field: block}`` of a tensor laid out as :meth:`merged`."""
+        fields_ = ["recurrent"] + (["top_down"] if self.top_down is not None else [])
+        fields_ += [] if first_layer else ["bottom_up"]
+        sizes = [getattr(self, f).shape[1] for f in fields_]
+        return dict(zip(fields_, merged.split(sizes, dim=1)))
 
     @property
     def layer_norm(self) -> bool:

@@ -15,7 +15,7 @@ with the backward written out by hand:
   gate activations.
 * forward, with layer norm: the bottom-up term is normalised on its own before its gate
   multiplies it (:class:`~hmrnn_lightning.cells.base.HMCell` says why only that one; the
-  code takes any term with ``gamma_<term>`` in :func:`layer_params`), so the three products
+  code asks :meth:`LayerWeights.term_norm` which terms are normalised), so the three products
   stay apart (the
   first layer's input product is still one over all steps, but inside the function, so the
   backward pass returns the gradient of the ``[B, T, E]`` input rather than keeping one of
@@ -68,8 +68,8 @@ from torch.autograd.function import once_differentiable
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
 from hmrnn_lightning.cells.hm_lstm_kernel import (
-    TOP_LAYER_Z, carry_boundary, gate_activations, layer_norm_rows, layer_norm_rows_backward, pointwise_backward, pointwise_forward,
-    rowdot,
+    TOP_LAYER_Z, LayerWeights, carry_boundary, flatten_layers, gate_activations, layer_norm_rows,
+    layer_norm_rows_backward, pointwise_backward, pointwise_forward, rowdot, unflatten_layers,
 )
 from hmrnn_lightning.cells.operations import select_operations
 
@@ -101,6 +101,8 @@ def supports(stack) -> bool:
     if any(p.requires_grad for p in stack.estimator.parameters()):
         return False
     for cell in stack.cells:
+        if cell.norm_recurrent is not None or cell.norm_top_down is not None:
+            return False  # LayerWeights holds the shipped placement: the bottom-up term and the cell
         if cell.layer_norm and not all(
             isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in _norms(cell)
         ):
@@ -116,20 +118,6 @@ def matmul_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-def layer_weights(stack) -> list[Tensor]:
-    """Per layer ``[U_l; U_{l+1}; W_{l-1}]`` side by side, ``[4H + 1, K_l]`` (the first layer's
-    bottom-up weight is left out: its product is hoisted out of the loop)."""
-    out = []
-    for l, cell in enumerate(stack.cells):
-        parts = [cell.recurrent.weight]
-        if cell.top_down is not None:
-            parts.append(cell.top_down.weight)
-        if l > 0:
-            parts.append(cell.bottom_up.weight)
-        out.append(torch.cat(parts, dim=1))
-    return out
-
-
 def term_names(layer: int, layers: int) -> list[str]:
     """With layer norm, the pre-activation terms of layer ``layer``: ``rec`` (``U_l h^l_{t-1}``),
     ``above`` (``U_{l+1} h^{l+1}_{t-1}``, gated by ``z^l_{t-1}``) and ``below``
@@ -138,38 +126,17 @@ def term_names(layer: int, layers: int) -> list[str]:
     return ["rec"] + (["above"] if layer + 1 < layers else []) + ["below"]
 
 
-def layer_params(stack) -> list[dict[str, Tensor]]:
-    """Per layer, the tensors the sequence function takes: ``bias`` and ``w`` (the merged
-    weight of :func:`layer_weights`) without layer norm; with it ``bias``, per term of
-    :func:`term_names` ``w_<term>``, ``gamma_<term>``, ``beta_<term>``, and ``gamma_cell``,
-    ``beta_cell``."""
-    L = len(stack.cells)
-    merged = None if stack.cells[0].layer_norm else layer_weights(stack)
-    out = []
-    for l, cell in enumerate(stack.cells):
-        p = {"bias": cell.bias}
-        if merged is not None:
-            p["w"] = merged[l]
-        else:
-            modules = {
-                "rec": (cell.recurrent, cell.norm_recurrent),
-                "above": (cell.top_down, getattr(cell, "norm_top_down", None)),
-                "below": (cell.bottom_up, cell.norm_bottom_up),
-            }
-            for name in term_names(l, L):
-                linear, norm = modules[name]
-                p[f"w_{name}"] = linear.weight
-                if norm is not None:  # terms the cell does not normalise have no gamma_/beta_ entry
-                    p[f"gamma_{name}"], p[f"beta_{name}"] = norm.weight, norm.bias
-            p["gamma_cell"], p["beta_cell"] = cell.norm_cell.weight, cell.norm_cell.bias
-        out.append(p)
-    return out
+def layer_params(stack) -> list[LayerWeights]:
+    """Per layer, the parameters the sequence function takes, by role."""
+    return [LayerWeights.from_cell(cell) for cell in stack.cells]
 
 
-def term_weights(p: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The weights among a layer's :func:`layer_params`: ``{"w": merged}`` without layer norm,
-    ``{term: W_term}`` with it."""
-    return {"w": p["w"]} if "w" in p else {k[2:]: v for k, v in p.items() if k.startswith("w_")}
+def term_weights(w: LayerWeights, layer: int, layers: int) -> dict[str, Tensor]:
+    """The weights a layer multiplies by: ``{"merged": [U_l; U_{l+1}; W_{l-1}]}`` without layer
+    norm (:meth:`LayerWeights.merged`), ``{term: W_term}`` per :func:`term_names` with it."""
+    if not w.layer_norm:
+        return {"merged": w.merged(first_layer=layer == 0)}
+    return {name: w.term_weight(name) for name in term_names(layer, layers)}
 
 
 def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
@@ -188,12 +155,12 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     else:
         x_in = at_least_fp32(first.bottom_up(x)).to(dtype)  # hoisted here, differentiated by autograd
     params = layer_params(stack)
-    flat_params = [t for p in params for t in p.values()]
+    names, flat_params = flatten_layers(params)
     flat_state = [t for s in state for t in (s.h, s.c, s.z)]
     L = len(stack.cells)
     skip = SKIP_GATED_ROWS if SKIP_GATED_ROWS is not None else x.device.type == "cpu"
     eps = first.norm_cell.eps if first.layer_norm else 0.0
-    meta = _Meta(stack.estimator, boundaries, mm_dtype, L, skip, [list(p) for p in params], eps)
+    meta = _Meta(stack.estimator, boundaries, mm_dtype, L, skip, names, eps)
     tensors = [x_in, *flat_params, *flat_state]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         outs = _HMLSTMSequence.apply(meta, *tensors)
@@ -211,23 +178,19 @@ class _Meta:
 
     def __init__(
         self, estimator, boundaries: Tensor | None, mm_dtype: torch.dtype | None, layers: int, skip_rows: bool,
-        keys: list[list[str]], eps: float,
+        names: list[list[str]], eps: float,
     ) -> None:
         self.estimator = estimator
         self.boundaries = boundaries
         self.mm_dtype = mm_dtype
         self.layers = layers
         self.skip_rows = skip_rows
-        self.keys = keys  # per layer, the names of its tensors in the flat argument list
-        self.layer_norm = "w" not in keys[0]
+        self.names = names  # per layer, the LayerWeights fields in the flat argument list
+        self.layer_norm = "cell_gamma" in names[0]
         self.eps = eps
 
-    def unflatten(self, flat) -> list[dict[str, Tensor]]:
-        out, i = [], 0
-        for keys in self.keys:
-            out.append(dict(zip(keys, flat[i : i + len(keys)])))
-            i += len(keys)
-        return out
+    def unflatten(self, flat) -> list[LayerWeights]:
+        return unflatten_layers(self.names, flat)
 
 
 class _Kept:
@@ -282,21 +245,21 @@ def gated_addmm_(s: Tensor, gate: Tensor, gated_x: Tensor, w: Tensor, mm_dtype) 
         s.index_add_(0, rows, _linear(gated_x.index_select(0, rows), w, mm_dtype))
 
 
-def term_norm(raw: Tensor, p: dict[str, Tensor], name: str, eps: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(term, mean, 1/std)`` of a product: layer-normalised when the layer's parameters hold
-    ``gamma_<name>`` (:func:`layer_params`), else the product itself with no statistics."""
-    gamma = p.get(f"gamma_{name}")
-    if gamma is None:
+def term_norm(raw: Tensor, p: LayerWeights, name: str, eps: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(term, mean, 1/std)`` of a product: layer-normalised where the layer normalises that
+    term (:meth:`LayerWeights.term_norm`), else the product itself with no statistics."""
+    norm = p.term_norm(name)
+    if norm is None:
         return raw, None, None
-    return layer_norm_rows(raw, gamma, p[f"beta_{name}"], eps)
+    return layer_norm_rows(raw, *norm, eps)
 
 
-def term_norm_backward(dy: Tensor, raw: Tensor, mean, rstd, p: dict[str, Tensor], name: str):
+def term_norm_backward(dy: Tensor, raw: Tensor, mean, rstd, p: LayerWeights, name: str):
     """``(d raw, d gamma, d beta)`` of :func:`term_norm` (no parameter gradients for a plain term)."""
-    gamma = p.get(f"gamma_{name}")
-    if gamma is None:
+    norm = p.term_norm(name)
+    if norm is None:
         return dy, None, None
-    return layer_norm_rows_backward(dy, raw, mean, rstd, gamma, p[f"beta_{name}"])
+    return layer_norm_rows_backward(dy, raw, mean, rstd, *norm)
 
 
 def ln_term(
@@ -332,7 +295,7 @@ def ln_preactivation(
         skip_closed: compute the gated terms only for their open rows (never with ``out``:
             the backward pass needs every row).
     """
-    s = p["bias"].expand(next(x for x in inputs.values() if x is not None).shape[0], -1).clone()
+    s = p.bias.expand(next(x for x in inputs.values() if x is not None).shape[0], -1).clone()
     for name, x in inputs.items():
         if x is None and (given is None or name not in given):
             continue
@@ -366,12 +329,12 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
     B, T, _ = x_in.shape
     dtype = x_in.dtype
     ln = meta.layer_norm
-    sizes = [p["bias"].shape[0] // 4 for p in params]
+    sizes = [p.hidden_size for p in params]
     h = [flat_state[3 * l] for l in range(L)]
     c = [flat_state[3 * l + 1] for l in range(L)]
     z = [flat_state[3 * l + 2] for l in range(L)]
     cast = (lambda w: w.to(meta.mm_dtype)) if meta.mm_dtype else (lambda w: w)
-    w_mm = [{k: cast(v) for k, v in term_weights(p).items()} for p in params]
+    w_mm = [{k: cast(v) for k, v in term_weights(p, l, L).items()} for l, p in enumerate(params)]
     new = x_in.new_empty
     hidden = [new(B, T, H) for H in sizes]
     z_all = x_in.new_zeros(B, T, L)
@@ -384,8 +347,8 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
         # the first layer's input term: one product over all steps, time-major
         x_raw = _matmul(x_in.transpose(0, 1).reshape(T * B, -1), w_mm[0]["below"].t(), meta.mm_dtype).view(T, B, -1)
     else:
-        inputs = [new(steps, B, p["w"].shape[1]) for p in params]
-        xb = (x_in + params[0]["bias"]).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
+        inputs = [new(steps, B, w["merged"].shape[1]) for w in w_mm]
+        xb = (x_in + params[0].bias).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
     if keep is not None:
         keep.cells = [new(T, B, H) for H in sizes]
         keep.estimates = new(B, T, L - 1)
@@ -412,12 +375,12 @@ def _forward(meta: _Meta, x_in: Tensor, params: list[dict[str, Tensor]], flat_st
                     given={"below": x_raw[t]} if l == 0 else None,
                 )
             else:
-                bias = xb[t] if l == 0 else params[l]["bias"]
-                s = _merged_preactivation(meta, w_mm[l]["w"], bias, inputs[l][slot], h, l, zp, zb, sizes)
+                bias = xb[t] if l == 0 else params[l].bias
+                s = _merged_preactivation(meta, w_mm[l]["merged"], bias, inputs[l][slot], h, l, zp, zb, sizes)
             ops = select_operations(zb.squeeze(-1), z[l])
             u, k = ops.update, ops.copy
             c_new = keep.cells[l][t] if keep is not None else torch.empty_like(c[l])
-            cell_norm = (params[l]["gamma_cell"], params[l]["beta_cell"], meta.eps) if ln else None
+            cell_norm = (params[l].cell_gamma, params[l].cell_beta, meta.eps) if ln else None
             pointwise_forward(s, c[l], h[l], u, k, zp, act, c_new, hidden[l][:, t], cell_norm)
             if l + 1 < L:
                 logit = s[:, 4 * H]
@@ -463,14 +426,14 @@ def _merged_preactivation(meta: _Meta, w: Tensor, bias: Tensor, a: Tensor, h: li
 
 
 class _HMLSTMSequence(torch.autograd.Function):
-    """Inputs: meta, x_in (see :func:`_forward`), the tensors of :func:`layer_params` layer by
-    layer, (h, c, z) per layer. Outputs: L hidden sequences, boundaries, logits, (h, c, z) per
+    """Inputs: meta, x_in (see :func:`_forward`), each layer's :class:`LayerWeights` flattened,
+    (h, c, z) per layer. Outputs: L hidden sequences, boundaries, logits, (h, c, z) per
     layer."""
 
     @staticmethod
     def forward(ctx, meta: _Meta, x_in: Tensor, *rest: Tensor):  # type: ignore[override]
         L = meta.layers
-        n = sum(len(keys) for keys in meta.keys)
+        n = sum(len(names) for names in meta.names)
         flat_params, flat_state = list(rest[:n]), list(rest[n:])
         keep = _Kept()
         with torch.autocast(x_in.device.type, enabled=False):
@@ -546,13 +509,14 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
     L = meta.layers
     B, T, _ = z_all.shape
     ln = meta.layer_norm
-    sizes = [p["bias"].shape[0] // 4 for p in params]
+    sizes = [p.hidden_size for p in params]
     mm_dtype = meta.mm_dtype
     cast = (lambda w: w.to(mm_dtype)) if mm_dtype else (lambda w: w)
-    # weights for ds @ W, [in, out]; per layer "w" (merged) or per term
-    w_t = [{k: cast(v).t().contiguous() for k, v in term_weights(p).items()} for p in params]
-    # with LN the gradients add up step by step and chunk by chunk; without, they come at the end
-    d_params = [{k: torch.zeros_like(v) for k, v in p.items()} if ln else {} for p in params]
+    # weights for ds @ W, [in, out]; per layer "merged" or per term
+    w_t = [{k: cast(v).t().contiguous() for k, v in term_weights(p, l, L).items()} for l, p in enumerate(params)]
+    # gradients by LayerWeights field; with LN they add up step by step and chunk by chunk,
+    # without it they come at the end
+    d_params = [{k: torch.zeros_like(getattr(p, k)) for k in names} if ln else {} for p, names in zip(params, meta.names)]
     g_hidden = [_zero_if_none(grads[l], hidden[l]) for l in range(L)]
     g_z = _zero_if_none(grads[L], z_all)
     g_logits = grads[L + 1]
@@ -590,7 +554,7 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
             if dh_from_above is not None:
                 dh = dh + dh_from_above
             ds = d_pre[l][t if span == T else 0]
-            cell_norm = (params[l]["gamma_cell"], params[l]["beta_cell"], meta.eps) if ln else None
+            cell_norm = (params[l].cell_gamma, params[l].cell_beta, meta.eps) if ln else None
             if ln:
                 terms = _ln_terms(meta, keep, params[l], l, t, zp, zb, act_ln[l])
                 act = act_ln[l]
@@ -600,8 +564,8 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
                 act, keep.cells[l][t], c_prev, h_prev, u, k, zp, dh, dc_next[l], ds, cell_norm
             )
             if d_norm is not None:
-                d_params[l]["gamma_cell"] += d_norm[0]
-                d_params[l]["beta_cell"] += d_norm[1]
+                d_params[l]["cell_gamma"] += d_norm[0]
+                d_params[l]["cell_beta"] += d_norm[1]
             d_logit = None
             if not top:
                 dz = g_z[:, t, l : l + 1] + dz_next[l]
@@ -636,7 +600,7 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
                 d_params[l]["bias"] += ds.sum(0)
                 d_in, d_gates = _ln_input_grads(meta, keep, params[l], w_t[l], d_params[l], d_raw[l], terms, l, t, slot, ds, zp, zb, live)
             else:
-                da = _rows_linear(ds, w_t[l]["w"], live, mm_dtype)
+                da = _rows_linear(ds, w_t[l]["merged"], live, mm_dtype)
                 d_in, d_gates = {"rec": da[:, :H]}, {}
                 for name, cols in _gated_columns(l, sizes).items():
                     x = (hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]) if name == "above" else hidden[l - 1][:, t]
@@ -654,9 +618,13 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
                 _ln_weight_grads(meta, d_params[l], d_raw[l], live_rows[l], hidden, h0, z_all, z0, x_in, dx, w_t[l], l, t, min(t + chunk, T))
     if not ln:
         for l in range(L):
-            d_params[l]["w"] = _merged_weight_grad(meta, d_pre[l], keep.inputs[l], live_rows[l], z_all, z0, l, sizes)
+            merged = _merged_weight_grad(meta, d_pre[l], keep.inputs[l], live_rows[l], z_all, z0, l, sizes)
+            d_params[l] = params[l].split_merged(merged, first_layer=l == 0)  # the first layer's W: autograd's
             d_params[l]["bias"] = d_pre[l].flatten(0, 1).sum(0)
-    flat_grads = [d_params[l][k].to(params[l][k].dtype) for l in range(L) for k in meta.keys[l]]
+    flat_grads = [
+        None if k not in d_params[l] else d_params[l][k].to(getattr(params[l], k).dtype)
+        for l in range(L) for k in meta.names[l]
+    ]
     d_state = [t for l in range(L) for t in (dh_next[l], dc_next[l], dz_next[l].squeeze(-1))]
     return ((dx if ln else d_pre[0]).transpose(0, 1), *flat_grads, *d_state)
 
@@ -688,7 +656,7 @@ def _ln_terms(meta: _Meta, keep: _Kept, p, l: int, t: int, zp, zb, act: Tensor) 
     """With layer norm, the terms of step ``t`` normalised again from the kept products, as
     ``{term: (LN(product), mean, 1/std)}``; the gates, from their sum, into ``act``."""
     terms = {}
-    s = p["bias"].expand(act.shape[0], -1).clone()
+    s = p.bias.expand(act.shape[0], -1).clone()
     for name in term_names(l, meta.layers):
         terms[name] = term_norm(keep.raw[l][name][t], p, name, meta.eps)
         gate = _term_gate(name, l, zp, zb)
@@ -713,8 +681,8 @@ def _ln_input_grads(meta: _Meta, keep: _Kept, p, w_t, d_p, d_raw, terms, l: int,
         raw = keep.raw[l][name][t]
         d_raw_t, d_gamma, d_beta = term_norm_backward(ds if gate is None else ds * gate, raw, mean, rstd, p, name)
         if d_gamma is not None:
-            d_p[f"gamma_{name}"] += d_gamma
-            d_p[f"beta_{name}"] += d_beta
+            d_p[f"{name}_gamma"] += d_gamma  # LayerWeights' below_gamma / below_beta
+            d_p[f"{name}_beta"] += d_beta
         d_raw[name][slot] = d_raw_t
         if l == 0 and name == "below":
             continue
@@ -749,4 +717,4 @@ def _ln_weight_grads(meta: _Meta, d_p, d_raw, live, hidden, h0, z_all, z0, x_in,
             rows = mask.nonzero().squeeze(-1)
             if rows.numel() < mask.numel():
                 d, x = d.index_select(0, rows), x.index_select(0, rows)
-        d_p[f"w_{name}"] += _matmul(d.t(), x, meta.mm_dtype)
+        d_p[LayerWeights.TERMS[name]] += _matmul(d.t(), x, meta.mm_dtype)
