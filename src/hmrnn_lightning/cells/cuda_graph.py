@@ -21,8 +21,10 @@ What it requires, and what happens otherwise:
     annealing needs no new capture.
 
 Each capture holds its window's activations in its own memory pool, so memory grows with the
-number of captures, not with replays. Outputs are the graph's static tensors, valid until the
-next replay; the final state is cloned so it can be carried to the next window.
+number of captures, not with replays. The hidden states returned are the graph's static
+tensors, valid until the next replay (the loss reads them before that); boundaries, logits and
+the final state are copies. Captures are dropped when the stack's tensors move, and parameter
+gradients are handed to autograd as copies (:func:`_copy_gradients_out` says why).
 
 Sampling (:meth:`HMStack.step`) is captured too, one graph per batch size
 (:func:`graphed_step`).
@@ -33,8 +35,6 @@ Status: written and reviewed without a GPU (the CPU interpreter cannot run CUDA 
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor, nn
 
@@ -44,7 +44,29 @@ from hmrnn_lightning.cells.hm_lstm_kernel import estimator_mode
 #: The most captures one stack keeps (training windows, plus the last short window of an epoch).
 MAX_CAPTURES = 4
 
-_CAPTURES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+def _captures(stack) -> dict:
+    """The stack's captures, kept in a plain attribute (not a submodule, so not in checkpoints;
+    :meth:`HMStack.__getstate__` leaves it out of copies). They are dropped when the stack's
+    tensors move (``.cuda()`` after Lightning's teardown moved the model to the CPU, ``.to``):
+    a graph reads its tensors at the addresses they had when it was captured."""
+    where = tuple(p.data_ptr() for p in stack.parameters()) + (stack.estimator.slope.data_ptr(),)
+    store = stack.__dict__.get("_cuda_graphs")
+    if store is None or store["where"] != where:
+        store = stack.__dict__["_cuda_graphs"] = {"where": where, "entries": {}}
+        _copy_gradients_out(stack)
+    return store["entries"]
+
+
+def _copy_gradients_out(stack) -> None:
+    """The graphed backward returns its own static buffers as the parameters' gradients, and
+    autograd would adopt such a buffer as ``p.grad`` when that is None; the next replay would
+    then overwrite it, and with gradient accumulation add a gradient to itself. A hook on each
+    parameter hands autograd a copy instead (once per parameter; a copy of the weights' size
+    per step, small beside the window's work)."""
+    if stack.__dict__.get("_grad_copy_hooks"):
+        return
+    stack.__dict__["_grad_copy_hooks"] = [p.register_hook(torch.clone) for p in stack.parameters() if p.requires_grad]
 
 
 class _Window(nn.Module):
@@ -75,7 +97,7 @@ def graphed_window(stack, x: Tensor, state: list[LayerState]):
     mm_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     key = (tuple(x.shape), x.dtype, mm_dtype, estimator_mode(stack.estimator), x.requires_grad,
            tuple(t.requires_grad for t in flat_state))
-    captures = _CAPTURES.setdefault(stack, {})
+    captures = _captures(stack)
     fn = captures.get(key)
     if fn is None:
         if len(captures) >= MAX_CAPTURES:
@@ -88,9 +110,11 @@ def graphed_window(stack, x: Tensor, state: list[LayerState]):
     with torch.autocast("cuda", dtype=mm_dtype or torch.bfloat16, enabled=mm_dtype is not None, cache_enabled=False):
         outs = fn(x, *flat_state)
     L = stack.num_layers
+    # the hidden states are the graph's buffers until the next replay (the loss reads them
+    # before then); the small outputs are copied, so they can be kept
     hidden = list(outs[:L])
     final = [LayerState(*(t.clone() for t in outs[L + 2 + 3 * l : L + 5 + 3 * l])) for l in range(L)]
-    return hidden, outs[L], outs[L + 1], final
+    return hidden, outs[L].clone(), outs[L + 1].clone(), final
 
 
 def graphed_step(stack, x: Tensor, state: list[LayerState]):
@@ -106,7 +130,7 @@ def graphed_step(stack, x: Tensor, state: list[LayerState]):
     flat_state = [t for s in state for t in (s.h, s.c, s.z)]
     mm_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     key = ("step", tuple(x.shape), x.dtype, mm_dtype, estimator_mode(stack.estimator))
-    captures = _CAPTURES.setdefault(stack, {})
+    captures = _captures(stack)
     entry = captures.get(key)
     L = stack.num_layers
 
@@ -115,18 +139,20 @@ def graphed_step(stack, x: Tensor, state: list[LayerState]):
         hidden, z_all, logits, final = window_forward(stack, static_x.unsqueeze(1), st, None)
         return [*hidden, z_all, logits, *[t for s in final for t in s]]
 
+    # no autocast weight cache: a cached cast made while warming up would be read by every replay
+    no_cache = torch.autocast("cuda", dtype=mm_dtype or torch.bfloat16, enabled=mm_dtype is not None, cache_enabled=False)
     if entry is None:
         if len(captures) >= MAX_CAPTURES:
             return None
         static_x, static_state = x.clone(), [t.clone() for t in flat_state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: Triton compiles, the allocator settles
+        with torch.cuda.stream(side), no_cache:  # warm-up: Triton compiles, the allocator settles
             for _ in range(2):
                 run(static_x, static_state)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), no_cache:
             static_out = run(static_x, static_state)
         entry = captures[key] = (graph, static_x, static_state, static_out)
     graph, static_x, static_state, static_out = entry
@@ -141,4 +167,4 @@ def graphed_step(stack, x: Tensor, state: list[LayerState]):
 
 def forget(stack) -> None:
     """Drop a stack's captures (their memory pools go with them)."""
-    _CAPTURES.pop(stack, None)
+    stack.__dict__.pop("_cuda_graphs", None)

@@ -339,5 +339,10 @@ class HMStack(RecurrentStack):
             state=state,
         )
 
+    def __getstate__(self):
+        """Copies and pickles leave out CUDA-graph captures (:mod:`~hmrnn_lightning.cells.cuda_graph`)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: v for k, v in state.items() if k not in ("_cuda_graphs", "_grad_copy_hooks", "_generation_cache")}
+
     def extra_repr(self) -> str:
         return f"cell={self.cell_name!r}, impl={self.impl!r}" + (", cuda_graph=True" if self.cuda_graph else "")

@@ -332,6 +332,7 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
                 HAS_DXA=l > 0, HAS_DXB=not top and not ln, num_warps=num_warps(H),
             )
             # s now holds ds; DH[l] holds the COPY part of d h^l_{t-1}
+            s = s.to(mm) if mm else s  # cast once for the products below
             _accumulate(DH[l], s, w_rec[l], mm)
             if w_above[l] is not None:
                 _mm(s, w_above[l], mm, out=DXA[l])
