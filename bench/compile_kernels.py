@@ -33,9 +33,12 @@ def variants(hidden: int):
             first, top = layer == "first", layer == "top"
             common = dict(H=hidden, HAS_BELOW=layer_norm or not first, BELOW_GATED=not first, NORM_BELOW=layer_norm,
                           NORM_CELL=layer_norm, TOP=top)
-            yield "forward", layer, layer_norm, dict(common, HAS_BASE=False, BASE_ROWS=False, HAS_ABOVE=not top, MODE=1)
+            common["HAS_BELOW"] = layer_norm  # without layer norm the bottom-up term is in the merged product
+            yield "forward", layer, layer_norm, dict(common, HAS_BASE=False, BASE_ROWS=False, MODE=1, WRITE_OWN=True,
+                                                     WRITE_UP=not first, WRITE_DOWN=not top and not layer_norm)
             yield "backward", layer, layer_norm, dict(common, MODE=0 if top else 1, HAS_GH=True, HAS_GZ=not top,
-                                                      HAS_GLOGIT=False, HAS_DXA=not first, HAS_DXB=not top and not layer_norm)
+                                                      HAS_GLOGIT=False, HAS_DREC=True, HAS_DXA=not first,
+                                                      HAS_DXB=not top and not layer_norm)
 
 
 def assemble(ptx: str, arch: str) -> dict:
@@ -85,7 +88,8 @@ def main() -> int:
             fn = forward if kind == "forward" else backward
             constants = dict(constants, BLOCK=K.block_size(hidden))
             names = [q.name for q in fn.params]
-            signature = {q.name: "constexpr" if q.is_constexpr else ("fp32" if q.name == "eps" else "*fp32")
+            signature = {q.name: "constexpr" if q.is_constexpr else
+                         "fp32" if q.name == "eps" else "i32" if q.name.endswith("_stride") else "*fp32"
                          for q in fn.params}
             row = {"kernel": kind, "layer": layer, "layer_norm": layer_norm, "hidden": hidden, "arch": args.arch,
                    "num_warps": K.num_warps(hidden), "triton": triton.__version__}

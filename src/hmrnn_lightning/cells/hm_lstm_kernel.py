@@ -98,19 +98,22 @@ class LayerWeights:
             return self.below_gamma, self.below_beta
         return None
 
-    def merged(self, first_layer: bool) -> Tensor:
-        """Without layer norm, ``[U_l; U_{l+1}; W_{l-1}]`` side by side, ``[4H + 1, K]``: one
-        product for all terms (the first layer's bottom-up weight is left out: its product is
-        one over the whole window). :meth:`split_merged` undoes it for the gradient."""
-        parts = [self.recurrent] + ([self.top_down] if self.top_down is not None else [])
-        return torch.cat(parts + ([] if first_layer else [self.bottom_up]), dim=1)
+    def merged(self, with_bottom_up: bool) -> Tensor:
+        """``[U_l; U_{l+1}; W_{l-1}]`` side by side, ``[4H + 1, K]``: one product for the terms
+        that are not normalised, with their inputs gated before it (gating the input rows
+        equals gating the product, since the terms are linear). ``W_{l-1}`` is in it only
+        ``with_bottom_up`` (not for the first layer, whose input product is one over the whole
+        window, nor with layer norm, which normalises that term on its own).
+        :meth:`split_merged` undoes it for the gradient."""
+        return torch.cat([getattr(self, f) for f in self._merged_fields(with_bottom_up)], dim=1)
 
-    def split_merged(self, merged: Tensor, first_layer: bool) -> dict[str, Tensor]:
+    def _merged_fields(self, with_bottom_up: bool) -> list[str]:
+        return ["recurrent"] + (["top_down"] if self.top_down is not None else []) + (["bottom_up"] if with_bottom_up else [])
+
+    def split_merged(self, merged: Tensor, with_bottom_up: bool) -> dict[str, Tensor]:
         """``{field: block}`` of a tensor laid out as :meth:`merged`."""
-        fields_ = ["recurrent"] + (["top_down"] if self.top_down is not None else [])
-        fields_ += [] if first_layer else ["bottom_up"]
-        sizes = [getattr(self, f).shape[1] for f in fields_]
-        return dict(zip(fields_, merged.split(sizes, dim=1)))
+        names = self._merged_fields(with_bottom_up)
+        return dict(zip(names, merged.split([getattr(self, f).shape[1] for f in names], dim=1)))
 
     @property
     def layer_norm(self) -> bool:
@@ -327,18 +330,24 @@ if triton is not None:
 
     @triton.jit
     def step_forward(
-        s_ptr, above_ptr, below_ptr, base_ptr, gb_ptr, bb_ptr, c_prev_ptr, h_prev_ptr, zp_ptr, zb_ptr, gc_ptr,
-        bc_ptr, given_ptr, slope_ptr, c_ptr, h_ptr, z_ptr, e_ptr, logit_ptr, eps,
+        s_ptr, below_ptr, base_ptr, gb_ptr, bb_ptr, c_prev_ptr, h_prev_ptr, zp_ptr, zb_ptr, gc_ptr,
+        bc_ptr, given_ptr, slope_ptr, c_ptr, h_ptr, z_ptr, e_ptr, logit_ptr, own_ptr, own_stride, up_ptr, up_stride,
+        down_ptr, down_stride, eps,
         H: tl.constexpr, BLOCK: tl.constexpr, HAS_BASE: tl.constexpr, BASE_ROWS: tl.constexpr,
-        HAS_ABOVE: tl.constexpr, HAS_BELOW: tl.constexpr,
-        BELOW_GATED: tl.constexpr, NORM_BELOW: tl.constexpr, NORM_CELL: tl.constexpr, TOP: tl.constexpr,
-        MODE: tl.constexpr,
+        HAS_BELOW: tl.constexpr, BELOW_GATED: tl.constexpr, NORM_BELOW: tl.constexpr, NORM_CELL: tl.constexpr,
+        TOP: tl.constexpr, MODE: tl.constexpr, WRITE_OWN: tl.constexpr, WRITE_UP: tl.constexpr,
+        WRITE_DOWN: tl.constexpr,
     ):
-        """``s`` holds ``U h_prev`` and, unless ``HAS_BASE``, the bias (plus the input term for a
-        first layer without layer norm); with ``HAS_BASE`` the kernel adds ``base`` (``[4H + 1]``,
-        or one row per batch row with ``BASE_ROWS``). ``above`` / ``below`` are the raw products
-        of the other terms. ``s`` gets the full pre-activation; writes ``c``, ``h``, ``z``, ``e``
-        and the boundary logit."""
+        """``s`` holds the merged product ``a_t [U_l; U_{l+1}; W_{l-1}]^T`` of the gated inputs
+        (``W_{l-1}`` only without layer norm) and, unless ``HAS_BASE``, the bias (plus the input
+        term for a first layer without layer norm); with ``HAS_BASE`` the kernel adds ``base``
+        (``[4H + 1]``, or one row per batch row with ``BASE_ROWS``). ``below`` is the raw
+        bottom-up product where it is a term of its own (with layer norm). ``s`` gets the full
+        pre-activation; writes ``c``, ``h``, ``z``, ``e`` and the boundary logit, and ``h`` into
+        the inputs of the products that read it: its own next step's (``own``), the layer
+        below's next step's, gated by ``z_below`` (``up``), and without layer norm the layer
+        above's this step's, gated by the new ``z`` (``down``); each a block of rows of the
+        given stride."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < H
@@ -358,13 +367,6 @@ if triton is not None:
         zb = 1.0
         if BELOW_GATED:
             zb = tl.load(zb_ptr + row).to(tl.float32)
-        if HAS_ABOVE:
-            a0, a1, a2, a3, a4 = _load5(above_ptr + row * W, offs, mask, H)
-            s0 += zp * a0
-            s1 += zp * a1
-            s2 += zp * a2
-            s3 += zp * a3
-            s4 += zp * a4
         if HAS_BELOW:
             r0, r1, r2, r3, r4 = _load5(below_ptr + row * W, offs, mask, H)
             if NORM_BELOW:
@@ -398,6 +400,10 @@ if triton is not None:
         h = k * h_prev + (1.0 - k) * (o * _tanh(n))
         tl.store(c_ptr + row * H + offs, c, mask=mask)
         tl.store(h_ptr + row * H + offs, h, mask=mask)
+        if WRITE_OWN:
+            tl.store(own_ptr + row * own_stride + offs, h, mask=mask)
+        if WRITE_UP:
+            tl.store(up_ptr + row * up_stride + offs, zb * h, mask=mask)
         if TOP:
             tl.store(z_ptr + row, zp * 0.0)  # TOP_LAYER_Z
         else:
@@ -414,23 +420,27 @@ if triton is not None:
                     e = p
             tl.store(e_ptr + row, e)
             tl.store(logit_ptr + row, s4)
-            tl.store(z_ptr + row, k * zp + (1.0 - k) * e)
+            z = k * zp + (1.0 - k) * e
+            tl.store(z_ptr + row, z)
+            if WRITE_DOWN:
+                tl.store(down_ptr + row * down_stride + offs, z * h, mask=mask)
 
     @triton.jit
     def step_backward(
         s_ptr, below_ptr, gb_ptr, bb_ptr, dgb_ptr, dbb_ptr, c_ptr, c_prev_ptr, h_prev_ptr, h_ptr, zp_ptr, zb_ptr,
         e_ptr, slope_ptr, gc_ptr, bc_ptr, dgc_ptr, dbc_ptr, gh_ptr, dh_ptr, dc_ptr, dz_ptr, gz_ptr, glogit_ptr,
-        dxa_ptr, dxb_ptr, dzb_ptr, z_ptr, eps,
+        drec_ptr, drec_stride, dxa_ptr, dxa_stride, dxb_ptr, dxb_stride, dzb_ptr, z_ptr, eps,
         H: tl.constexpr, BLOCK: tl.constexpr, HAS_BELOW: tl.constexpr, BELOW_GATED: tl.constexpr,
         NORM_BELOW: tl.constexpr, NORM_CELL: tl.constexpr, TOP: tl.constexpr, MODE: tl.constexpr,
-        HAS_GH: tl.constexpr, HAS_GZ: tl.constexpr, HAS_GLOGIT: tl.constexpr, HAS_DXA: tl.constexpr,
-        HAS_DXB: tl.constexpr,
+        HAS_GH: tl.constexpr, HAS_GZ: tl.constexpr, HAS_GLOGIT: tl.constexpr, HAS_DREC: tl.constexpr,
+        HAS_DXA: tl.constexpr, HAS_DXB: tl.constexpr,
     ):
-        """One layer and step backwards. Reads the gradients that reached ``h``, ``c`` and ``z``
-        (``dh``, ``dc``, ``dz`` accumulators, the outputs' gradients, and two ungated products
-        whose gate this row owns: ``dxa`` from the layer below's top-down term, gated by
-        ``z_below``; ``dxb`` from the layer above's bottom-up term without layer norm, gated by
-        this layer's ``z``). Overwrites ``s`` with ``ds``, the bottom-up product (layer norm)
+        """One layer and step backwards. Reads the gradients that reached ``h``, ``c`` and ``z``:
+        the ``dh``, ``dc``, ``dz`` accumulators, the outputs' gradients, and blocks of the
+        products ``ds W`` of the steps that read ``h_t``: ``drec`` from its own next step's
+        recurrent term, and two whose gate this row owns, ``dxa`` from the layer below's
+        top-down term at the next step (gated by ``z_below``) and ``dxb`` from the layer above's
+        bottom-up term without layer norm (gated by this layer's ``z``). Overwrites ``s`` with ``ds``, the bottom-up product (layer norm)
         with its gated gradient, ``dh`` with the COPY part of ``dh_prev``, ``dc`` with
         ``dc_prev``, ``dz`` with ``dz_prev`` (less the top-down gate's part, which the layer
         above adds through its ``dxa``), and adds ``dz_below`` into ``dzb``; the layer norms'
@@ -454,9 +464,11 @@ if triton is not None:
         dh = tl.load(dh_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GH:
             dh += tl.load(gh_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DREC:  # the next step's recurrent term read h_t
+            dh += tl.load(drec_ptr + row * drec_stride + offs, mask=mask, other=0.0).to(tl.float32)
         dzb = 0.0
         if HAS_DXA:  # the layer below's top-down term read h_t, gated by z_below
-            dxa = tl.load(dxa_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+            dxa = tl.load(dxa_ptr + row * dxa_stride + offs, mask=mask, other=0.0).to(tl.float32)
             dh += zb * dxa
             dzb += tl.sum(h_t * dxa, axis=0)
         dz = 0.0
@@ -466,7 +478,7 @@ if triton is not None:
                 dz += tl.load(gz_ptr + row).to(tl.float32)
             if HAS_DXB:  # the layer above's bottom-up term read h_t, gated by this layer's z
                 z_t = tl.load(z_ptr + row).to(tl.float32)
-                dxb = tl.load(dxb_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+                dxb = tl.load(dxb_ptr + row * dxb_stride + offs, mask=mask, other=0.0).to(tl.float32)
                 dh += z_t * dxb
                 dz += tl.sum(h_t * dxb, axis=0)
         c_t = tl.load(c_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)

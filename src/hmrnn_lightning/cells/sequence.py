@@ -135,7 +135,7 @@ def term_weights(w: LayerWeights, layer: int, layers: int) -> dict[str, Tensor]:
     """The weights a layer multiplies by: ``{"merged": [U_l; U_{l+1}; W_{l-1}]}`` without layer
     norm (:meth:`LayerWeights.merged`), ``{term: W_term}`` per :func:`term_names` with it."""
     if not w.layer_norm:
-        return {"merged": w.merged(first_layer=layer == 0)}
+        return {"merged": w.merged(with_bottom_up=layer > 0)}
     return {name: w.term_weight(name) for name in term_names(layer, layers)}
 
 
@@ -619,7 +619,7 @@ def _backward(meta: _Meta, keep: _Kept, x_in: Tensor | None, params, flat_state,
     if not ln:
         for l in range(L):
             merged = _merged_weight_grad(meta, d_pre[l], keep.inputs[l], live_rows[l], z_all, z0, l, sizes)
-            d_params[l] = params[l].split_merged(merged, first_layer=l == 0)  # the first layer's W: autograd's
+            d_params[l] = params[l].split_merged(merged, with_bottom_up=l > 0)  # the first layer's W: autograd's
             d_params[l]["bias"] = d_pre[l].flatten(0, 1).sum(0)
     flat_grads = [
         None if k not in d_params[l] else d_params[l][k].to(getattr(params[l], k).dtype)

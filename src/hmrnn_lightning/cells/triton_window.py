@@ -1,13 +1,19 @@
 """GPU path for HM-LSTM stacks: a training window as matrix products and Triton kernels.
 
-Per layer and step, forward: up to three matrix products (the recurrent, top-down and
-bottom-up terms; the first layer's input term is one product over the whole window before
-the loop) and one :func:`~hmrnn_lightning.cells.hm_lstm_kernel.triton_kernels` forward
-kernel, which does everything pointwise: the bottom-up term's layer norm, the gates ``z``
-on the terms, the gate activations, the boundary estimator, UPDATE / COPY / FLUSH, the
-cell's layer norm, and writes ``c``, ``h``, ``z``. Backward: one kernel and up to three
-products per layer and step for the gradients of ``h^l_{t-1}``, ``h^{l+1}_{t-1}`` and
-``h^{l-1}_t``; the weight gradients are one product per weight over the whole window.
+Per layer and step, forward: one matrix product ``a_t [U_l; U_{l+1}; W_{l-1}]^T`` of the gated
+inputs ``a_t = [h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1}, z^{l-1}_t h^{l-1}_t]`` (gating the input rows
+equals gating the terms, which are linear), then one
+:func:`~hmrnn_lightning.cells.hm_lstm_kernel.triton_kernels` forward kernel, which does
+everything pointwise: the gate activations, the boundary estimator, UPDATE / COPY / FLUSH,
+the cell's layer norm; writes ``c``, ``h``, ``z``; and writes ``h``, gated, into the inputs of
+the products that read it next (its own next step's, the layer below's next step's, the layer
+above's this step's), so no copy or gating runs between the products. With layer norm the
+bottom-up term is normalised on its own (:class:`~hmrnn_lightning.cells.base.HMCell` says why),
+so it is a second product, normalised inside the kernel. The first layer's input term is one
+product over the whole window before the loop. Backward, per layer and step: one kernel,
+then one product ``ds_t [U_l; U_{l+1}; W_{l-1}]`` (two with layer norm) whose blocks are the
+gradients of the inputs; the weight gradients are one product per weight over the window,
+``sum_t ds_t^T a_t``, from the kept inputs.
 
 Everything is dense and the shapes are static: no row is skipped and nothing is read back
 to the host inside the window, so a GPU never waits on the CPU and the window can be
@@ -16,18 +22,18 @@ captured in a CUDA graph (:class:`~hmrnn_lightning.cells.stack.HMStack`'s ``cuda
 pays on a CPU.)
 
 How the gradients of a gated term reach the row that owns its gate. A term ``z W h`` has
-two gradients: ``z (ds W)`` for ``h`` and ``<W h, ds>`` for ``z``. Without layer norm the
-second equals ``<h, ds W>``, so the product ``ds W`` is kept ungated and the kernel of the
-layer and step that produced ``h`` (and knows ``h``) applies both: the top-down term of
-layer ``l`` at step ``t`` reads ``h^{l+1}_{t-1}`` and is gated by ``z^l_{t-1}``, which is
-the gate ``z_below`` of layer ``l+1`` at step ``t-1``; the bottom-up term of layer ``l+1``
-at step ``t`` reads ``h^l_t`` and is gated by ``z^l_t``, layer ``l``'s own. The normalised
-bottom-up term needs ``LN(W h)``, so its kernel keeps the product and computes ``<LN(W h), ds>``
-itself.
+two gradients: ``z (ds W)`` for ``h`` and ``<W h, ds> = <h, ds W>`` for ``z``. The product
+``ds W`` is kept ungated, and the kernel of the layer and step that produced ``h`` (and knows
+``h``) applies both: the top-down term of layer ``l`` at step ``t`` reads ``h^{l+1}_{t-1}`` and
+is gated by ``z^l_{t-1}``, which is the gate ``z_below`` of layer ``l+1`` at step ``t-1``; the
+bottom-up term of layer ``l+1`` at step ``t`` reads ``h^l_t`` and is gated by ``z^l_t``, layer
+``l``'s own. The normalised bottom-up term needs ``LN(W h)``, so its kernel keeps the product
+and computes ``<LN(W h), ds>`` itself.
 
 Saved for the backward pass: per layer the pre-activation ``s`` of every step (overwritten in
-place by ``ds`` in the backward pass, then the weight gradients' left factor), ``c``, ``h``,
-and with layer norm the bottom-up product (overwritten by its gradient).
+place by ``ds`` in the backward pass, then the weight gradients' left factor), the gated
+inputs ``a_t``, ``c``, ``h``, and with layer norm the bottom-up product (overwritten by its
+gradient).
 
 Mixed precision: under autocast the products run in the autocast dtype; states, ``s``, the
 kernels and the boundary decisions are fp32. The kernels see fp32 tensors only, so the same
@@ -155,6 +161,7 @@ class _Saved:
 
     def __init__(self) -> None:
         self.s: list[Tensor] = []  # pre-activations, then ds
+        self.inputs: list[Tensor] = []  # the merged product's gated inputs a_t (see _Layout)
         self.below: list[Tensor | None] = []  # with LN, the bottom-up products, then their gradients
         self.c: list[Tensor] = []
         self.h: list[Tensor] = []
@@ -163,23 +170,44 @@ class _Saved:
         self.x_in: Tensor | None = None
 
 
+class _Layout:
+    """Where each block sits in a layer's merged input ``a_t = [h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1},
+    z^{l-1}_t h^{l-1}_t]`` (the last block only without layer norm and above the first layer):
+    ``width`` per layer, and the first column of the ``above`` and ``below`` blocks."""
+
+    def __init__(self, sizes: list[int], layer_norm: bool) -> None:
+        L = len(sizes)
+        self.with_bottom_up = [l > 0 and not layer_norm for l in range(L)]
+        self.above = [sizes[l] for l in range(L)]
+        self.below = [sizes[l] + (sizes[l + 1] if l + 1 < L else 0) for l in range(L)]
+        self.width = [self.below[l] + (sizes[l - 1] if self.with_bottom_up[l] else 0) for l in range(L)]
+
+
 def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: list[Tensor], keep: bool):
     forward_kernel, _ = triton_kernels()
     L = len(layers)
     B, T, _ = x_in.shape
     ln = layers[0].layer_norm
     sizes = [w.hidden_size for w in layers]
+    lay = _Layout(sizes, ln)
     mm = meta.mm_dtype
     cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
     new = x_in.new_empty
-    slots = T if keep else 1
+    slots = T if keep else 1  # inference keeps one slot, which the kernels overwrite in order
     S = [new(slots, B, 4 * H + 1) for H in sizes]
+    A = [new(slots, B, lay.width[l]) for l in range(L)]
     C = [new(T, B, H) for H in sizes]
     Hd = [new(T, B, H) for H in sizes]
     Z = x_in.new_zeros(T, L, B)
     E = new(T, max(L - 1, 1), B)
     LG = new(T, max(L - 1, 1), B)
-    above_buf = [new(B, 4 * sizes[l] + 1) if l + 1 < L else None for l in range(L)]
+    h0 = [flat_state[3 * l] for l in range(L)]
+    c0 = [flat_state[3 * l + 1] for l in range(L)]
+    z0 = [flat_state[3 * l + 2] for l in range(L)]
+    for l in range(L):  # step 0's recurrent and top-down inputs come from the initial state
+        A[l][0, :, : sizes[l]] = h0[l]
+        if l + 1 < L:
+            torch.mul(h0[l + 1], z0[l].unsqueeze(-1), out=A[l][0, :, lay.above[l] : lay.below[l]])
     R: list[Tensor | None] = [None] * L
     if ln:
         x_tm = x_in.transpose(0, 1).reshape(T * B, -1)
@@ -189,47 +217,43 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: 
         base0 = None
     else:
         base0 = (x_in + layers[0].bias).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
-        for l in range(1, L):
-            R[l] = new(1, B, 4 * sizes[l] + 1)  # the product is not kept without LN
-    w_rec = [cast(w.recurrent).t() for w in layers]
-    w_above = [cast(w.top_down).t() if w.top_down is not None else None for w in layers]
+    w_merged = [cast(w.merged(lay.with_bottom_up[l])).t() for l, w in enumerate(layers)]  # [K, 4H + 1]
     w_below = [cast(w.bottom_up).t() for w in layers]
-    h0 = [flat_state[3 * l] for l in range(L)]
-    c0 = [flat_state[3 * l + 1] for l in range(L)]
-    z0 = [flat_state[3 * l + 2] for l in range(L)]
     for t in range(T):
         slot = t if keep else 0
+        nxt = t + 1 if keep else 0
+        writes_next = not keep or t + 1 < T
         for l in range(L):
             w = layers[l]
             H = sizes[l]
-            h_prev = Hd[l][t - 1] if t else h0[l]
-            c_prev = C[l][t - 1] if t else c0[l]
-            zp = Z[t - 1, l] if t else z0[l]
+            top = l + 1 == L
             s = S[l][slot]
             base = base0[t] if (l == 0 and not ln) else w.bias
             # fp32: the bias goes into the product; under autocast the kernel adds it
-            _mm(h_prev, w_rec[l], mm, out=s, base=base if mm is None else None)
-            if w_above[l] is not None:
-                _mm(Hd[l + 1][t - 1] if t else h0[l + 1], w_above[l], mm, out=above_buf[l])
+            _mm(A[l][slot], w_merged[l], mm, out=s, base=base if mm is None else None)
             below = None
-            if l > 0:
-                below = R[l][slot if ln else 0]
-                _mm(Hd[l - 1][t], w_below[l], mm, out=below)
-            elif ln:
-                below = R[0][t]
-            top = l + 1 == L
+            if ln:
+                below = R[l][slot] if l > 0 else R[0][t]
+                if l > 0:
+                    _mm(Hd[l - 1][t], w_below[l], mm, out=below)
             given = meta.given[t, l] if (meta.given is not None and not top) else s
+            own = A[l][nxt] if writes_next else s
+            up = A[l - 1][nxt, :, lay.above[l - 1] :] if (l > 0 and writes_next) else s
+            down = A[l + 1][slot, :, lay.below[l + 1] :] if (not top and lay.with_bottom_up[l + 1]) else s
             forward_kernel[(B,)](
-                s, above_buf[l] if above_buf[l] is not None else s, below if below is not None else s,
-                base if mm is not None else s,
-                w.below_gamma if w.below_gamma is not None else s, w.below_beta if w.below_beta is not None else s,
-                c_prev, h_prev, zp, Z[t, l - 1] if l > 0 else zp,
-                w.cell_gamma if w.cell_gamma is not None else s, w.cell_beta if w.cell_beta is not None else s,
+                s, below if below is not None else s, base if mm is not None else s,
+                w.below_gamma if ln else s, w.below_beta if ln else s,
+                C[l][t - 1] if t else c0[l],
+                Hd[l][t - 1] if t else h0[l], Z[t - 1, l] if t else z0[l], Z[t, l - 1] if l > 0 else s,
+                w.cell_gamma if ln else s, w.cell_beta if ln else s,
                 given, meta.slope, C[l][t], Hd[l][t], Z[t, l], E[t, min(l, L - 2)] if not top else s,
-                LG[t, min(l, L - 2)] if not top else s, meta.eps,
+                LG[t, min(l, L - 2)] if not top else s,
+                own, lay.width[l], up, lay.width[l - 1] if l > 0 else 0, down, lay.width[l + 1] if not top else 0,
+                meta.eps,
                 H=H, BLOCK=block_size(H), HAS_BASE=mm is not None, BASE_ROWS=(l == 0 and not ln),
-                HAS_ABOVE=not top, HAS_BELOW=below is not None, BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln,
-                TOP=top, MODE=meta.mode, num_warps=num_warps(H),
+                HAS_BELOW=below is not None, BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln, TOP=top, MODE=meta.mode,
+                WRITE_OWN=writes_next, WRITE_UP=l > 0 and writes_next, WRITE_DOWN=down is not s,
+                num_warps=num_warps(H),
             )
     hidden = [h.transpose(0, 1) for h in Hd]
     z_all = Z.permute(2, 0, 1)
@@ -238,7 +262,8 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: 
     saved = None
     if keep:
         saved = _Saved()
-        saved.s, saved.below, saved.c, saved.h, saved.z, saved.e = S, R if ln else [None] * L, C, Hd, Z, E
+        saved.s, saved.inputs, saved.c, saved.h, saved.z, saved.e = S, A, C, Hd, Z, E
+        saved.below = R if ln else [None] * L
         saved.x_in = x_in if ln else None
     return (*hidden, z_all, logits, *final), saved
 
@@ -277,9 +302,10 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
     B, T, _ = x_shape
     ln = layers[0].layer_norm
     sizes = [w.hidden_size for w in layers]
+    lay = _Layout(sizes, ln)
     mm = meta.mm_dtype
     cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
-    S, R, C, Hd, Z, E = saved.s, saved.below, saved.c, saved.h, saved.z, saved.e
+    S, A, R, C, Hd, Z, E = saved.s, saved.inputs, saved.below, saved.c, saved.h, saved.z, saved.e
     h0 = [flat_state[3 * l] for l in range(L)]
     c0 = [flat_state[3 * l + 1] for l in range(L)]
     z0 = [flat_state[3 * l + 2] for l in range(L)]
@@ -295,10 +321,10 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
     DC = [start(g_final[3 * l + 1], c0[l]) for l in range(L)]
     DZ = [start(g_final[3 * l + 2], z0[l]) for l in range(L)]
     DZ[L - 1].zero_()  # the top layer's z is a constant
-    DXA = [h0[l + 1].new_zeros(B, sizes[l + 1]) if l + 1 < L else None for l in range(L)]  # ds W_above, ungated
-    DXB = [h0[l - 1].new_zeros(B, sizes[l - 1]) if (l > 0 and not ln) else None for l in range(L)]  # ds W_below
-    w_rec = [cast(w.recurrent) for w in layers]
-    w_above = [cast(w.top_down) if w.top_down is not None else None for w in layers]
+    # per layer ds_t W_merged, [B, K]: the gradients of the merged product's inputs, ungated; the
+    # kernels that own h (and the gates) read their blocks
+    DA = [h0[l].new_zeros(B, lay.width[l]) for l in range(L)]
+    w_merged = [cast(w.merged(lay.with_bottom_up[l])) for l, w in enumerate(layers)]  # [4H + 1, K]
     w_below = [cast(w.bottom_up) for w in layers]
     rows_gb = [torch.zeros(B, 4 * H + 1, dtype=C[0].dtype, device=C[0].device) if ln else None for H in sizes]
     rows_bb = [torch.zeros_like(r) if r is not None else None for r in rows_gb]
@@ -312,6 +338,7 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
             s = S[l][t]
             below = R[l][t] if ln else None
             dummy = s
+            has_dxb = not top and lay.with_bottom_up[l + 1]
             backward_kernel[(B,)](
                 s, below if below is not None else dummy,
                 w.below_gamma if ln else dummy, w.below_beta if ln else dummy,
@@ -324,55 +351,44 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
                 g_hidden[l][t] if g_hidden[l] is not None else dummy, DH[l], DC[l], DZ[l],
                 g_z[t, l] if (g_z is not None and not top) else dummy,
                 g_logits[t, l] if (g_logits is not None and not top) else dummy,
-                DXA[l - 1] if l > 0 else dummy, DXB[l + 1] if (not top and not ln) else dummy,
+                DA[l], lay.width[l],
+                DA[l - 1][:, lay.above[l - 1] :] if l > 0 else dummy, lay.width[l - 1] if l > 0 else 0,
+                DA[l + 1][:, lay.below[l + 1] :] if has_dxb else dummy, lay.width[l + 1] if has_dxb else 0,
                 DZ[l - 1] if l > 0 else dummy, Z[t, l], meta.eps,
-                H=H, BLOCK=block_size(H), HAS_BELOW=(ln or l > 0), BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln,
+                H=H, BLOCK=block_size(H), HAS_BELOW=ln, BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln,
                 TOP=top, MODE=meta.mode if not top else GIVEN, HAS_GH=g_hidden[l] is not None,
                 HAS_GZ=g_z is not None and not top, HAS_GLOGIT=g_logits is not None and not top,
-                HAS_DXA=l > 0, HAS_DXB=not top and not ln, num_warps=num_warps(H),
+                HAS_DREC=t + 1 < T, HAS_DXA=l > 0 and t + 1 < T, HAS_DXB=has_dxb, num_warps=num_warps(H),
             )
-            # s now holds ds; DH[l] holds the COPY part of d h^l_{t-1}
-            s = s.to(mm) if mm else s  # cast once for the products below
-            _accumulate(DH[l], s, w_rec[l], mm)
-            if w_above[l] is not None:
-                _mm(s, w_above[l], mm, out=DXA[l])
-            if l > 0:
-                if ln:  # gated d raw: straight into d h^{l-1}_t
-                    _accumulate(DH[l - 1], below, w_below[l], mm)
-                else:
-                    _mm(s, w_below[l], mm, out=DXB[l])
-    # the initial state: the top-down terms of step 0 read h^{l+1}_{-1}, gated by z^l_{-1}
-    d_h0 = [DH[l] + (z0[l - 1].unsqueeze(-1) * DXA[l - 1] if l > 0 else 0.0) for l in range(L)]
-    d_z0 = [DZ[l] + (rowdot(h0[l + 1], DXA[l]).squeeze(-1) if l + 1 < L else 0.0) for l in range(L)]
+            # s now holds ds; DH[l] the COPY part of d h^l_{t-1}. One product for the merged
+            # inputs (the kernels of (t - 1, l), (t - 1, l + 1) and (t, l - 1) read its blocks)
+            _mm(s, w_merged[l], mm, out=DA[l])
+            if ln and l > 0:  # the normalised bottom-up term: gated d raw, straight into d h^{l-1}_t
+                _accumulate(DH[l - 1], below, w_below[l], mm)
+    # the initial state: step 0's recurrent and top-down terms read h_{-1}; the latter is gated by z^l_{-1}
+    d_h0 = [DH[l] + DA[l][:, : sizes[l]] for l in range(L)]
+    for l in range(1, L):
+        d_h0[l] = d_h0[l] + z0[l - 1].unsqueeze(-1) * DA[l - 1][:, lay.above[l - 1] : lay.below[l - 1]]
+    d_z0 = [DZ[l] + (rowdot(h0[l + 1], DA[l][:, lay.above[l] : lay.below[l]]).squeeze(-1) if l + 1 < L else 0.0)
+            for l in range(L)]
     # weight gradients: one product per weight over the window
     flat = []
     for l, w in enumerate(layers):
         dS = S[l].reshape(T * B, -1)
-        h_prev = torch.cat([h0[l].unsqueeze(0), Hd[l][:-1]]).reshape(T * B, -1)
-        grads_l = {"recurrent": _mm(dS.t(), cast(h_prev), mm), "bias": dS.sum(0)}
-        if w.top_down is not None:
-            zp = torch.cat([z0[l].unsqueeze(0), Z[:-1, l]]).unsqueeze(-1)
-            h_above = torch.cat([h0[l + 1].unsqueeze(0), Hd[l + 1][:-1]])
-            grads_l["top_down"] = _mm(dS.t(), cast((zp * h_above).reshape(T * B, -1)), mm)
-        if l == 0:
-            if ln:
-                d_raw = R[0].reshape(T * B, -1)
-                grads_l["bottom_up"] = _mm(d_raw.t(), cast(saved.x_in.transpose(0, 1).reshape(T * B, -1)), mm)
-                dx = _mm(d_raw, w_below[0], mm).view(T, B, -1).transpose(0, 1)
-            else:
-                dx = S[0].transpose(0, 1)  # the gradient of x_in = W x + b
-                grads_l["bottom_up"] = None  # autograd has it, through x_in
-        else:
-            if ln:
-                grads_l["bottom_up"] = _mm(R[l].reshape(T * B, -1).t(), cast(Hd[l - 1].reshape(T * B, -1)), mm)
-            else:
-                gated = Z[:, l - 1].unsqueeze(-1) * Hd[l - 1]
-                grads_l["bottom_up"] = _mm(dS.t(), cast(gated.reshape(T * B, -1)), mm)
+        grads_l = w.split_merged(_mm(dS.t(), cast(A[l].reshape(T * B, -1)), mm), lay.with_bottom_up[l])
+        grads_l["bias"] = dS.sum(0)
         if ln:
+            d_raw = R[l].reshape(T * B, -1)
+            below_in = saved.x_in.transpose(0, 1) if l == 0 else Hd[l - 1]
+            grads_l["bottom_up"] = _mm(d_raw.t(), cast(below_in.reshape(T * B, -1)), mm)
             grads_l["below_gamma"], grads_l["below_beta"] = rows_gb[l].sum(0), rows_bb[l].sum(0)
             grads_l["cell_gamma"], grads_l["cell_beta"] = rows_gc[l].sum(0), rows_bc[l].sum(0)
         for name in meta.names[l]:
-            g = grads_l.get(name)
+            g = grads_l.get(name)  # the first layer's W without LN: autograd's, through x_in
             flat.append(None if g is None else g.to(getattr(w, name).dtype))
+    if ln:
+        dx = _mm(R[0].reshape(T * B, -1), w_below[0], mm).view(T, B, -1).transpose(0, 1)
+    else:
+        dx = S[0].transpose(0, 1)  # the gradient of x_in = W x + b
     d_state = [t for l in range(L) for t in (d_h0[l], DC[l], d_z0[l])]
     return (dx, *flat, *d_state)
