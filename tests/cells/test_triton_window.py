@@ -150,15 +150,16 @@ def test_triton_under_bf16_autocast_matches_the_cpu_path(layer_norm):
 
 def test_auto_and_explicit_choice(monkeypatch):
     assert HMStack(4, [5, 5], StepEstimator()).active_impl("cpu") == "sequence"  # the CPU keeps its path
-    assert HMStack(4, [5, 5], StepEstimator(), impl="triton").active_impl() == "triton"
+    assert HMStack(4, [5, 5], StepEstimator(), impl="triton").active_impl(DEVICE) == "triton"
     with pytest.raises(ValueError, match="step, Bernoulli and soft estimators only, not ReinforceEstimator"):
         HMStack(4, [5, 5], ReinforceEstimator(), impl="triton")
     with pytest.raises(ValueError, match="HM-LSTM cells only"):
         HMStack(4, [5, 5], StepEstimator(), cell="hm_rnn", impl="triton")
     if not ON_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+        stack = HMStack(4, [5, 5], StepEstimator(), impl="triton")  # built on the CPU, to be moved
         with pytest.raises(ValueError, match="runs on CUDA tensors"):
-            HMStack(4, [5, 5], StepEstimator(), impl="triton")
+            stack(torch.randn(2, 3, 4))
 
 
 def test_a_learnable_or_subclassed_estimator_is_not_taken_by_the_kernels():

@@ -201,7 +201,9 @@ class HMStack(RecurrentStack):
             raise ValueError(f"HMStack: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.impl = impl
         self.cuda_graph = cuda_graph
-        self.active_impl()  # fail now, not at the first batch
+        # fail now, not at the first batch; a stack is built on the CPU and moved to the GPU
+        # later, so the Triton path is checked as if for a GPU here, and for its device per call
+        self.active_impl("cuda" if impl == "triton" else None)
 
     def active_impl(self, device: torch.device | str | None = None) -> str:
         """The path :meth:`forward` takes for inputs on ``device`` (default: where the parameters
