@@ -121,3 +121,24 @@ def test_bf16_autocast_keeps_state_fp32():
     assert all(h.dtype == torch.float32 for h in out.hidden)
     assert out.state[0].c.dtype == torch.float32
     assert set(out.boundaries.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_configs_and_checkpoints_from_before_the_triton_path_still_load(monkeypatch):
+    """Every config and checkpoint written before 0.2.0 holds ``compile: false`` in the stack's
+    init_args (LightningCLI writes the defaults out); the argument is accepted and ignored."""
+    import warnings
+
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--stack", type=HMStack)
+    cfg = parser.parse_object({"stack": {"class_path": "hmrnn_lightning.cells.HMStack", "init_args": {
+        "input_size": 4, "hidden_sizes": [5, 5], "estimator": {"class_path": "hmrnn_lightning.estimators.StepEstimator"},
+        "impl": "auto", "compile": False}}})
+    stack_ = parser.instantiate_classes(cfg).stack
+    assert stack_.active_impl() == "sequence"
+    monkeypatch.setattr("hmrnn_lightning.cells.stack._WARNED", set())  # the warning is given once per process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        HMStack(4, [5, 5], StepEstimator(), compile=True)
+    assert any("compile=True is retired" in str(w.message) for w in caught)

@@ -171,6 +171,8 @@ class HMStack(RecurrentStack):
             or ``auto``: ``triton`` on a GPU where it applies, else ``sequence`` where it
             applies, else ``reference``. :meth:`active_impl` says which. All give the same
             results up to summation order (Bernoulli draws its noise differently on ``triton``).
+        compile: retired with the per-step path it compiled; accepted (and ignored, with a
+            warning when true) so that configs and checkpoints written before 0.2.0 still load.
         cuda_graph: on the Triton path, capture each training window in a CUDA graph and replay
             it (:mod:`hmrnn_lightning.cells.cuda_graph` says what that requires: fixed batch and
             window length; other windows and evaluation run without a graph), and each
@@ -185,6 +187,7 @@ class HMStack(RecurrentStack):
         cell: str = "hm_lstm",
         layer_norm: bool = False,
         impl: Literal["auto", "reference", "sequence", "triton"] = "auto",
+        compile: bool = False,
         cuda_graph: bool = False,
     ) -> None:
         super().__init__(input_size, hidden_sizes)
@@ -200,6 +203,9 @@ class HMStack(RecurrentStack):
         if impl not in IMPLS:
             raise ValueError(f"HMStack: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.impl = impl
+        if compile:
+            _warn_once("HMStack: compile=True is retired and ignored (the per-step path it compiled is gone; "
+                       "on a GPU impl='triton' and cuda_graph=True are the fast path)")
         self.cuda_graph = cuda_graph
         # fail now, not at the first batch; a stack is built on the CPU and moved to the GPU
         # later, so the Triton path is checked as if for a GPU here, and for its device per call
