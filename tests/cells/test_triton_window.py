@@ -156,10 +156,14 @@ def test_auto_and_explicit_choice(monkeypatch):
     with pytest.raises(ValueError, match="HM-LSTM cells only"):
         HMStack(4, [5, 5], StepEstimator(), cell="hm_rnn", impl="triton")
     if not ON_CUDA:
+        # a model trained on a GPU with impl='triton' and loaded on a CPU runs the CPU's path
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        stack = HMStack(4, [5, 5], StepEstimator(), impl="triton")  # built on the CPU, to be moved
-        with pytest.raises(ValueError, match="runs on CUDA tensors"):
-            stack(torch.randn(2, 3, 4))
+        monkeypatch.setattr("hmrnn_lightning.cells.stack._WARNED", set())
+        stack = HMStack(4, [5, 5], StepEstimator(), impl="triton")
+        with pytest.warns(UserWarning, match="runs on CUDA tensors.*runs impl='sequence'"):
+            assert stack.active_impl("cpu") == "sequence"
+        out = stack(torch.randn(2, 3, 4))
+        assert out.boundaries.shape == (2, 3, 2)
 
 
 def test_a_learnable_or_subclassed_estimator_is_not_taken_by_the_kernels():

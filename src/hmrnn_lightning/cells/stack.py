@@ -233,10 +233,12 @@ class HMStack(RecurrentStack):
             if reason is not None:
                 raise ValueError(f"HMStack: impl='triton' cannot run this stack: {reason}; use impl='auto'")
             if device.type != "cuda" and not triton_window.interpreting():
-                raise ValueError(
-                    f"HMStack: impl='triton' runs on CUDA tensors (on a CPU only under TRITON_INTERPRET=1), "
-                    f"got {device.type}; use impl='auto'"
-                )
+                # a model trained with impl='triton' keeps it in its checkpoint; on a CPU (testing,
+                # sampling) it runs the CPU's path rather than fail
+                fallback = "sequence" if sequence.supports(self) else "reference"
+                _warn_once(f"HMStack: impl='triton' runs on CUDA tensors (on a CPU only under TRITON_INTERPRET=1); "
+                           f"on {device.type} this stack runs impl='{fallback}'")
+                return fallback
             return "triton"
         if device.type == "cuda":
             if triton_window.why_not(self) is None:
