@@ -154,6 +154,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     # the timeout only guards against a hang: two ranks starting on a loaded 2-core machine can take minutes
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("hmrnn: the stack runs impl=sequence on cpu") == 1  # rank 0 only
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "val/bpc" in metrics[0].read_text()
 

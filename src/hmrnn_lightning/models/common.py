@@ -12,6 +12,19 @@ def clip_gradients_by_default(module, optimizer, gradient_clip_val, gradient_cli
         module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
 
 
+def announce_stack_path(module) -> None:
+    """``on_fit_start`` body: say once, on rank 0, which time loop the stack runs on this device
+    (:meth:`HMStack.active_impl`), so that a GPU run on a slower path than expected says so."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    stack = getattr(module, "stack", None)
+    if stack is None or not hasattr(stack, "active_impl"):
+        return  # the LSTM baselines have one path
+    impl = stack.active_impl(module.device)
+    graphs = ", training windows and sampling steps captured in CUDA graphs" if impl == "triton" and stack.cuda_graph else ""
+    rank_zero_info(f"hmrnn: the stack runs impl={impl} on {module.device.type}{graphs}")
+
+
 def default_callbacks(module) -> list:
     """``configure_callbacks`` body: :class:`FaultDetection`, :class:`TrainingHealth` and
     :class:`LostRank` with their defaults, and Lightning's ``LearningRateMonitor`` when the run

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput
 from hmrnn_lightning.heads.mdn import MixtureDensityHead
-from hmrnn_lightning.models.common import clip_gradients_by_default, default_callbacks
+from hmrnn_lightning.models.common import announce_stack_path, clip_gradients_by_default, default_callbacks
 from hmrnn_lightning.metrics import BoundaryStatistics, SequenceLogLikelihood
 
 StackFactory = Callable[[int], RecurrentStack]
@@ -123,6 +123,10 @@ class HandwritingModel(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients_by_default(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_fit_start(self) -> None:
+        """Says which time loop the stack runs (:func:`announce_stack_path`)."""
+        announce_stack_path(self)
 
     def configure_callbacks(self) -> list:
         """Fault detection and training-health logging on every run (:func:`default_callbacks`)."""

@@ -13,7 +13,7 @@ from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 from hmrnn_lightning.heads.base import Head
-from hmrnn_lightning.models.common import clip_gradients_by_default, default_callbacks
+from hmrnn_lightning.models.common import announce_stack_path, clip_gradients_by_default, default_callbacks
 from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics
 
 StackFactory = Callable[[int], RecurrentStack]
@@ -222,6 +222,10 @@ class HMRNNLanguageModel(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients_by_default(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_fit_start(self) -> None:
+        """Says which time loop the stack runs (:func:`announce_stack_path`)."""
+        announce_stack_path(self)
 
     def configure_callbacks(self) -> list:
         """Fault detection and training-health logging on every run (:func:`default_callbacks`)."""
