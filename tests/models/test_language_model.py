@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hmrnn_lightning import HMRNNLanguageModel, LSTMStack, ReinforceEstimator, SlopeAnnealing, SoftmaxHead
+from hmrnn_lightning import (
+    HMRNNLanguageModel, HMStack, LSTMStack, ReinforceEstimator, SlopeAnnealing, SoftmaxHead, StepEstimator,
+)
 from hmrnn_lightning.data.streams import StreamWindows
 from tests.helpers import tiny_model
 
@@ -120,3 +122,33 @@ def test_generate_and_encode_need_known_symbols():
         model.generate("abc")
     with pytest.raises(ValueError, match="no vocabulary"):
         tiny_model().generate("a")
+
+
+@pytest.mark.parametrize("layer_norm", [False], ids=["plain"])
+def test_training_on_the_triton_path_follows_the_cpu_path(layer_norm, tmp_path):
+    """Three Trainer steps (Adam, carried state, slope annealing, clipping) on the Triton path,
+    run here by Triton's interpreter, give the sequence path's losses and weights. (With layer
+    norm it passes too, in 44 s under the interpreter; ``test_triton_window.py`` covers that
+    path's gradients, so the suite runs the plain stack only.)"""
+    pytest.importorskip("triton")
+    ids = torch.randint(0, 11, (4 * 6 * 4 + 1,), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for impl in ("sequence", "triton"):
+        torch.manual_seed(0)
+        stack = functools.partial(HMStack, hidden_sizes=[16, 16, 16], estimator=StepEstimator(), layer_norm=layer_norm,
+                                  impl=impl)
+        model = HMRNNLanguageModel(vocab_size=11, stack=stack, head=functools.partial(SoftmaxHead, embed_dim=16),
+                                   embedding_dim=8)
+        losses = []
+        model.on_train_batch_end = lambda out, batch, i, losses=losses: losses.append(float(out["loss"]))
+        trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[SlopeAnnealing(a_max=5.0, rate=0.5)],
+                             default_root_dir=tmp_path / impl, limit_val_batches=0)
+        trainer.fit(model, loader(ids, 4, 6))
+        assert model.stack.active_impl() == impl
+        runs[impl] = (losses, [p.detach().clone() for p in model.parameters()])
+    (la, pa), (lb, pb) = runs["sequence"], runs["triton"]
+    assert len(la) == 3
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
