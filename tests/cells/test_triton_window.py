@@ -24,7 +24,7 @@ ON_CUDA = bool(os.environ.get("HMRNN_TEST_CUDA")) and torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 if not ON_CUDA and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
-STEPS = 12  # the interpreter runs a few dozen launches a second
+STEPS = 8  # the interpreter runs a few dozen launches a second (about 0.05 s each)
 
 
 @pytest.fixture(autouse=True)
