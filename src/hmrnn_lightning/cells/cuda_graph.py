@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from hmrnn_lightning.cells.base import LayerState
-from hmrnn_lightning.cells.hm_lstm_kernel import estimator_mode
+from hmrnn_lightning.cells.hm_lstm_kernel import estimator_mode, matmul_dtype
 
 #: The most captures one stack keeps (training windows, plus the last short window of an epoch).
 MAX_CAPTURES = 4
@@ -86,6 +86,13 @@ class _Window(nn.Module):
         return (*hidden, z_all, logits, *[t for s in final for t in s])
 
 
+def _without_cast_cache(mm_dtype: torch.dtype | None) -> torch.autocast:
+    """The autocast in force (``mm_dtype``, or off), without its weight-cast cache: a cast cached
+    while warming up or capturing would be read by every replay, and
+    ``make_graphed_callables`` refuses the cache."""
+    return torch.autocast("cuda", dtype=mm_dtype or torch.bfloat16, enabled=mm_dtype is not None, cache_enabled=False)
+
+
 def applies(stack, x: Tensor, boundaries: Tensor | None) -> bool:
     return x.is_cuda and stack.training and boundaries is None and torch.is_grad_enabled()
 
@@ -94,7 +101,7 @@ def graphed_window(stack, x: Tensor, state: list[LayerState]):
     """``window_forward(stack, x, state, None)`` through a captured graph; None when no capture
     can be made for this window (then the caller runs it without one)."""
     flat_state = [t.contiguous() for s in state for t in (s.h, s.c, s.z)]
-    mm_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    mm_dtype = matmul_dtype(x)
     key = (tuple(x.shape), x.dtype, mm_dtype, estimator_mode(stack.estimator), x.requires_grad,
            tuple(t.requires_grad for t in flat_state))
     captures = _captures(stack)
@@ -104,10 +111,10 @@ def graphed_window(stack, x: Tensor, state: list[LayerState]):
             return None
         sample = (x.detach().clone().requires_grad_(x.requires_grad),
                   *[t.detach().clone().requires_grad_(t.requires_grad) for t in flat_state])
-        with torch.autocast("cuda", dtype=mm_dtype or torch.bfloat16, enabled=mm_dtype is not None, cache_enabled=False):
+        with _without_cast_cache(mm_dtype):
             fn = torch.cuda.make_graphed_callables(_Window(stack), sample, allow_unused_input=True)
         captures[key] = fn
-    with torch.autocast("cuda", dtype=mm_dtype or torch.bfloat16, enabled=mm_dtype is not None, cache_enabled=False):
+    with _without_cast_cache(mm_dtype):
         outs = fn(x, *flat_state)
     L = stack.num_layers
     # the hidden states are the graph's buffers until the next replay (the loss reads them
@@ -128,7 +135,7 @@ def graphed_step(stack, x: Tensor, state: list[LayerState]):
     from hmrnn_lightning.cells.triton_window import window_forward
 
     flat_state = [t for s in state for t in (s.h, s.c, s.z)]
-    mm_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    mm_dtype = matmul_dtype(x)
     key = ("step", tuple(x.shape), x.dtype, mm_dtype, estimator_mode(stack.estimator))
     captures = _captures(stack)
     entry = captures.get(key)
@@ -139,20 +146,18 @@ def graphed_step(stack, x: Tensor, state: list[LayerState]):
         hidden, z_all, logits, final = window_forward(stack, static_x.unsqueeze(1), st, None)
         return [*hidden, z_all, logits, *[t for s in final for t in s]]
 
-    # no autocast weight cache: a cached cast made while warming up would be read by every replay
-    no_cache = torch.autocast("cuda", dtype=mm_dtype or torch.bfloat16, enabled=mm_dtype is not None, cache_enabled=False)
     if entry is None:
         if len(captures) >= MAX_CAPTURES:
             return None
         static_x, static_state = x.clone(), [t.clone() for t in flat_state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), no_cache:  # warm-up: Triton compiles, the allocator settles
+        with torch.cuda.stream(side), _without_cast_cache(mm_dtype):  # warm-up: Triton compiles, the allocator settles
             for _ in range(2):
                 run(static_x, static_state)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), no_cache:
+        with torch.cuda.graph(graph), _without_cast_cache(mm_dtype):
             static_out = run(static_x, static_state)
         entry = captures[key] = (graph, static_x, static_state, static_out)
     graph, static_x, static_state, static_out = entry

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.operations import select_operations
-from hmrnn_lightning.cells.hm_lstm_kernel import TOP_LAYER_Z, carry_boundary, pointwise_forward
-from hmrnn_lightning.cells.sequence import affine, gated_addmm_, matmul_dtype, layer_params, ln_preactivation, term_weights
+from hmrnn_lightning.cells.hm_lstm_kernel import TOP_LAYER_Z, carry_boundary, matmul_dtype, pointwise_forward
+from hmrnn_lightning.cells.sequence import affine, gated_addmm_, layer_params, ln_preactivation, term_weights
 
 
 def _prepared_weights(stack) -> list[list[Tensor | None]]:

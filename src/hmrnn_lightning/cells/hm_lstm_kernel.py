@@ -147,6 +147,35 @@ class LayerWeights:
         return cls(**dict(zip(names, flat)))
 
 
+def layout_problem(cell) -> str | None:
+    """Why :class:`LayerWeights` cannot hold ``cell``'s parameters, or None when it can: an
+    :class:`~hmrnn_lightning.cells.hm_lstm.HMLSTMCell` (exactly: a subclass may change the
+    step) that normalises the bottom-up term and the cell only, with affine layer norms, as
+    the cells build them. Both fast paths take their weights through this layout."""
+    from torch import nn
+
+    from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
+
+    if type(cell) is not HMLSTMCell:
+        return f"it runs HM-LSTM cells only, not {type(cell).__name__}"
+    if cell.norm_recurrent is not None or cell.norm_top_down is not None:
+        return "it normalises the bottom-up term and the cell only"
+    if cell.layer_norm and not all(
+        isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None
+        for n in (cell.norm_bottom_up, cell.norm_cell)
+    ):
+        return "its layer norms need their affine weight and bias"
+    return None
+
+
+def matmul_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype for matrix products when autocast is on for ``x``'s device."""
+    kind = x.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
 def flatten_layers(layers: list[LayerWeights]) -> tuple[list[list[str]], list[Tensor]]:
     """``(names per layer, all tensors in one list)``: how an autograd function takes them."""
     names = [w.names() for w in layers]

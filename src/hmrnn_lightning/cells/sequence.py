@@ -62,14 +62,14 @@ decisions) in fp32.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
-from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
 from hmrnn_lightning.cells.hm_lstm_kernel import (
     TOP_LAYER_Z, LayerWeights, carry_boundary, flatten_layers, gate_activations, layer_norm_rows,
-    layer_norm_rows_backward, pointwise_backward, pointwise_forward, rowdot, unflatten_layers,
+    layer_norm_rows_backward, layout_problem, matmul_dtype, pointwise_backward, pointwise_forward, rowdot,
+    unflatten_layers,
 )
 from hmrnn_lightning.cells.operations import select_operations
 
@@ -88,34 +88,12 @@ SKIP_GATED_ROWS: bool | None = None
 LN_CHUNK_ROWS = 1024
 
 
-def _norms(cell: HMLSTMCell) -> list[nn.Module]:
-    names = ("norm_recurrent", "norm_top_down", "norm_bottom_up", "norm_cell")
-    return [getattr(cell, n) for n in names if getattr(cell, n, None) is not None]
-
-
 def supports(stack) -> bool:
-    """HM-LSTM cells (with or without layer norm; a layer norm with its affine weight and
-    bias, as the cells build it) and an estimator without trainable parameters."""
-    if not all(type(cell) is HMLSTMCell for cell in stack.cells):
-        return False
+    """HM-LSTM cells whose parameters :class:`LayerWeights` holds (:func:`layout_problem`) and
+    an estimator without trainable parameters."""
     if any(p.requires_grad for p in stack.estimator.parameters()):
         return False
-    for cell in stack.cells:
-        if cell.norm_recurrent is not None or cell.norm_top_down is not None:
-            return False  # LayerWeights holds the shipped placement: the bottom-up term and the cell
-        if cell.layer_norm and not all(
-            isinstance(n, nn.LayerNorm) and n.weight is not None and n.bias is not None for n in _norms(cell)
-        ):
-            return False
-    return True
-
-
-def matmul_dtype(x: Tensor) -> torch.dtype | None:
-    """The autocast dtype for matrix products when autocast is on for ``x``'s device."""
-    kind = x.device.type
-    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
+    return all(layout_problem(cell) is None for cell in stack.cells)
 
 
 def term_names(layer: int, layers: int) -> list[str]:

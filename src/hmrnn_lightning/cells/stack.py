@@ -268,22 +268,16 @@ class HMStack(RecurrentStack):
         impl = self.active_impl(x.device)
         if impl == "triton":
             from hmrnn_lightning.cells import cuda_graph
-            from hmrnn_lightning.cells.operations import operations_from_boundaries
             from hmrnn_lightning.cells.triton_window import window_forward
 
-            first_z = torch.stack([s.z for s in state], dim=-1)
             result = None
             if self.cuda_graph and cuda_graph.applies(self, x, boundaries):
                 result = cuda_graph.graphed_window(self, x, state)
-            hidden, z_all, logits, state = result or window_forward(self, x, state, boundaries)
-            return StackOutput(hidden, z_all, logits, operations_from_boundaries(z_all, first_z), state)
+            return self._with_operations(state, *(result or window_forward(self, x, state, boundaries)))
         if impl == "sequence":
-            from hmrnn_lightning.cells.operations import operations_from_boundaries
             from hmrnn_lightning.cells.sequence import sequence_forward
 
-            first_z = torch.stack([s.z for s in state], dim=-1)
-            hidden, z_all, logits, state = sequence_forward(self, x, state, boundaries)
-            return StackOutput(hidden, z_all, logits, operations_from_boundaries(z_all, first_z), state)
+            return self._with_operations(state, *sequence_forward(self, x, state, boundaries))
         ones = x.new_ones(B, dtype=self.state_dtype(x))
         zeros = x.new_zeros(B, dtype=self.state_dtype(x))
         hidden: list[list[Tensor]] = [[] for _ in range(L)]
@@ -320,24 +314,27 @@ class HMStack(RecurrentStack):
         impl = self.active_impl(x.device)
         if impl == "triton" and self.cuda_graph and x.is_cuda:
             from hmrnn_lightning.cells import cuda_graph
-            from hmrnn_lightning.cells.operations import operations_from_boundaries
 
             state = self.check_input(x.unsqueeze(1), state)
             result = cuda_graph.graphed_step(self, x, state)
             if result is not None:
-                hidden, z_all, logits, new_state = result
-                first_z = torch.stack([s.z for s in state], dim=-1)
-                return StackOutput(hidden, z_all, logits, operations_from_boundaries(z_all, first_z), new_state)
+                return self._with_operations(state, *result)
         if impl != "sequence":
             return super()._step(x, state)
         from hmrnn_lightning.cells.generation import generation_step
-        from hmrnn_lightning.cells.operations import operations_from_boundaries
 
         state = self.check_input(x.unsqueeze(1), state)
         hidden, zs, logits, new_state = generation_step(self, x, state)
-        first_z = torch.stack([s.z for s in state], dim=-1)
-        z_seq = zs.unsqueeze(1)
-        return StackOutput([h.unsqueeze(1) for h in hidden], z_seq, logits.unsqueeze(1), operations_from_boundaries(z_seq, first_z), new_state)
+        return self._with_operations(state, [h.unsqueeze(1) for h in hidden], zs.unsqueeze(1), logits.unsqueeze(1), new_state)
+
+    @staticmethod
+    def _with_operations(start: State, hidden, boundaries: Tensor, logits: Tensor, state: State) -> StackOutput:
+        """A fast path's ``(hidden, boundaries, logits, state)`` as a :class:`StackOutput`, with
+        the UPDATE / COPY / FLUSH weights derived from the boundaries and the ``start`` state."""
+        from hmrnn_lightning.cells.operations import operations_from_boundaries
+
+        first_z = torch.stack([s.z for s in start], dim=-1)
+        return StackOutput(hidden, boundaries, logits, operations_from_boundaries(boundaries, first_z), state)
 
     @staticmethod
     def _pack(hidden, zs, logits, ops_out, state) -> StackOutput:

@@ -50,10 +50,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
-from hmrnn_lightning.cells.hm_lstm import HMLSTMCell
 from hmrnn_lightning.cells.hm_lstm_kernel import (
-    BERNOULLI, GIVEN, LayerWeights, block_size, estimator_mode, flatten_layers, num_warps, rowdot,
-    triton_kernels, unflatten_layers,
+    BERNOULLI, GIVEN, LayerWeights, block_size, estimator_mode, flatten_layers, layout_problem, matmul_dtype,
+    num_warps, rowdot, triton_kernels, unflatten_layers,
 )
 
 
@@ -72,17 +71,12 @@ def interpreting() -> bool:
 
 def why_not(stack) -> str | None:
     """None when this path can run ``stack``; else the reason."""
-    if not all(type(cell) is HMLSTMCell for cell in stack.cells):
-        return f"it runs HM-LSTM cells only (cell={stack.cell_name!r})"
+    for cell in stack.cells:
+        problem = layout_problem(cell)
+        if problem is not None:
+            return problem
     if estimator_mode(stack.estimator) is None:
         return f"it runs the step, Bernoulli and soft estimators only, not {type(stack.estimator).__name__}"
-    for cell in stack.cells:
-        if cell.norm_recurrent is not None or cell.norm_top_down is not None:
-            return "it normalises the bottom-up term and the cell only"
-        if cell.layer_norm and not all(
-            n.weight is not None and n.bias is not None for n in (cell.norm_bottom_up, cell.norm_cell)
-        ):
-            return "its layer norms need their affine weight and bias"
     if not triton_available():
         return "Triton is not installed (pip install 'hmrnn-lightning[gpu]')"
     return None
@@ -103,8 +97,7 @@ class _Meta:
 def window_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
     """The body of :meth:`HMStack.forward` on this path; returns ``(hidden, boundaries,
     logits, state)`` like :func:`~hmrnn_lightning.cells.sequence.sequence_forward`."""
-    kind = x.device.type
-    mm_dtype = torch.get_autocast_dtype(kind) if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) else None
+    mm_dtype = matmul_dtype(x)
     dtype = stack.state_dtype(x)
     first = stack.cells[0]
     L = len(stack.cells)
