@@ -23,39 +23,27 @@ data:
   class_path: hmrnn_lightning.data.SyntheticDataModule
   init_args: {{num_chars: 6000, batch_size: 4, seq_len: 20, cache_dir: {cache}}}
 """
-HM = """
-seed_everything: 0
+MODEL = """
 {trainer}
 model:
   class_path: hmrnn_lightning.models.HMRNNLanguageModel
   init_args:
     embedding_dim: 8
     stack:
-      class_path: hmrnn_lightning.cells.HMStack
+{stack}
+    head:
+      class_path: hmrnn_lightning.heads.SoftmaxHead
+      init_args: {{embed_dim: 16}}
+{data}
+"""
+HM_STACK = """      class_path: hmrnn_lightning.cells.HMStack
       init_args:
         hidden_sizes: [16, 16, 16]
         cell: hm_lstm
         layer_norm: true
-        estimator: {{class_path: hmrnn_lightning.estimators.StepEstimator}}
-    head:
-      class_path: hmrnn_lightning.heads.SoftmaxHead
-      init_args: {{embed_dim: 16}}
-{data}
-"""
-LSTM = """
-{trainer}
-model:
-  class_path: hmrnn_lightning.models.HMRNNLanguageModel
-  init_args:
-    embedding_dim: 8
-    stack:
-      class_path: hmrnn_lightning.cells.LSTMStack
-      init_args: {{hidden_sizes: [16, 16, 16], layer_norm: true}}
-    head:
-      class_path: hmrnn_lightning.heads.SoftmaxHead
-      init_args: {{embed_dim: 16}}
-{data}
-"""
+        estimator: {class_path: hmrnn_lightning.estimators.StepEstimator}"""
+LSTM_STACK = """      class_path: hmrnn_lightning.cells.LSTMStack
+      init_args: {hidden_sizes: [16, 16, 16], layer_norm: true}"""
 
 
 def write_tiny_configs(folder: Path) -> tuple[Path, Path]:
@@ -66,9 +54,9 @@ def write_tiny_configs(folder: Path) -> tuple[Path, Path]:
     hm_callbacks = ("    - class_path: hmrnn_lightning.callbacks.SlopeAnnealing\n      init_args: {a_max: 5.0, rate: 0.5}\n"
                     "    - class_path: hmrnn_lightning.callbacks.BoundaryPlot")
     hm = tmp_path / "hm.yaml"
-    hm.write_text(HM.format(trainer=TRAINER.format(callbacks=hm_callbacks), data=data))
+    hm.write_text("seed_everything: 0" + MODEL.format(trainer=TRAINER.format(callbacks=hm_callbacks), stack=HM_STACK, data=data))
     lstm = tmp_path / "lstm.yaml"
-    lstm.write_text(LSTM.format(trainer=TRAINER.format(callbacks=""), data=data))
+    lstm.write_text(MODEL.format(trainer=TRAINER.format(callbacks=""), stack=LSTM_STACK, data=data))
     return hm, lstm
 
 
