@@ -317,6 +317,8 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
     # per layer ds_t W_merged, [B, K]: the gradients of the merged product's inputs, ungated; the
     # kernels that own h (and the gates) read their blocks
     DA = [h0[l].new_zeros(B, lay.width[l]) for l in range(L)]
+    # built again rather than kept from the forward pass: kept, they would add about 50 MB a
+    # layer to the peak at the Text8 shape; building them is one concatenation per layer
     w_merged = [cast(w.merged(lay.with_bottom_up[l])) for l, w in enumerate(layers)]  # [4H + 1, K]
     w_below = [cast(w.bottom_up) for w in layers]
     rows_gb = [torch.zeros(B, 4 * H + 1, dtype=C[0].dtype, device=C[0].device) if ln else None for H in sizes]
