@@ -137,16 +137,6 @@ def test_sequence_without_row_skipping_equals_reference(estimator, layer_norm, m
     compare(estimator, layer_norm, torch.float64, normwise(1e-9), impl="sequence")
 
 
-@pytest.mark.parametrize("estimator", [StepEstimator, BernoulliEstimator], ids=lambda c: c.__name__)
-def test_sequence_layer_norm_weight_gradients_over_several_chunks(estimator, monkeypatch):
-    """With layer norm the weight gradients are summed chunk by chunk; 35 rows at batch 5 are
-    chunks of 7 steps, so the 30 steps end in a partial chunk."""
-    from hmrnn_lightning.cells import sequence
-
-    monkeypatch.setattr(sequence, "LN_CHUNK_ROWS", 35)
-    compare(estimator, True, torch.float64, normwise(1e-9), impl="sequence")
-
-
 @pytest.mark.parametrize("impl", ["sequence"])
 def test_fast_equals_reference_with_given_boundaries(impl):
     """Oracle boundaries (``boundaries=``) replace the estimator on every path."""

@@ -12,8 +12,10 @@ makes unnecessary:
 * the weights are prepared once (detached, the first layer's two side by side) and kept
   until a parameter changes.
 
-With layer norm the bottom-up term is normalised on its own (:class:`~hmrnn_lightning.cells.base.HMCell`
-says why only that one), so the first layer's two products stay apart; the rest is the same.
+The products are the sequence path's (:mod:`~hmrnn_lightning.cells.sequence`): the first
+layer's input and recurrent terms as one product (``[W_x, U_1]`` side by side) unless layer norm
+normalises the input term, which then goes through
+:func:`~hmrnn_lightning.cells.sequence.add_bottom_up` like every layer's bottom-up term.
 
 The values are the reference loop's up to summation order. One difference is visible:
 the boundary logit of a row in COPY is not computed, and :meth:`HMStack.step` reports it
@@ -29,15 +31,16 @@ from torch import Tensor
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.operations import select_operations
 from hmrnn_lightning.cells.hm_lstm_kernel import TOP_LAYER_Z, carry_boundary, matmul_dtype, pointwise_forward
-from hmrnn_lightning.cells.sequence import affine, gated_addmm_, layer_params, ln_preactivation, term_weights
+from hmrnn_lightning.cells.hm_lstm_kernel import LayerWeights
+from hmrnn_lightning.cells.sequence import add_bottom_up, affine, gated_addmm_
 
 
 def _prepared_weights(stack) -> list[list[Tensor | None]]:
-    """Without layer norm, per layer ``[first, U_{l+1} or None, W_{l-1} or None]`` in
-    ``[out, in]`` layout, where ``first`` is ``U_l``, and ``[W_x, U_l]`` side by side for the
-    first layer (one product for its input and recurrent terms); rebuilt when a parameter is
-    replaced or updated in place (its version counter moves)."""
-    params = [cell.recurrent.weight for cell in stack.cells] + [cell.bottom_up.weight for cell in stack.cells]
+    """Per layer ``[first, U_{l+1} or None]`` in ``[out, in]`` layout, detached: ``first`` is
+    ``[W_x, U_1]`` side by side for a first layer without layer norm (one product for its input
+    and recurrent terms), else ``U_l``. Rebuilt when a parameter is replaced or updated in place
+    (its version counter moves)."""
+    params = [cell.recurrent.weight for cell in stack.cells] + [stack.cells[0].bottom_up.weight]
     params += [cell.top_down.weight for cell in stack.cells if cell.top_down is not None]
     key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
     cached = getattr(stack, "_generation_cache", None)
@@ -46,10 +49,10 @@ def _prepared_weights(stack) -> list[list[Tensor | None]]:
     prepared = []
     for l, cell in enumerate(stack.cells):
         recurrent = cell.recurrent.weight.detach()
+        merge_input = l == 0 and not cell.layer_norm
         prepared.append([
-            torch.cat([cell.bottom_up.weight.detach(), recurrent], dim=1) if l == 0 else recurrent,
+            torch.cat([cell.bottom_up.weight.detach(), recurrent], dim=1) if merge_input else recurrent,
             cell.top_down.weight.detach() if cell.top_down is not None else None,
-            cell.bottom_up.weight.detach() if l > 0 else None,
         ])
     stack._generation_cache = (key, prepared)
     return prepared
@@ -66,9 +69,8 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
     dtype = stack.state_dtype(x)
     x = x.to(dtype)
     cells = stack.cells
-    # with layer norm the terms stay apart and nothing is merged: the parameters as they are
-    ln_params = layer_params(stack) if cells[0].layer_norm else None
-    weights = None if ln_params is not None else _prepared_weights(stack)
+    weights = _prepared_weights(stack)
+    layers = [LayerWeights.from_cell(cell) for cell in cells]
     L = len(cells)
     B = x.shape[0]
     zs = x.new_zeros(B, L, dtype=dtype)
@@ -91,17 +93,14 @@ def generation_step(stack, x: Tensor, state: list[LayerState]):
         h_prev, c_prev, zp_r, zb_r, u_r, k_r = (_pick(t, rows) for t in (prev.h, prev.c, zp, zb, u, k))
         h_above = _pick(state[l + 1].h, rows) if l + 1 < L else None
         h_below = x if l == 0 else _pick(new_state[l - 1].h, rows)
-        if ln_params is not None:
-            p, inputs = ln_params[l], {"rec": h_prev, "above": h_above, "below": h_below}
-            s = ln_preactivation(p, term_weights(p, l, L), inputs, l, zp_r, zb_r, cell.norm_cell.eps, mm_dtype, skip_closed=True)
-        else:
-            w_first, w_above, w_below = weights[l]
-            first = torch.cat([x, h_prev], dim=1) if l == 0 else h_prev
-            s = affine(cell.bias, first, w_first, mm_dtype)
-            if w_above is not None:
-                gated_addmm_(s, zp_r, zp_r * h_above, w_above, mm_dtype)
-            if w_below is not None:
-                gated_addmm_(s, zb_r, zb_r * h_below, w_below, mm_dtype)
+        w_first, w_above = weights[l]
+        merged_input = l == 0 and not cell.layer_norm
+        s = affine(cell.bias, torch.cat([x, h_prev], dim=1) if merged_input else h_prev, w_first, mm_dtype)
+        if w_above is not None:
+            gated_addmm_(s, zp_r, zp_r * h_above, w_above, mm_dtype)
+        if not merged_input:
+            eps = cell.norm_cell.eps if cell.layer_norm else 0.0
+            add_bottom_up(s, layers[l], h_below, zb_r if l > 0 else None, eps, mm_dtype)
         H = cell.hidden_size
         act, c_new, h_new = s.new_empty(s.shape[0], 4 * H), torch.empty_like(c_prev), torch.empty_like(h_prev)
         norm = cell.norm_cell

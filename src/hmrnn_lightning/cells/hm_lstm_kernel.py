@@ -30,11 +30,13 @@ COPY part of ``dh_prev`` and the gradients of the three operation weights. The T
 kernels also fold in the estimator (step, Bernoulli from given uniform noise, soft) and the
 bottom-up term's layer norm, which the PyTorch form leaves to its caller.
 
-Saved between forward and backward, in both paths: the cell ``c`` of every step; and the
-pre-activation (Triton: ``s`` itself, then overwritten in place by ``ds``; CPU: the gates, or
-with layer norm each term's product).
+Both paths save the same tensors between forward and backward: per layer and step the
+pre-activation ``s`` (overwritten in place by ``ds`` in the backward pass, then the left factor
+of the weight gradients), the gated inputs of the merged product, ``c``, and with layer norm
+the bottom-up product before normalisation. The gates are taken from ``s`` again.
 
-The weights of a layer are laid out by :class:`LayerWeights`, in one place.
+The weights of a layer are laid out by :class:`LayerWeights`, and the merged product's inputs
+by :class:`InputLayout`, each in one place.
 """
 
 from __future__ import annotations
@@ -79,24 +81,9 @@ class LayerWeights:
     cell_gamma: Tensor | None = None
     cell_beta: Tensor | None = None
 
-    #: The pre-activation terms by the short names the loops use, and the field of each one's weight:
-    #: ``rec`` ``U_l h^l_{t-1}``; ``above`` ``U_{l+1} h^{l+1}_{t-1}``, gated by ``z^l_{t-1}``;
-    #: ``below`` ``W_{l-1} h^{l-1}_t``, gated by ``z^{l-1}_t`` (never for the first layer).
-    TERMS = {"rec": "recurrent", "above": "top_down", "below": "bottom_up"}
-
     @property
     def hidden_size(self) -> int:
         return self.recurrent.shape[1]
-
-    def term_weight(self, term: str) -> Tensor | None:
-        return getattr(self, self.TERMS[term])
-
-    def term_norm(self, term: str) -> tuple[Tensor, Tensor] | None:
-        """``(gamma, beta)`` of the term's layer norm; None where the term is not normalised
-        (only the bottom-up term is, see :class:`~hmrnn_lightning.cells.base.HMCell`)."""
-        if term == "below" and self.below_gamma is not None:
-            return self.below_gamma, self.below_beta
-        return None
 
     def merged(self, with_bottom_up: bool) -> Tensor:
         """``[U_l; U_{l+1}; W_{l-1}]`` side by side, ``[4H + 1, K]``: one product for the terms
@@ -188,6 +175,27 @@ def unflatten_layers(names: list[list[str]], flat: list[Tensor]) -> list[LayerWe
         out.append(LayerWeights.unflatten(layer_names, flat[i : i + len(layer_names)]))
         i += len(layer_names)
     return out
+
+
+class InputLayout:
+    """Where each block sits in a layer's merged input ``a_t = [h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1},
+    z^{l-1}_t h^{l-1}_t]``, the left factor of the product with :meth:`LayerWeights.merged`. The last
+    block is there only above the first layer and without layer norm (``with_bottom_up``); the
+    top layer has no second block. Per layer: ``width``, and the first column of the ``above``
+    and ``below`` blocks (:meth:`above_block`, :meth:`below_block` as slices)."""
+
+    def __init__(self, sizes: list[int], layer_norm: bool) -> None:
+        L = len(sizes)
+        self.with_bottom_up = [l > 0 and not layer_norm for l in range(L)]
+        self.above = [sizes[l] for l in range(L)]
+        self.below = [sizes[l] + (sizes[l + 1] if l + 1 < L else 0) for l in range(L)]
+        self.width = [self.below[l] + (sizes[l - 1] if self.with_bottom_up[l] else 0) for l in range(L)]
+
+    def above_block(self, l: int) -> slice:
+        return slice(self.above[l], self.below[l])
+
+    def below_block(self, l: int) -> slice:
+        return slice(self.below[l], self.width[l])
 
 
 # --- the rules, in PyTorch ----------------------------------------------------------------

@@ -51,7 +51,7 @@ from torch.autograd.function import once_differentiable
 
 from hmrnn_lightning.cells.base import LayerState, at_least_fp32
 from hmrnn_lightning.cells.hm_lstm_kernel import (
-    BERNOULLI, GIVEN, LayerWeights, block_size, estimator_mode, flatten_layers, layout_problem, matmul_dtype,
+    BERNOULLI, GIVEN, InputLayout, LayerWeights, block_size, estimator_mode, flatten_layers, layout_problem, matmul_dtype,
     num_warps, rowdot, triton_kernels, unflatten_layers,
 )
 
@@ -154,7 +154,7 @@ class _Saved:
 
     def __init__(self) -> None:
         self.s: list[Tensor] = []  # pre-activations, then ds
-        self.inputs: list[Tensor] = []  # the merged product's gated inputs a_t (see _Layout)
+        self.inputs: list[Tensor] = []  # the merged product's gated inputs a_t (see InputLayout)
         self.below: list[Tensor | None] = []  # with LN, the bottom-up products, then their gradients
         self.c: list[Tensor] = []
         self.h: list[Tensor] = []
@@ -163,26 +163,13 @@ class _Saved:
         self.x_in: Tensor | None = None
 
 
-class _Layout:
-    """Where each block sits in a layer's merged input ``a_t = [h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1},
-    z^{l-1}_t h^{l-1}_t]`` (the last block only without layer norm and above the first layer):
-    ``width`` per layer, and the first column of the ``above`` and ``below`` blocks."""
-
-    def __init__(self, sizes: list[int], layer_norm: bool) -> None:
-        L = len(sizes)
-        self.with_bottom_up = [l > 0 and not layer_norm for l in range(L)]
-        self.above = [sizes[l] for l in range(L)]
-        self.below = [sizes[l] + (sizes[l + 1] if l + 1 < L else 0) for l in range(L)]
-        self.width = [self.below[l] + (sizes[l - 1] if self.with_bottom_up[l] else 0) for l in range(L)]
-
-
 def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: list[Tensor], keep: bool):
     forward_kernel, _ = triton_kernels()
     L = len(layers)
     B, T, _ = x_in.shape
     ln = layers[0].layer_norm
     sizes = [w.hidden_size for w in layers]
-    lay = _Layout(sizes, ln)
+    lay = InputLayout(sizes, ln)
     mm = meta.mm_dtype
     cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
     new = x_in.new_empty
@@ -295,7 +282,7 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
     B, T, _ = x_shape
     ln = layers[0].layer_norm
     sizes = [w.hidden_size for w in layers]
-    lay = _Layout(sizes, ln)
+    lay = InputLayout(sizes, ln)
     mm = meta.mm_dtype
     cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
     S, A, R, C, Hd, Z, E = saved.s, saved.inputs, saved.below, saved.c, saved.h, saved.z, saved.e
