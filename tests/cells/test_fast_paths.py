@@ -137,6 +137,23 @@ def test_sequence_without_row_skipping_equals_reference(estimator, layer_norm, m
     compare(estimator, layer_norm, torch.float64, normwise(1e-9), impl="sequence")
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_sequence_inference_equals_reference(layer_norm):
+    """Without gradients the sequence path keeps nothing and multiplies each gated term, the
+    normalised bottom-up term included, for its open rows only."""
+    torch.manual_seed(0)
+    ref = HMStack(6, [16, 12, 10], StepEstimator(slope=2.0), layer_norm=layer_norm, impl="reference").double()
+    fast = copy.deepcopy(ref)
+    fast.impl = "sequence"
+    x = torch.randn(5, 30, 6, dtype=torch.float64)
+    with torch.no_grad():
+        a, b = ref(x), fast(x)
+    assert 0.1 < a.boundaries[..., :2].mean() < 0.9  # gates open on some rows, closed on others
+    assert torch.equal(a.boundaries, b.boundaries)
+    for ha, hb in zip(a.hidden + [s.c for s in a.state], b.hidden + [s.c for s in b.state]):
+        torch.testing.assert_close(hb, ha, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(b.boundary_logits, a.boundary_logits, rtol=1e-10, atol=1e-12)
+
 @pytest.mark.parametrize("impl", ["sequence"])
 def test_fast_equals_reference_with_given_boundaries(impl):
     """Oracle boundaries (``boundaries=``) replace the estimator on every path."""

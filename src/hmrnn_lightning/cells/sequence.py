@@ -31,7 +31,7 @@ term's layer-norm backward, then ``d raw W_{l-1}``). A gated term ``z W h`` has 
 ``z (ds W)`` for ``h`` and ``<h, ds W>`` for ``z`` (``<LN(W h), ds>`` where it is normalised).
 The weight gradients are one product per weight over the window, ``dS^T A``.
 
-Plain and layer norm. Since layer norm moved to the bottom-up term alone (issue 11), the
+Plain and layer norm. Since layer norm is on the bottom-up term alone (and the cell), the
 two variants differ in that one term, so they share one loop, and the term's two forms are
 each written once: in the forward :func:`_bottom_up_term` (and :func:`add_bottom_up` for
 inference and generation), in the backward :func:`_bottom_up_backward`. The GPU kernels split
@@ -45,11 +45,16 @@ What is CPU-specific:
   ``<h, ds W>`` and needs no forward product); in the backward the rows in COPY, whose ``ds``
   is 0. The normalised bottom-up term is computed for every row in training: its gradient
   for the gate is ``<LN(W h), ds>``, so the forward needs it even where the gate is closed.
-* ``s`` and the bottom-up product are kept feature-major, ``[4H + 1, T, B]``: each step's
-  ``s^T = W a_t^T`` is then one BLAS product into contiguous memory (measured on 2 cores,
-  ``[64, 1024] x [1024, 2049]``: 1.8-2.4 ms, against 2.4-3.5 ms into row-major ``[B, 4H + 1]``),
-  and the window's ``dS`` is a ``[4H + 1, T B]`` view, ready for the weight gradients. The GPU
-  keeps ``[T, B, 4H + 1]``, one row per Triton program.
+  The GPU stays dense, so that it never waits on the host.
+* the estimator module itself decides ``z`` (below), so any estimator without parameters
+  runs here, REINFORCE and plugins included; the kernels have step, Bernoulli and soft built in.
+
+The kept tensors have the GPU path's layout, time-major ``[T, B, ...]``: each step's slice is
+contiguous, and over the window ``dS`` is a ``[T B, 4H + 1]`` view, the left factor of the
+weight gradients. (Kept feature-major, ``[4H + 1, T, B]``, each step's slice is strided by
+``T B`` and the pointwise work on it ran slower on 2 cores: sigmoid 310 us a call against 86 us,
+and the whole step with layer norm slower.) The per-step products run as ``(W a^T)^T``, the
+faster order for MKL at these shapes (:func:`merged_product`).
 
 The forward cannot skip COPY rows in training: the straight-through gradient of the COPY
 decision needs the ``h`` and ``c`` that an UPDATE would have produced. Generation, which needs
@@ -152,13 +157,13 @@ class _Meta:
 
 
 class _Saved:
-    """What the backward pass reads beyond the function's inputs and outputs (the tensors the
-    GPU path keeps too, laid out for a CPU: see the module's docstring)."""
+    """What the backward pass reads beyond the function's inputs and outputs: the tensors the
+    GPU path keeps too (its ``_Saved``), time-major."""
 
     def __init__(self) -> None:
-        self.s: list[Tensor] = []  # per layer [4H + 1, T, B]: the pre-activations, then ds
+        self.s: list[Tensor] = []  # per layer [T, B, 4H + 1]: the pre-activations, then ds
         self.inputs: list[Tensor] = []  # per layer [T, B, K]: the merged product's gated inputs a_t
-        self.below: list[Tensor | None] = []  # with LN, per layer [4H + 1, T, B]: the bottom-up product, then its gradient
+        self.below: list[Tensor | None] = []  # with LN, per layer [T, B, 4H + 1]: the bottom-up product, then its gradient
         self.c: list[Tensor] = []  # per layer [T, B, H]
         self.estimates: Tensor | None = None  # e = estimator(logit) before COPY keeps z, [B, T, L - 1]
         self.graphs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (t, l) -> (logit leaf, e)
@@ -183,28 +188,11 @@ def _linear(a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
     return _matmul(w, a.t(), mm_dtype).t()
 
 
-def affine(bias: Tensor, a: Tensor, w: Tensor, mm_dtype: torch.dtype | None, out: Tensor | None = None) -> Tensor:
-    """``bias + a @ w^T``; ``bias`` is ``[out]`` or ``[batch, out]``. With ``out`` (a ``[batch, out]``
-    view of feature-major memory, as :class:`_Saved` keeps ``s``) the product is written there."""
-    bias_t = bias.unsqueeze(-1) if bias.dim() == 1 else bias.t()
+def affine(bias: Tensor, a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
+    """``bias + a @ w^T``; ``bias`` is ``[out]`` or ``[batch, out]``."""
     if mm_dtype is None or mm_dtype == a.dtype:
-        if out is None:
-            return torch.addmm(bias_t, w, a.t()).t()
-        torch.addmm(bias_t, w, a.t(), out=out.t())
-        return out
-    product = _linear(a, w, mm_dtype)
-    if out is None:
-        return product.add_(bias)
-    return torch.add(product, bias, out=out)
-
-
-def _linear_into(out: Tensor, a: Tensor, w: Tensor, mm_dtype) -> Tensor:
-    """``out = a @ w^T``, ``out`` a ``[batch, out]`` view of feature-major memory."""
-    if mm_dtype is None or mm_dtype == a.dtype:
-        torch.mm(w, a.t(), out=out.t())
-    else:
-        out.copy_(_linear(a, w, mm_dtype))
-    return out
+        return torch.addmm(bias.unsqueeze(-1) if bias.dim() == 1 else bias.t(), w, a.t()).t()
+    return _linear(a, w, mm_dtype).add_(bias)
 
 
 def _open_rows(gate: Tensor) -> Tensor:
@@ -232,16 +220,18 @@ def _rows_linear(d: Tensor, w_t: Tensor, rows: Tensor | None, mm_dtype) -> Tenso
 
 
 def merged_product(
-    s: Tensor, base: Tensor, a: Tensor, w: Tensor, lay: InputLayout, l: int, zp: Tensor, zb: Tensor, skip_closed: bool,
-    mm_dtype,
+    s: Tensor, base: Tensor, a: Tensor, w: Tensor, lay: InputLayout, l: int, zp: Tensor, zb: Tensor,
+    skip_closed: bool, mm_dtype,
 ) -> None:
     """``s = base + a_t W_merged^T`` into ``s``; with ``skip_closed`` each gated block is
-    multiplied for its open rows only (it is 0 on the others)."""
+    multiplied for its open rows only (it is 0 on the others). The product is computed in
+    :func:`_linear`'s order and copied into ``s``: on 2 cores, ``[64, 1024] x [1024, 2049]``
+    took 2.03 ms that way, copy included, against 2.58 ms as a row-major product into ``s``."""
     if not skip_closed:
-        affine(base, a, w, mm_dtype, out=s)
+        s.copy_(affine(base, a, w, mm_dtype))
         return
     H = lay.above[l]
-    affine(base, a[:, :H], w[:, :H], mm_dtype, out=s)
+    s.copy_(affine(base, a[:, :H], w[:, :H], mm_dtype))
     if l + 1 < len(lay.width):
         cols = lay.above_block(l)
         gated_addmm_(s, zp, a[:, cols], w[:, cols], mm_dtype)
@@ -277,7 +267,7 @@ def add_bottom_up(s: Tensor, w: LayerWeights, x: Tensor, gate: Tensor | None, ep
 
 def _bottom_up_term(s: Tensor, raw: Tensor, w: LayerWeights, gate: Tensor | None, eps: float) -> None:
     """``s += gate * LN(raw)`` for every row (``raw`` the product ``W_{l-1} h^{l-1}_t``, kept)."""
-    term = layer_norm_rows(raw.contiguous(), w.below_gamma, w.below_beta, eps)[0]
+    term = layer_norm_rows(raw, w.below_gamma, w.below_beta, eps)[0]
     if gate is None:
         s += term
     else:
@@ -287,7 +277,6 @@ def _bottom_up_term(s: Tensor, raw: Tensor, w: LayerWeights, gate: Tensor | None
 def _bottom_up_backward(ds: Tensor, raw: Tensor, w: LayerWeights, gate: Tensor | None, eps: float):
     """The backward of :func:`_bottom_up_term`: ``(d raw, d gate or None, d gamma, d beta)``;
     ``d gate = <LN(raw), ds>``."""
-    raw = raw.contiguous()
     term, mean, rstd = layer_norm_rows(raw, w.below_gamma, w.below_beta, eps)
     d_raw, d_gamma, d_beta = layer_norm_rows_backward(
         ds if gate is None else ds * gate, raw, mean, rstd, w.below_gamma, w.below_beta
@@ -314,7 +303,7 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, 
     w_below = [cast(w.bottom_up) for w in layers] if ln else None
     new = x_in.new_empty
     slots = T if keep else 1  # inference keeps one slot, overwritten step by step
-    S = [new(4 * H + 1, slots, B) for H in sizes]
+    S = [new(slots, B, 4 * H + 1) for H in sizes]
     A = [new(slots, B, lay.width[l]) for l in range(L)]
     C = [new(T, B, H) for H in sizes] if keep else None
     act = [new(B, 4 * H) for H in sizes]  # the gates, scratch
@@ -323,11 +312,11 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, 
     logits = new(B, T, L - 1)
     R: list[Tensor | None] = [None] * L
     if ln:
-        # the first layer's input term: one product over the window, feature-major [4H + 1, T, B]
+        # the first layer's input term: one product over the window, [T, B, 4H + 1]
         x_tm = x_in.transpose(0, 1).reshape(T * B, -1)
-        R[0] = _matmul(w_below[0], x_tm.t(), mm).view(-1, T, B)
+        R[0] = _linear(x_tm, w_below[0], mm).contiguous().view(T, B, -1)
         for l in range(1, L):
-            R[l] = new(4 * sizes[l] + 1, slots, B)
+            R[l] = new(slots, B, 4 * sizes[l] + 1)
         xb = None
     else:
         xb = (x_in + layers[0].bias).transpose(0, 1)  # [T, B, 4H + 1]: the first layer's base
@@ -346,7 +335,7 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, 
             w = layers[l]
             H = sizes[l]
             zp = z[l].unsqueeze(-1)
-            a, s = A[l][slot], S[l][:, slot].t()
+            a, s = A[l][slot], S[l][slot]
             a[:, :H] = h[l]
             if l + 1 < L:
                 torch.mul(h[l + 1], zp, out=a[:, lay.above_block(l)])  # layer l+1 is still at t-1
@@ -356,9 +345,9 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, 
             merged_product(s, base, a, w_merged[l], lay, l, zp, zb, meta.skip_rows, mm)
             if ln:
                 if l == 0:
-                    _bottom_up_term(s, R[0][:, t].t(), w, None, meta.eps)
+                    _bottom_up_term(s, R[0][t], w, None, meta.eps)
                 elif keep or not meta.skip_rows:  # training needs every row (the module's docstring)
-                    raw = _linear_into(R[l][:, slot].t(), h[l - 1], w_below[l], mm)
+                    raw = R[l][slot].copy_(_linear(h[l - 1], w_below[l], mm))
                     _bottom_up_term(s, raw, w, zb, meta.eps)
                 else:
                     add_bottom_up(s, w, h[l - 1], zb, meta.eps, mm)
@@ -441,7 +430,7 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
     sizes = [w.hidden_size for w in layers]
     lay = InputLayout(sizes, ln)
     cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
-    # [in, out] layouts, for d @ W = _linear(d, W^T)
+    # [in, out] layouts: the inputs' gradients d @ W = _linear(d, W^T), in the faster order
     w_merged_t = [cast(w.merged(lay.with_bottom_up[l])).t().contiguous() for l, w in enumerate(layers)]
     w_below_t = [cast(w.bottom_up).t().contiguous() for w in layers] if ln else None
     S, A, R, C = saved.s, saved.inputs, saved.below, saved.c
@@ -476,7 +465,7 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
             dh = g_hidden[l][:, t] + dh_next[l]
             if dh_from_above is not None:
                 dh = dh + dh_from_above
-            ds = S[l][:, t].t()
+            ds = S[l][t]
             gate_activations(ds, act[l])  # from s, before ds overwrites it
             cell_norm = (w.cell_gamma, w.cell_beta, meta.eps) if ln else None
             dc_next[l], dh_prev, du, dk, dzp, d_norm = pointwise_backward(
@@ -526,7 +515,7 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
                 dh_from_above = zb * da[:, cols]
                 dz_from_above = dzb + rowdot(hidden[l - 1][:, t], da[:, cols])
             if ln:
-                raw = R[l][:, t].t()
+                raw = R[l][t]
                 d_raw, d_gate, d_gamma, d_beta = _bottom_up_backward(ds, raw, w, zb, meta.eps)
                 d_norms[l]["below_gamma"] += d_gamma
                 d_norms[l]["below_beta"] += d_beta
@@ -541,33 +530,33 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
     # weight gradients: one product per weight over the window
     flat_grads = []
     for l, w in enumerate(layers):
-        dS = S[l].view(-1, T * B)  # [4H + 1, T B]
+        dS = S[l].view(T * B, -1)
         d = w.split_merged(_merged_weight_grad(meta, dS, A[l], live[l], lay, l, z_all, z0), lay.with_bottom_up[l])
-        d["bias"] = dS.sum(1)
+        d["bias"] = dS.sum(0)
         if ln:
-            d_raw = R[l].view(-1, T * B)
             below_in = (x_in if l == 0 else hidden[l - 1]).transpose(0, 1).reshape(T * B, -1)
-            if meta.skip_rows and l > 0:
-                d_raw, below_in = _keep_rows(d_raw, below_in, live[l].flatten() & (z_all[:, :, l - 1].t().flatten() != 0))
-            d["bottom_up"] = _matmul(d_raw, below_in, mm)
+            mask = live[l].flatten() & (z_all[:, :, l - 1].t().flatten() != 0) if meta.skip_rows and l > 0 else None
+            d["bottom_up"] = _grad_product(R[l].view(T * B, -1), below_in, mask, mm)
             d.update(d_norms[l])
         for name in meta.names[l]:
             g = d.get(name)  # the first layer's W without LN: autograd's, through x_in
             flat_grads.append(None if g is None else g.to(getattr(w, name).dtype))
     if ln:  # the gradient of the input, through the first layer's input term
-        dx = _matmul(R[0].view(-1, T * B).t(), cast(layers[0].bottom_up), mm).view(T, B, -1).transpose(0, 1)
+        dx = _matmul(R[0].view(T * B, -1), cast(layers[0].bottom_up), mm).view(T, B, -1).transpose(0, 1)
     else:  # the gradient of x_in = W x + b
-        dx = S[0].permute(2, 1, 0)
+        dx = S[0].transpose(0, 1)
     d_state = [t for l in range(L) for t in (dh_next[l], dc_next[l], dz_next[l].squeeze(-1))]
     return (dx, *flat_grads, *d_state)
 
 
-def _keep_rows(d: Tensor, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``d`` ``[out, N]`` and ``x`` ``[N, in]`` without the columns / rows where ``mask`` is false."""
-    rows = mask.nonzero().squeeze(-1)
-    if rows.numel() == mask.numel():
-        return d, x
-    return d.index_select(1, rows), x.index_select(0, rows)
+def _grad_product(d: Tensor, x: Tensor, mask: Tensor | None, mm_dtype) -> Tensor:
+    """``d^T x`` over the rows (steps x batch) where ``mask`` is true (None: all rows); the
+    others are zero in ``d`` or in ``x``."""
+    if mask is not None:
+        rows = mask.nonzero().squeeze(-1)
+        if rows.numel() < mask.numel():
+            d, x = d.index_select(0, rows), x.index_select(0, rows)
+    return _matmul(d.t(), x, mm_dtype)
 
 
 def _merged_weight_grad(meta: _Meta, dS: Tensor, A: Tensor, live: Tensor, lay: InputLayout, l: int, z_all, z0) -> Tensor:
@@ -576,13 +565,13 @@ def _merged_weight_grad(meta: _Meta, dS: Tensor, A: Tensor, live: Tensor, lay: I
     T, B, _ = A.shape
     a_all = A.view(T * B, -1)
     if not meta.skip_rows:
-        return _matmul(dS, a_all, meta.mm_dtype)
+        return _grad_product(dS, a_all, None, meta.mm_dtype)
     H, live = lay.above[l], live.flatten()
-    parts = [_matmul(*_keep_rows(dS, a_all[:, :H], live), meta.mm_dtype)]
+    parts = [_grad_product(dS, a_all[:, :H], live, meta.mm_dtype)]
     if l + 1 < len(lay.width):  # gated by z^l_{t-1}
         gate = torch.cat([z0[l].unsqueeze(0), z_all[:, : T - 1, l].t()]).flatten()
-        parts.append(_matmul(*_keep_rows(dS, a_all[:, lay.above_block(l)], live & (gate != 0)), meta.mm_dtype))
+        parts.append(_grad_product(dS, a_all[:, lay.above_block(l)], live & (gate != 0), meta.mm_dtype))
     if lay.with_bottom_up[l]:  # gated by z^{l-1}_t
         gate = z_all[:, :, l - 1].t().flatten()
-        parts.append(_matmul(*_keep_rows(dS, a_all[:, lay.below_block(l)], live & (gate != 0)), meta.mm_dtype))
+        parts.append(_grad_product(dS, a_all[:, lay.below_block(l)], live & (gate != 0), meta.mm_dtype))
     return torch.cat(parts, dim=1)
