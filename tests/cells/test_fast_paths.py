@@ -154,6 +154,46 @@ def test_sequence_inference_equals_reference(layer_norm):
         torch.testing.assert_close(hb, ha, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(b.boundary_logits, a.boundary_logits, rtol=1e-10, atol=1e-12)
 
+class ClampStraightThrough(StepEstimator):
+    """A plugin-like estimator whose backward keeps its own input (``clamp`` does): the
+    sequence path must hand it a logit that later steps do not overwrite."""
+
+    def forward(self, logit):
+        hard = (logit > 0).to(logit.dtype)
+        soft = torch.clamp(logit, -1.0, 1.0)
+        return hard + (soft - soft.detach())  # exactly 0 or 1 forward
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_sequence_with_an_estimator_that_keeps_its_input(layer_norm):
+    compare(ClampStraightThrough, layer_norm, torch.float64, normwise(1e-9), impl="sequence")
+
+
+@pytest.mark.parametrize("sizes", [[7], [5, 9]], ids=["one-layer", "two-layers-widening"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_sequence_gradients_for_other_depths(sizes, layer_norm):
+    """One layer (no boundary detector, no gated term) and two layers with the upper one wider."""
+    torch.manual_seed(0)
+    ref = HMStack(4, sizes, StepEstimator(slope=2.0), layer_norm=layer_norm, impl="reference").double()
+    fast = copy.deepcopy(ref)
+    fast.impl = "sequence"
+    head = SoftmaxHead(sizes, 6, 5).double()
+    x, y = torch.randn(3, 16, 4, dtype=torch.float64), torch.randint(0, 6, (3, 16))
+    state = [s.detach() for s in ref(torch.randn(3, 5, 4, dtype=torch.float64)).state]
+    every = len(sizes) > 1  # one layer has no boundary logits to put in the loss (their mean is NaN)
+    a, la, ga = run(ref, head, x, y, state, seed=1, all_outputs=every)
+    b, lb, gb = run(fast, head, x, y, state, seed=1, all_outputs=every)
+    assert torch.equal(a.boundaries, b.boundaries)
+    if every:
+        assert 0 < a.boundaries[..., 0].mean() < 1
+    check = normwise(1e-9)
+    check(lb, la, "loss")
+    for l, (ha, hb) in enumerate(zip(a.hidden, b.hidden)):
+        check(hb, ha, f"h{l + 1}")
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        check(gb[name], ga[name], name)
+
 @pytest.mark.parametrize("impl", ["sequence"])
 def test_fast_equals_reference_with_given_boundaries(impl):
     """Oracle boundaries (``boundaries=``) replace the estimator on every path."""

@@ -9,13 +9,14 @@ makes unnecessary:
   model has learnt its boundaries, so this is most of their work;
 * the top-down term only for rows with ``z^l_{t-1} = 1`` and the bottom-up term only for
   rows with ``z^{l-1}_t = 1`` (their gate is 0 elsewhere);
-* the weights are prepared once (detached, the first layer's two side by side) and kept
-  until a parameter changes.
+* the recurrent and top-down weights are prepared once (detached; without layer norm the
+  first layer's input and recurrent weights side by side, ``[W_x, U_1]``, for one product) and
+  kept until a parameter changes.
 
-The products are the sequence path's (:mod:`~hmrnn_lightning.cells.sequence`): the first
-layer's input and recurrent terms as one product (``[W_x, U_1]`` side by side) unless layer norm
-normalises the input term, which then goes through
-:func:`~hmrnn_lightning.cells.sequence.add_bottom_up` like every layer's bottom-up term.
+Per layer: the recurrent product (with the input's, as above), the gated top-down product,
+and the gated bottom-up term through :func:`~hmrnn_lightning.cells.sequence.add_bottom_up`,
+which the sequence path's inference uses too (and which normalises the term where the layer
+has layer norm).
 
 The values are the reference loop's up to summation order. One difference is visible:
 the boundary logit of a row in COPY is not computed, and :meth:`HMStack.step` reports it
@@ -30,8 +31,7 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.operations import select_operations
-from hmrnn_lightning.cells.hm_lstm_kernel import TOP_LAYER_Z, carry_boundary, matmul_dtype, pointwise_forward
-from hmrnn_lightning.cells.hm_lstm_kernel import LayerWeights
+from hmrnn_lightning.cells.hm_lstm_kernel import TOP_LAYER_Z, LayerWeights, carry_boundary, matmul_dtype, pointwise_forward
 from hmrnn_lightning.cells.sequence import add_bottom_up, affine, gated_addmm_
 
 

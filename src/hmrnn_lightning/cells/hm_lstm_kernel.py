@@ -30,10 +30,13 @@ COPY part of ``dh_prev`` and the gradients of the three operation weights. The T
 kernels also fold in the estimator (step, Bernoulli from given uniform noise, soft) and the
 bottom-up term's layer norm, which the PyTorch form leaves to its caller.
 
-Both paths save the same tensors between forward and backward: per layer and step the
-pre-activation ``s`` (overwritten in place by ``ds`` in the backward pass, then the left factor
-of the weight gradients), the gated inputs of the merged product, ``c``, and with layer norm
-the bottom-up product before normalisation. The gates are taken from ``s`` again.
+The two window paths built on these forms, the CPU's :mod:`~hmrnn_lightning.cells.sequence`
+and the GPU's :mod:`~hmrnn_lightning.cells.triton_window`, save the same tensors between
+forward and backward: per layer and step the pre-activation ``s`` (overwritten in place by
+``ds`` in the backward pass, then the left factor of the weight gradients), the gated inputs
+of the merged product, ``c``, and with layer norm the bottom-up product before normalisation
+(the GPU keeps ``h`` time-major as well; the CPU reads it from the outputs). The gates are taken
+from ``s`` again.
 
 The weights of a layer are laid out by :class:`LayerWeights`, and the merged product's inputs
 by :class:`InputLayout`, each in one place.
@@ -182,20 +185,21 @@ class InputLayout:
     z^{l-1}_t h^{l-1}_t]``, the left factor of the product with :meth:`LayerWeights.merged`. The last
     block is there only above the first layer and without layer norm (``with_bottom_up``); the
     top layer has no second block. Per layer: ``width``, and the first column of the ``above``
-    and ``below`` blocks (:meth:`above_block`, :meth:`below_block` as slices)."""
+    and ``below`` blocks, ``above_start`` (which is also the width of ``h^l_{t-1}``) and
+    ``below_start`` (:meth:`above_block`, :meth:`below_block` as slices)."""
 
     def __init__(self, sizes: list[int], layer_norm: bool) -> None:
         L = len(sizes)
         self.with_bottom_up = [l > 0 and not layer_norm for l in range(L)]
-        self.above = [sizes[l] for l in range(L)]
-        self.below = [sizes[l] + (sizes[l + 1] if l + 1 < L else 0) for l in range(L)]
-        self.width = [self.below[l] + (sizes[l - 1] if self.with_bottom_up[l] else 0) for l in range(L)]
+        self.above_start = [sizes[l] for l in range(L)]
+        self.below_start = [sizes[l] + (sizes[l + 1] if l + 1 < L else 0) for l in range(L)]
+        self.width = [self.below_start[l] + (sizes[l - 1] if self.with_bottom_up[l] else 0) for l in range(L)]
 
     def above_block(self, l: int) -> slice:
-        return slice(self.above[l], self.below[l])
+        return slice(self.above_start[l], self.below_start[l])
 
     def below_block(self, l: int) -> slice:
-        return slice(self.below[l], self.width[l])
+        return slice(self.below_start[l], self.width[l])
 
 
 # --- the rules, in PyTorch ----------------------------------------------------------------

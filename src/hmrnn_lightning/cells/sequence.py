@@ -1,5 +1,7 @@
 """CPU path for HM-LSTM stacks: one autograd function for the whole window, backward by hand.
 
+(Also what a GPU runs without Triton, or with an estimator the kernels lack; there it is dense.)
+
 The reference loop (:class:`~hmrnn_lightning.cells.stack.HMStack`) lets autograd record
 every small operation of every step. That is readable but slow: the backward pass then
 computes each weight gradient as ``T`` thin products and walks tens of graph nodes per layer
@@ -17,7 +19,8 @@ Forward, per layer and step:
 * with layer norm, the bottom-up term is normalised on its own
   (:class:`~hmrnn_lightning.cells.base.HMCell` says why only that one), so it leaves the merged
   product and is a second product, ``z^{l-1}_t LN(W_{l-1} h^{l-1}_t)``;
-* the first layer's input term is one product over the whole window before the loop;
+* the first layer's input term is one product over the whole window before the loop
+  (without layer norm, outside the function, so autograd gives its weight gradient);
 * the pointwise step (:func:`~hmrnn_lightning.cells.hm_lstm_kernel.pointwise_forward`).
 
 Saved: per layer the pre-activation ``s`` of every step, the gated inputs ``a_t``, ``c``, and
@@ -128,7 +131,7 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         outs = _HMLSTMSequence.apply(meta, *tensors)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x_in.device.type, enabled=False):  # the products cast themselves
             outs, _ = _forward(meta, x_in, layers, flat_state, keep=False)
     L = len(layers)
     hidden = list(outs[:L])
@@ -190,7 +193,7 @@ def _linear(a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
 
 def affine(bias: Tensor, a: Tensor, w: Tensor, mm_dtype: torch.dtype | None) -> Tensor:
     """``bias + a @ w^T``; ``bias`` is ``[out]`` or ``[batch, out]``."""
-    if mm_dtype is None or mm_dtype == a.dtype:
+    if mm_dtype is None:
         return torch.addmm(bias.unsqueeze(-1) if bias.dim() == 1 else bias.t(), w, a.t()).t()
     return _linear(a, w, mm_dtype).add_(bias)
 
@@ -230,7 +233,7 @@ def merged_product(
     if not skip_closed:
         s.copy_(affine(base, a, w, mm_dtype))
         return
-    H = lay.above[l]
+    H = lay.above_start[l]  # h^l_{t-1} fills the columns before the gated blocks
     s.copy_(affine(base, a[:, :H], w[:, :H], mm_dtype))
     if l + 1 < len(lay.width):
         cols = lay.above_block(l)
@@ -289,8 +292,9 @@ def _bottom_up_backward(ds: Tensor, raw: Tensor, w: LayerWeights, gate: Tensor |
 
 def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, keep: bool):
     """The time loop over ``x_in``: the first layer's input product ``[B, T, 4H + 1]`` without
-    layer norm, the input itself ``[B, T, E]`` with it. With ``keep``, returns what the backward
-    pass needs (a :class:`_Saved`) and the estimator's graphs; without, it is plain inference."""
+    layer norm, the input itself ``[B, T, E]`` with it. Returns ``(outputs, saved)``: with
+    ``keep``, ``saved`` is what the backward pass needs (a :class:`_Saved`, the estimator's
+    graphs included); without, it is plain inference and ``saved`` is None."""
     L = meta.layers
     B, T, _ = x_in.shape
     dtype = x_in.dtype
@@ -312,9 +316,10 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, 
     logits = new(B, T, L - 1)
     R: list[Tensor | None] = [None] * L
     if ln:
-        # the first layer's input term: one product over the window, [T, B, 4H + 1]
+        # the first layer's input term: one product over the window, [T, B, 4H + 1] (kept whole,
+        # in inference too: it is computed before the loop)
         x_tm = x_in.transpose(0, 1).reshape(T * B, -1)
-        R[0] = _linear(x_tm, w_below[0], mm).contiguous().view(T, B, -1)
+        R[0] = _matmul(x_tm, w_below[0].t(), mm).view(T, B, -1)
         for l in range(1, L):
             R[l] = new(slots, B, 4 * sizes[l] + 1)
         xb = None
@@ -363,7 +368,9 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, 
                     e = meta.boundaries[:, t, l].to(dtype)
                 elif keep:
                     with torch.enable_grad():
-                        leaf = logit.detach().requires_grad_()
+                        # a copy: the logit lives in S, which later steps overwrite in place,
+                        # and an estimator may keep its input for its backward (clamp does)
+                        leaf = logit.detach().clone().requires_grad_()
                         e_graph = meta.estimator(leaf)
                     e = e_graph.detach().to(dtype)
                     if e_graph.requires_grad:
@@ -465,8 +472,8 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
             dh = g_hidden[l][:, t] + dh_next[l]
             if dh_from_above is not None:
                 dh = dh + dh_from_above
-            ds = S[l][t]
-            gate_activations(ds, act[l])  # from s, before ds overwrites it
+            ds = S[l][t]  # still s here: pointwise_backward overwrites it with ds
+            gate_activations(ds, act[l])  # the gates, from s
             cell_norm = (w.cell_gamma, w.cell_beta, meta.eps) if ln else None
             dc_next[l], dh_prev, du, dk, dzp, d_norm = pointwise_backward(
                 act[l], C[l][t], c_prev, h_prev, u, k, zp, dh, dc_next[l], ds, cell_norm
@@ -510,11 +517,13 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
                 h_above = hidden[l + 1][:, t - 1] if t > 0 else h0[l + 1]
                 dh_next[l + 1] = dh_next[l + 1] + zp * da[:, cols]  # layer l+1 at step t is done
                 dzp = dzp + rowdot(h_above, da[:, cols])
-            if lay.with_bottom_up[l]:  # the bottom-up term read h^{l-1}_t, gated by z^{l-1}_t
+            # the bottom-up term, gated by z^{l-1}_t: in the merged product without layer norm,
+            # normalised on its own with it (for the first layer, the ungated input term)
+            if lay.with_bottom_up[l]:
                 cols = lay.below_block(l)
                 dh_from_above = zb * da[:, cols]
                 dz_from_above = dzb + rowdot(hidden[l - 1][:, t], da[:, cols])
-            if ln:
+            elif ln:
                 raw = R[l][t]
                 d_raw, d_gate, d_gamma, d_beta = _bottom_up_backward(ds, raw, w, zb, meta.eps)
                 d_norms[l]["below_gamma"] += d_gamma
@@ -566,7 +575,7 @@ def _merged_weight_grad(meta: _Meta, dS: Tensor, A: Tensor, live: Tensor, lay: I
     a_all = A.view(T * B, -1)
     if not meta.skip_rows:
         return _grad_product(dS, a_all, None, meta.mm_dtype)
-    H, live = lay.above[l], live.flatten()
+    H, live = lay.above_start[l], live.flatten()  # the columns of h^l_{t-1}
     parts = [_grad_product(dS, a_all[:, :H], live, meta.mm_dtype)]
     if l + 1 < len(lay.width):  # gated by z^l_{t-1}
         gate = torch.cat([z0[l].unsqueeze(0), z_all[:, : T - 1, l].t()]).flatten()

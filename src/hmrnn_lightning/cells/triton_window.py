@@ -187,7 +187,7 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: 
     for l in range(L):  # step 0's recurrent and top-down inputs come from the initial state
         A[l][0, :, : sizes[l]] = h0[l]
         if l + 1 < L:
-            torch.mul(h0[l + 1], z0[l].unsqueeze(-1), out=A[l][0, :, lay.above[l] : lay.below[l]])
+            torch.mul(h0[l + 1], z0[l].unsqueeze(-1), out=A[l][0, :, lay.above_start[l] : lay.below_start[l]])
     R: list[Tensor | None] = [None] * L
     if ln:
         x_tm = x_in.transpose(0, 1).reshape(T * B, -1)
@@ -218,8 +218,8 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: 
                     _mm(Hd[l - 1][t], w_below[l], mm, out=below)
             given = meta.given[t, l] if (meta.given is not None and not top) else s
             own = A[l][nxt] if writes_next else s
-            up = A[l - 1][nxt, :, lay.above[l - 1] :] if (l > 0 and writes_next) else s
-            down = A[l + 1][slot, :, lay.below[l + 1] :] if (not top and lay.with_bottom_up[l + 1]) else s
+            up = A[l - 1][nxt, :, lay.above_start[l - 1] :] if (l > 0 and writes_next) else s
+            down = A[l + 1][slot, :, lay.below_start[l + 1] :] if (not top and lay.with_bottom_up[l + 1]) else s
             forward_kernel[(B,)](
                 s, below if below is not None else s, base if mm is not None else s,
                 w.below_gamma if ln else s, w.below_beta if ln else s,
@@ -334,8 +334,8 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
                 g_z[t, l] if (g_z is not None and not top) else dummy,
                 g_logits[t, l] if (g_logits is not None and not top) else dummy,
                 DA[l], lay.width[l],
-                DA[l - 1][:, lay.above[l - 1] :] if l > 0 else dummy, lay.width[l - 1] if l > 0 else 0,
-                DA[l + 1][:, lay.below[l + 1] :] if has_dxb else dummy, lay.width[l + 1] if has_dxb else 0,
+                DA[l - 1][:, lay.above_start[l - 1] :] if l > 0 else dummy, lay.width[l - 1] if l > 0 else 0,
+                DA[l + 1][:, lay.below_start[l + 1] :] if has_dxb else dummy, lay.width[l + 1] if has_dxb else 0,
                 DZ[l - 1] if l > 0 else dummy, Z[t, l], meta.eps,
                 H=H, BLOCK=block_size(H), HAS_BELOW=ln, BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln,
                 TOP=top, MODE=meta.mode if not top else GIVEN, HAS_GH=g_hidden[l] is not None,
@@ -350,8 +350,8 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
     # the initial state: step 0's recurrent and top-down terms read h_{-1}; the latter is gated by z^l_{-1}
     d_h0 = [DH[l] + DA[l][:, : sizes[l]] for l in range(L)]
     for l in range(1, L):
-        d_h0[l] = d_h0[l] + z0[l - 1].unsqueeze(-1) * DA[l - 1][:, lay.above[l - 1] : lay.below[l - 1]]
-    d_z0 = [DZ[l] + (rowdot(h0[l + 1], DA[l][:, lay.above[l] : lay.below[l]]).squeeze(-1) if l + 1 < L else 0.0)
+        d_h0[l] = d_h0[l] + z0[l - 1].unsqueeze(-1) * DA[l - 1][:, lay.above_start[l - 1] : lay.below_start[l - 1]]
+    d_z0 = [DZ[l] + (rowdot(h0[l + 1], DA[l][:, lay.above_start[l] : lay.below_start[l]]).squeeze(-1) if l + 1 < L else 0.0)
             for l in range(L)]
     # weight gradients: one product per weight over the window
     flat = []
