@@ -385,7 +385,7 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, 
             z_all[:, t, l] = z_new
             h[l], c[l], z[l] = hidden[l][:, t], c_new, z_new
             zb = z_new.unsqueeze(-1)
-    final = [t for l in range(L) for t in (h[l].clone(), c[l].clone(), z[l].clone())]
+    final = [x for l in range(L) for x in (h[l].clone(), c[l].clone(), z[l].clone())]
     if keep:
         saved.s, saved.inputs, saved.below, saved.c = S, A, R, C
     return (*hidden, z_all, logits, *final), saved
@@ -469,6 +469,10 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
             ops = select_operations(z_all[:, t, l - 1] if l > 0 else ones, z_all[:, t - 1, l] if t > 0 else z0[l])
             u, k, zp = ops.update, ops.copy, ops.flush
             zb = z_all[:, t, l - 1 : l] if l > 0 else None
+            # d h^l_t gathers from the loss; from layer l at t+1 (its recurrent term and COPY) and
+            # layer l-1 at t+1 (its top-down term), both already in dh_next; and from layer l+1 at
+            # t (its bottom-up term, dh_from_above). d z^l_{t-1} (dzp below) gathers from FLUSH,
+            # COPY's carry, u and k, and the top-down term's gate.
             dh = g_hidden[l][:, t] + dh_next[l]
             if dh_from_above is not None:
                 dh = dh + dh_from_above
@@ -554,7 +558,7 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
         dx = _matmul(R[0].view(T * B, -1), cast(layers[0].bottom_up), mm).view(T, B, -1).transpose(0, 1)
     else:  # the gradient of x_in = W x + b
         dx = S[0].transpose(0, 1)
-    d_state = [t for l in range(L) for t in (dh_next[l], dc_next[l], dz_next[l].squeeze(-1))]
+    d_state = [g for l in range(L) for g in (dh_next[l], dc_next[l], dz_next[l].squeeze(-1))]
     return (dx, *flat_grads, *d_state)
 
 
