@@ -39,7 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from hmrnn_lightning.cells.base import LayerState
-from hmrnn_lightning.cells.hm_lstm_kernel import estimator_mode, matmul_dtype
+from hmrnn_lightning.cells.hm_lstm_kernel import (
+    estimator_mode, flatten_states, matmul_dtype, unflatten_states, window_outputs,
+)
 
 #: The most captures one stack keeps (training windows, plus the last short window of an epoch).
 MAX_CAPTURES = 4
@@ -80,10 +82,8 @@ class _Window(nn.Module):
     def forward(self, x: Tensor, *flat_state: Tensor) -> tuple[Tensor, ...]:
         from hmrnn_lightning.cells.triton_window import window_forward
 
-        L = len(flat_state) // 3
-        state = [LayerState(*flat_state[3 * l : 3 * l + 3]) for l in range(L)]
-        hidden, z_all, logits, final = window_forward(self.stack, x, state, None)
-        return (*hidden, z_all, logits, *[t for s in final for t in s])
+        hidden, z_all, logits, final = window_forward(self.stack, x, unflatten_states(flat_state), None)
+        return (*hidden, z_all, logits, *flatten_states(final))
 
 
 def _without_cast_cache(mm_dtype: torch.dtype | None) -> torch.autocast:
@@ -100,7 +100,7 @@ def applies(stack, x: Tensor, boundaries: Tensor | None) -> bool:
 def graphed_window(stack, x: Tensor, state: list[LayerState]):
     """``window_forward(stack, x, state, None)`` through a captured graph; None when no capture
     can be made for this window (then the caller runs it without one)."""
-    flat_state = [t.contiguous() for s in state for t in (s.h, s.c, s.z)]
+    flat_state = [t.contiguous() for t in flatten_states(state)]
     mm_dtype = matmul_dtype(x)
     key = (tuple(x.shape), x.dtype, mm_dtype, estimator_mode(stack.estimator), x.requires_grad,
            tuple(t.requires_grad for t in flat_state))
@@ -116,12 +116,10 @@ def graphed_window(stack, x: Tensor, state: list[LayerState]):
         captures[key] = fn
     with _without_cast_cache(mm_dtype):
         outs = fn(x, *flat_state)
-    L = stack.num_layers
     # the hidden states are the graph's buffers until the next replay (the loss reads them
     # before then); the small outputs are copied, so they can be kept
-    hidden = list(outs[:L])
-    final = [LayerState(*(t.clone() for t in outs[L + 2 + 3 * l : L + 5 + 3 * l])) for l in range(L)]
-    return hidden, outs[L].clone(), outs[L + 1].clone(), final
+    hidden, z_all, logits, final = window_outputs(outs, stack.num_layers)
+    return hidden, z_all.clone(), logits.clone(), [LayerState(*(t.clone() for t in s)) for s in final]
 
 
 def graphed_step(stack, x: Tensor, state: list[LayerState]):
@@ -134,17 +132,15 @@ def graphed_step(stack, x: Tensor, state: list[LayerState]):
     stays valid after the next step."""
     from hmrnn_lightning.cells.triton_window import window_forward
 
-    flat_state = [t for s in state for t in (s.h, s.c, s.z)]
+    flat_state = flatten_states(state)
     mm_dtype = matmul_dtype(x)
     key = ("step", tuple(x.shape), x.dtype, mm_dtype, estimator_mode(stack.estimator))
     captures = _captures(stack)
     entry = captures.get(key)
-    L = stack.num_layers
 
     def run(static_x, static_state):
-        st = [LayerState(*static_state[3 * l : 3 * l + 3]) for l in range(L)]
-        hidden, z_all, logits, final = window_forward(stack, static_x.unsqueeze(1), st, None)
-        return [*hidden, z_all, logits, *[t for s in final for t in s]]
+        hidden, z_all, logits, final = window_forward(stack, static_x.unsqueeze(1), unflatten_states(static_state), None)
+        return [*hidden, z_all, logits, *flatten_states(final)]
 
     if entry is None:
         if len(captures) >= MAX_CAPTURES:
@@ -165,9 +161,7 @@ def graphed_step(stack, x: Tensor, state: list[LayerState]):
     graph.replay()
     outs = [torch.empty_like(t) for t in static_out]
     torch._foreach_copy_(outs, static_out)
-    hidden = outs[:L]
-    final = [LayerState(*outs[L + 2 + 3 * l : L + 5 + 3 * l]) for l in range(L)]
-    return hidden, outs[L], outs[L + 1], final
+    return window_outputs(outs, stack.num_layers)
 
 
 def forget(stack) -> None:

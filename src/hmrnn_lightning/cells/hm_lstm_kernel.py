@@ -49,6 +49,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from hmrnn_lightning.cells.base import LayerState, at_least_fp32
+
 try:  # optional: the GPU path's kernels (pip install 'hmrnn-lightning[gpu]')
     import triton
     import triton.language as tl
@@ -200,6 +202,36 @@ class InputLayout:
 
     def below_block(self, l: int) -> slice:
         return slice(self.below_start[l], self.width[l])
+
+
+# --- what a window function takes and returns ------------------------------------------------
+# The window paths (sequence, triton_window, and cuda_graph's captures of the latter) are
+# autograd functions over flat tensor lists; these say once how the state and the outputs lie there.
+
+
+def flatten_states(states: list[LayerState]) -> list[Tensor]:
+    """``(h, c, z)`` of each layer, one after the other, in one list."""
+    return [t for s in states for t in (s.h, s.c, s.z)]
+
+
+def unflatten_states(flat) -> list[LayerState]:
+    """The inverse of :func:`flatten_states`."""
+    return [LayerState(*flat[i : i + 3]) for i in range(0, len(flat), 3)]
+
+
+def window_outputs(outs, layers: int) -> tuple[list[Tensor], Tensor, Tensor, list[LayerState]]:
+    """A window function's flat outputs ``(*hidden, boundaries, logits, *final state)`` as
+    ``(hidden per layer, boundaries, logits, final state)``."""
+    return list(outs[:layers]), outs[layers], outs[layers + 1], unflatten_states(outs[layers + 2 :])
+
+
+def first_layer_input(stack, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The first layer's input as a window function takes it. Without layer norm, its input term
+    ``W x``: one product over the window, here, which autograd differentiates. With layer norm,
+    ``x`` itself: the function normalises the term and returns the gradient of ``x``, ``[B, T, E]``,
+    rather than keep a ``[B, T, 4H + 1]`` one to the end of the backward pass."""
+    first = stack.cells[0]
+    return x.to(dtype) if first.layer_norm else at_least_fp32(first.bottom_up(x)).to(dtype)
 
 
 # --- the rules, in PyTorch ----------------------------------------------------------------

@@ -81,11 +81,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from hmrnn_lightning.cells.base import LayerState, at_least_fp32
+from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.hm_lstm_kernel import (
-    TOP_LAYER_Z, InputLayout, LayerWeights, carry_boundary, flatten_layers, gate_activations, layer_norm_rows,
-    layer_norm_rows_backward, layout_problem, matmul_dtype, pointwise_backward, pointwise_forward, rowdot,
-    unflatten_layers,
+    TOP_LAYER_Z, InputLayout, LayerWeights, carry_boundary, first_layer_input, flatten_layers, flatten_states,
+    gate_activations, layer_norm_rows, layer_norm_rows_backward, layout_problem, matmul_dtype, pointwise_backward,
+    pointwise_forward, rowdot, unflatten_layers, window_outputs,
 )
 from hmrnn_lightning.cells.operations import select_operations
 
@@ -113,17 +113,11 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     ``boundaries`` ``[B, T, L]``, ``logits`` ``[B, T, L - 1]``, the final state.
     """
     mm_dtype = matmul_dtype(x)
-    dtype = stack.state_dtype(x)
     first = stack.cells[0]
-    if first.layer_norm:
-        # the first layer's input term goes in whole: its gradient is then the input's, [B, T, E],
-        # not a [B, T, 4H + 1] tensor kept to the end of the backward pass
-        x_in = x.to(dtype)
-    else:
-        x_in = at_least_fp32(first.bottom_up(x)).to(dtype)  # hoisted here, differentiated by autograd
+    x_in = first_layer_input(stack, x, stack.state_dtype(x))
     layers = [LayerWeights.from_cell(cell) for cell in stack.cells]
     names, flat_weights = flatten_layers(layers)
-    flat_state = [t for s in state for t in (s.h, s.c, s.z)]
+    flat_state = flatten_states(state)
     skip = SKIP_GATED_ROWS if SKIP_GATED_ROWS is not None else x.device.type == "cpu"
     eps = first.norm_cell.eps if first.layer_norm else 0.0
     meta = _Meta(stack.estimator, boundaries, mm_dtype, len(layers), skip, names, eps)
@@ -133,10 +127,7 @@ def sequence_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tens
     else:
         with torch.no_grad(), torch.autocast(x_in.device.type, enabled=False):  # the products cast themselves
             outs, _ = _forward(meta, x_in, layers, flat_state, keep=False)
-    L = len(layers)
-    hidden = list(outs[:L])
-    final = [LayerState(*outs[L + 2 + 3 * l : L + 5 + 3 * l]) for l in range(L)]
-    return hidden, outs[L], outs[L + 1], final
+    return window_outputs(outs, len(layers))
 
 
 class _Meta:
@@ -328,9 +319,7 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state, 
     saved = _Saved() if keep else None
     if keep:
         saved.estimates = new(B, T, L - 1)
-    h = [flat_state[3 * l] for l in range(L)]
-    c = [flat_state[3 * l + 1] for l in range(L)]
-    z = [flat_state[3 * l + 2] for l in range(L)]
+    h, c, z = list(flat_state[0::3]), list(flat_state[1::3]), list(flat_state[2::3])  # advanced step by step
     ones = torch.ones(B, 1, dtype=dtype, device=x_in.device)
     zeros = torch.full((B,), TOP_LAYER_Z, dtype=dtype, device=x_in.device)
     for t in range(T):
@@ -445,9 +434,7 @@ def _backward(meta: _Meta, saved: _Saved, x_in: Tensor | None, layers: list[Laye
     g_z = _zero_if_none(grads[L], z_all)
     g_logits = grads[L + 1]
     g_final = grads[L + 2 :]
-    h0 = [flat_state[3 * l] for l in range(L)]
-    c0 = [flat_state[3 * l + 1] for l in range(L)]
-    z0 = [flat_state[3 * l + 2] for l in range(L)]
+    h0, c0, z0 = flat_state[0::3], flat_state[1::3], flat_state[2::3]
     # gradients arriving at (h, c, z) of each layer from the step after (or the final state)
     dh_next = [_zero_if_none(g_final[3 * l], h0[l]) for l in range(L)]
     dc_next = [_zero_if_none(g_final[3 * l + 1], c0[l]) for l in range(L)]

@@ -49,10 +49,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from hmrnn_lightning.cells.base import LayerState, at_least_fp32
+from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.hm_lstm_kernel import (
-    BERNOULLI, GIVEN, InputLayout, LayerWeights, block_size, estimator_mode, flatten_layers, layout_problem, matmul_dtype,
-    num_warps, rowdot, triton_kernels, unflatten_layers,
+    BERNOULLI, GIVEN, InputLayout, LayerWeights, block_size, estimator_mode, first_layer_input, flatten_layers,
+    flatten_states, layout_problem, matmul_dtype, num_warps, rowdot, triton_kernels, unflatten_layers, window_outputs,
 )
 
 
@@ -108,12 +108,10 @@ def window_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor
         mode, given = GIVEN, boundaries.to(dtype).permute(1, 2, 0).contiguous()
     elif mode == BERNOULLI:  # drawn here, on the device's generator: reproducible and capturable
         given = torch.rand(T, max(L - 1, 1), B, device=x.device, dtype=dtype)
-    # the first layer's input term: without layer norm one product here, which autograd
-    # differentiates; with it the input goes in whole and the function returns its gradient
-    x_in = x.to(dtype) if first.layer_norm else at_least_fp32(first.bottom_up(x)).to(dtype)
+    x_in = first_layer_input(stack, x, dtype)
     layers = [LayerWeights.from_cell(cell) for cell in stack.cells]
     names, flat_weights = flatten_layers(layers)
-    flat_state = [t.contiguous() for s in state for t in (s.h, s.c, s.z)]
+    flat_state = [t.contiguous() for t in flatten_states(state)]
     eps = first.norm_cell.eps if first.layer_norm else 0.0
     meta = _Meta(names, mode, given, stack.estimator.slope.to(x.device, dtype), mm_dtype, eps)
     tensors = [x_in, *flat_weights, *flat_state]
@@ -122,9 +120,7 @@ def window_forward(stack, x: Tensor, state: list[LayerState], boundaries: Tensor
     else:
         with torch.no_grad():
             outs, _ = _forward(meta, x_in, layers, flat_state, keep=False)
-    hidden = list(outs[:L])
-    final = [LayerState(*outs[L + 2 + 3 * l : L + 5 + 3 * l]) for l in range(L)]
-    return hidden, outs[L], outs[L + 1], final
+    return window_outputs(outs, L)
 
 
 def _mm(a: Tensor, w_t: Tensor, mm_dtype, out: Tensor | None = None, base: Tensor | None = None) -> Tensor:
@@ -181,9 +177,7 @@ def _forward(meta: _Meta, x_in: Tensor, layers: list[LayerWeights], flat_state: 
     Z = x_in.new_zeros(T, L, B)
     E = new(T, max(L - 1, 1), B)
     LG = new(T, max(L - 1, 1), B)
-    h0 = [flat_state[3 * l] for l in range(L)]
-    c0 = [flat_state[3 * l + 1] for l in range(L)]
-    z0 = [flat_state[3 * l + 2] for l in range(L)]
+    h0, c0, z0 = flat_state[0::3], flat_state[1::3], flat_state[2::3]
     for l in range(L):  # step 0's recurrent and top-down inputs come from the initial state
         A[l][0, :, : sizes[l]] = h0[l]
         if l + 1 < L:
@@ -286,9 +280,7 @@ def _backward(meta: _Meta, saved: _Saved, layers: list[LayerWeights], flat_state
     mm = meta.mm_dtype
     cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
     S, A, R, C, Hd, Z, E = saved.s, saved.inputs, saved.below, saved.c, saved.h, saved.z, saved.e
-    h0 = [flat_state[3 * l] for l in range(L)]
-    c0 = [flat_state[3 * l + 1] for l in range(L)]
-    z0 = [flat_state[3 * l + 2] for l in range(L)]
+    h0, c0, z0 = flat_state[0::3], flat_state[1::3], flat_state[2::3]
     g_hidden = [_time_major(grads[l]) for l in range(L)]
     g_z = None if grads[L] is None else grads[L].permute(1, 2, 0).contiguous()  # [T, L, B]
     g_logits = None if grads[L + 1] is None else grads[L + 1].permute(1, 2, 0).contiguous()  # [T, L - 1, B]
