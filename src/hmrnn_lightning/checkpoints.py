@@ -1,4 +1,7 @@
-"""Reading checkpoints: every way a file can be unusable becomes one :class:`CheckpointError` line.
+"""Reading and writing checkpoints.
+
+Reading: every way a file can be unusable becomes one :class:`CheckpointError` line.
+Writing is :mod:`hmrnn_lightning.checkpoint_io` (atomic saves).
 
 ``load_checkpoint`` reads a ``.ckpt`` file written by ``hmrnn fit`` (or Lightning) with
 ``torch.load(weights_only=True)`` and checks, in this order, that the file exists and is not
@@ -74,6 +77,30 @@ def load_model(path: str | Path, cls: type[LightningModule]) -> LightningModule:
         detail = " ".join(str(exc).split())
         raise CheckpointError(f"checkpoint {path}: its weights do not fit the model its hyperparameters describe: {detail[:300]}") from None
     return model.eval()
+
+
+def check_fits(path: str | Path, ckpt: dict[str, Any], model) -> None:
+    """The checkpoint's weights have the names and shapes of ``model``'s (checked before Lightning
+    loads them, whose report is a multi-line traceback).
+
+    Raises:
+        CheckpointError: a weight is missing, extra, or of another shape; the first of each is named.
+    """
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if hasattr(v, "shape")}
+    problems = []
+    missing = [k for k in have if k not in saved]
+    extra = [k for k in saved if k not in have]
+    resized = [k for k in have if k in saved and have[k] != saved[k]]
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} not in the model (first: {extra[0]})")
+    if resized:
+        k = resized[0]
+        problems.append(f"{len(resized)} of another size (first: {k}, {list(saved[k])} in the checkpoint, {list(have[k])} in the model)")
+    if problems:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the model: {'; '.join(problems)}")
 
 
 def checkpoint_class_path(ckpt: dict[str, Any]) -> str | None:

@@ -102,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown command {argv[0]!r}; commands: {', '.join([*TRAINER_COMMANDS, *COMMANDS])}")
         return _run_lightning_cli(argv)
     except Exception as exc:
+        interrupted = _interruption(exc)
+        if interrupted is not None:
+            print(f"hmrnn: {interrupted}", file=sys.stderr)  # not an error: the run can go on
+            return interrupted.exit_code
         if not os.environ.get("HMRNN_DEBUG") and is_training_fault(exc):
             report(exc)  # the run met a NaN or inf: the message names the step and the tensor
             return 1
+        exc = library_error_as_user_error(exc)
         if os.environ.get("HMRNN_DEBUG") or not is_user_error(exc):
             raise
         if isinstance(exc, LookupError) and str(exc).startswith("unknown encoding"):
@@ -112,6 +117,48 @@ def main(argv: list[str] | None = None) -> int:
             exc = ConfigError(f"data.init_args.encoding: {exc} (Python codec names: utf-8, latin-1, ascii...)")
         report(exc)
         return 2
+
+
+def _interruption(exc: BaseException):
+    """The :class:`~hmrnn_lightning.callbacks.TrainingInterrupted` behind ``exc``, if a signal stopped the fit."""
+    module = sys.modules.get("hmrnn_lightning.callbacks.last_checkpoint")
+    return next((e for e in _chain(exc) if module is not None and isinstance(e, module.TrainingInterrupted)), None)
+
+
+def _chain(exc: BaseException):
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def library_error_as_user_error(exc: Exception) -> Exception:
+    """Errors raised inside Lightning or by the operating system that are the user's to fix,
+    as :class:`ConfigError` lines; anything else is returned unchanged.
+
+    - a full disk anywhere in the chain (a checkpoint, a log, the data cache): the file that
+      could not be written and where to free space;
+    - ``val_check_interval`` longer than an epoch (Lightning's ``ValueError``);
+    - a resumed run whose training windows were cut differently (the data's ``ValueError``).
+    """
+    import errno
+
+    full = next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+    if full is not None:
+        where = getattr(full, "filename", None)
+        place = f" while writing {where}" if where else ""
+        return ConfigError(
+            f"no space left on the device{place}; free space there, or move the run (--trainer.default_root_dir) "
+            "or the data cache (--data.init_args.cache_dir, HMRNN_CACHE_DIR) to another disk"
+        )
+    text = str(exc).strip()
+    if isinstance(exc, ValueError) and text.startswith("`val_check_interval`"):
+        return ConfigError(f"trainer.val_check_interval: {text}")
+    if isinstance(exc, ValueError) and text.startswith("the checkpoint's training windows were cut differently"):
+        return ConfigError(f"--ckpt_path: {text}")
+    return exc
 
 
 def _run_lightning_cli(argv: list[str]) -> int:

@@ -1,0 +1,70 @@
+"""Checks the CLI makes on built objects before a run writes anything, each failing with one line."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hmrnn_lightning.errors import ConfigError
+
+
+def check_estimators(model) -> None:
+    """Every boundary estimator in the model implements ``forward`` and returns boundary states
+    in [0, 1] of its input's shape (a plugin that forgot ``forward``, or returns 2, would
+    otherwise pass parsing and fail at the first batch or train on a meaningless state).
+    Probed once on a few logits, so training pays nothing."""
+    import torch
+
+    from hmrnn_lightning.estimators.base import BoundaryEstimator
+
+    for name, module in model.named_modules():
+        if not isinstance(module, BoundaryEstimator):
+            continue
+        cls = type(module)
+        where = f"model.{name} ({cls.__module__}.{cls.__qualname__})"
+        if cls.forward is BoundaryEstimator.forward:
+            raise ConfigError(f"{where}: a boundary estimator must implement forward(logit) -> boundary states; this class does not")
+        logit = torch.linspace(-3.0, 3.0, 7)
+        was_training = module.training
+        try:
+            with torch.no_grad():
+                z = module(logit)
+        except Exception as exc:  # a plugin's own failure, reported with its place
+            raise ConfigError(f"{where}: forward failed on the logits -3..3: {type(exc).__name__}: {exc}") from None
+        finally:
+            module.train(was_training)
+        if not isinstance(z, torch.Tensor) or z.shape != logit.shape:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ConfigError(f"{where}: forward must return a tensor of its input's shape {tuple(logit.shape)}, got {got}")
+        if not bool(((z >= 0) & (z <= 1)).all()):
+            raise ConfigError(
+                f"{where}: forward must return boundary states in [0, 1], got {[round(float(v), 3) for v in z]} for the logits -3..3"
+            )
+
+
+def check_writable(trainer) -> None:
+    """The run's folders can be created and written: ``default_root_dir`` and each logger's
+    ``save_dir``. Checked by creating a temporary file in the nearest existing folder (permission
+    bits alone miss read-only mounts), before anything is written."""
+    places = [("trainer.default_root_dir", trainer.default_root_dir)]
+    places += [(f"{type(lg).__name__} save_dir", lg.save_dir) for lg in trainer.loggers if getattr(lg, "save_dir", None)]
+    for key, place in places:
+        path = Path(place).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"{key}: cannot create {path}: {existing} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}: cannot write in {existing} ({exc.strerror or exc}); give a writable folder, "
+                "e.g. --trainer.default_root_dir=runs"
+            ) from None
+
+
+def check_trainer_settings(trainer_cfg: dict) -> None:
+    """Trainer values Lightning accepts with a meaning nobody asks for."""
+    clip = trainer_cfg.get("gradient_clip_val")
+    if clip is not None and not float(clip) >= 0:
+        raise ConfigError(f"trainer.gradient_clip_val: must be >= 0 (0 or null: no clipping), got {clip}")
