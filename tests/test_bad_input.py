@@ -198,3 +198,44 @@ def test_diverged_training_is_one_line(tmp_path, capfd):
     for path in tmp_path.rglob("*.ckpt"):
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]  # our own test file
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()), path
+
+
+# -- the data cache ------------------------------------------------------------------------------------
+
+
+def test_full_disk_while_caching_is_one_line(tmp_path, capfd, monkeypatch):
+    """The disk holding the cache fills up while an entry is written (np.save raising ENOSPC, as
+    a real full disk does): one line naming the cache folder and how to move it, nothing left."""
+    import errno
+
+    import numpy as np
+
+    def full(path, *args, **kwargs):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    code, lines = run(capfd, tmp_path, *fit_args(tmp_path))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"no space left for the data cache in {tmp_path / 'cache'}" in lines[0] and "HMRNN_CACHE_DIR" in lines[0], lines
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert not runs_left(tmp_path)
+
+
+def test_damaged_cache_that_cannot_be_rebuilt_is_one_line(tmp_path, capfd, monkeypatch):
+    from hmrnn_lightning.data import SyntheticDataModule
+    from hmrnn_lightning.data.base import DataError
+
+    dm = SyntheticDataModule(num_chars=6000, batch_size=4, seq_len=20, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()  # the entry the tiny run opens
+    (dm.cache_path / "train.npy").write_bytes(b"\x93NUMPY")
+
+    def gone(self):
+        raise DataError("file not found: /data/source.txt")
+
+    monkeypatch.setattr(SyntheticDataModule, "read_splits", gone)
+    code, lines = run(capfd, tmp_path, *fit_args(tmp_path))
+    lines = [line for line in lines if not line.startswith("hmrnn: the data cache entry")]  # the notice before the attempt
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"hmrnn: error: the data cache entry {dm.cache_path} is damaged") and "delete that folder" in lines[0], lines
+    assert not runs_left(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import torch
 
 from hmrnn_lightning.data import PTBDataModule, SyntheticDataModule, Text8DataModule
 from hmrnn_lightning.data.base import DataError
-from hmrnn_lightning.data.cache import cache_root
+from hmrnn_lightning.data.cache import CacheError, cache_root, publish_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -254,3 +255,45 @@ def test_old_entry_without_checksums_is_checked_for_size_and_ids(damage, tmp_pat
     again.setup()
     assert int(again.split_ids("valid").max()) < again.vocab_size
     assert "files" in json.loads((again.cache_path / "meta.json").read_text())  # rebuilt in the new form
+
+
+# -- a full disk ---------------------------------------------------------------------------------------
+
+
+def _fills_the_disk(path, arr, *args, **kwargs):
+    """np.save on a disk that fills up: part of the file is written, then ENOSPC."""
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_while_building_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(np, "save", _fills_the_disk)
+    dm = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(CacheError) as info:
+        dm.setup()
+    message = str(info.value)
+    assert f"no space left for the data cache in {tmp_path / 'cache'}" in message, message
+    assert "--data.init_args.cache_dir" in message and "HMRNN_CACHE_DIR" in message
+    assert list((tmp_path / "cache").iterdir()) == []  # the partial entry is removed
+
+
+def test_full_disk_while_publishing_a_file_leaves_nothing(tmp_path):
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"half an archive")
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    with pytest.raises(CacheError, match=r"no space left for the data cache in .*cache \(Disk quota exceeded\)"):
+        publish_file(tmp_path / "cache" / "iam-lines.npz", write, suffix=".npz")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_other_write_errors_keep_their_traceback(tmp_path):
+    """Only a full disk is the user's to fix by moving the cache; any other failure is not relabelled."""
+    def write(tmp: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError) as info:
+        publish_file(tmp_path / "x.npz", write)
+    assert not isinstance(info.value, CacheError) and info.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []
