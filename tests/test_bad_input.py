@@ -72,8 +72,29 @@ CONFIG_CASES = [
     ("missing_iam_folder", lambda t: ["-c", str(ROOT / "configs" / "iam_hmlstm.yaml"), f"--data.init_args.data_dir={t / 'nowhere'}"],
      ["IAM-OnDB", "nowhere"]),
     ("unknown_encoding", lambda t: ["--data=text", f"--data.init_args.train_file={t / 'a.txt'}", "--data.init_args.encoding=klingon"],
-     ["data.init_args.encoding", "klingon"]),
+     ["data", "TextDataModule", "encoding", "klingon", "unknown"]),
+    ("text_to_text_codec", lambda t: ["--data=text", f"--data.init_args.train_file={t / 'a.txt'}", "--data.init_args.encoding=rot13"],
+     ["data", "TextDataModule", "encoding", "rot13", "not a text encoding"]),
+    ("bytes_to_bytes_codec", lambda t: ["--data=text", f"--data.init_args.train_file={t / 'a.txt'}", "--data.init_args.encoding=base64"],
+     ["data", "TextDataModule", "encoding", "base64", "not a text encoding"]),
+    ("binary_file_as_text8", lambda t: _text8(t, "text8", b"the cat sat " * 40 + b"\x89PNG\r\n" + b"x" * 100),
+     ["text8", "not Text8", "byte 480", "0x89"]),
+    ("truncated_zip_as_text8", lambda t: _text8(t, "text8.zip", b"PK\x03\x04" + b"\x00" * 200), ["text8.zip", "truncated zip archive"]),
+    ("binary_file_as_text", lambda t: ["--data=text", f"--data.init_args.train_file={_write(t / 'b.txt', b'abc ' * 9 + bytes([0xC3, 0x28]))}"],
+     ["b.txt", "not valid utf-8 text", "byte 36"]),
 ]
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _text8(tmp_path, name, data):
+    """Arguments for a Text8 run whose folder holds ``data`` as ``name``."""
+    (tmp_path / "t8").mkdir()
+    _write(tmp_path / "t8" / name, data)
+    return ["--data=text8", f"--data.init_args.data_dir={tmp_path / 't8'}", "--data.init_args.split_sizes=[300, 50, 50]"]
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])

@@ -300,9 +300,12 @@ def read_text_file(path: Path, encoding: str = "utf-8") -> str:
         raise DataError(f"file not found: {path}")
     try:
         text = path.read_text(encoding=encoding)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not valid {encoding} text (byte {exc.start}: {exc.reason}); "
-                        f"give the right encoding or read it as bytes") from None
+    except UnicodeError as exc:  # UnicodeDecodeError, or the plain UnicodeError of codecs like idna
+        where = f"byte {exc.start}: {exc.reason}" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        with open(path, "rb") as f:
+            archive = f.read(4) == b"PK\x03\x04"
+        hint = "it is a zip archive: unpack it first" if archive else "give the right encoding or read it as bytes"
+        raise DataError(f"{path} is not valid {encoding} text ({where}); {hint}") from None
     if not text:
         raise DataError(f"{path} is empty")
     return text
