@@ -287,7 +287,9 @@ class IAMOnDBDataModule(pl.LightningDataModule):
             except CacheError:
                 raise  # the cache folder itself is the problem; its message says how to move it
             except DataError as exc:
-                raise DataError(f"the data cache file {path} is damaged ({loaded}) and cannot be rebuilt: {exc}; delete that file") from None
+                raise DataError(
+                    f"the data cache file {path} is damaged ({loaded}) and cannot be rebuilt: {exc}; delete that file"
+                ) from None
         else:
             self._cached = loaded
             return
