@@ -72,8 +72,29 @@ CONFIG_CASES = [
     ("missing_iam_folder", lambda t: ["-c", str(ROOT / "configs" / "iam_hmlstm.yaml"), f"--data.init_args.data_dir={t / 'nowhere'}"],
      ["IAM-OnDB", "nowhere"]),
     ("unknown_encoding", lambda t: ["--data=text", f"--data.init_args.train_file={t / 'a.txt'}", "--data.init_args.encoding=klingon"],
-     ["data.init_args.encoding", "klingon"]),
+     ["data", "TextDataModule", "encoding", "klingon", "unknown"]),
+    ("text_to_text_codec", lambda t: ["--data=text", f"--data.init_args.train_file={t / 'a.txt'}", "--data.init_args.encoding=rot13"],
+     ["data", "TextDataModule", "encoding", "rot13", "not a text encoding"]),
+    ("bytes_to_bytes_codec", lambda t: ["--data=text", f"--data.init_args.train_file={t / 'a.txt'}", "--data.init_args.encoding=base64"],
+     ["data", "TextDataModule", "encoding", "base64", "not a text encoding"]),
+    ("binary_file_as_text8", lambda t: _text8(t, "text8", b"the cat sat " * 40 + b"\x89PNG\r\n" + b"x" * 100),
+     ["text8", "not Text8", "byte 480", "0x89"]),
+    ("truncated_zip_as_text8", lambda t: _text8(t, "text8.zip", b"PK\x03\x04" + b"\x00" * 200), ["text8.zip", "truncated zip archive"]),
+    ("binary_file_as_text", lambda t: ["--data=text", f"--data.init_args.train_file={_write(t / 'b.txt', b'abc ' * 9 + bytes([0xC3, 0x28]))}"],
+     ["b.txt", "not valid utf-8 text", "byte 36"]),
 ]
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _text8(tmp_path, name, data):
+    """Arguments for a Text8 run whose folder holds ``data`` as ``name``."""
+    (tmp_path / "t8").mkdir()
+    _write(tmp_path / "t8" / name, data)
+    return ["--data=text8", f"--data.init_args.data_dir={tmp_path / 't8'}", "--data.init_args.split_sizes=[300, 50, 50]"]
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
@@ -198,3 +219,44 @@ def test_diverged_training_is_one_line(tmp_path, capfd):
     for path in tmp_path.rglob("*.ckpt"):
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]  # our own test file
         assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()), path
+
+
+# -- the data cache ------------------------------------------------------------------------------------
+
+
+def test_full_disk_while_caching_is_one_line(tmp_path, capfd, monkeypatch):
+    """The disk holding the cache fills up while an entry is written (np.save raising ENOSPC, as
+    a real full disk does): one line naming the cache folder and how to move it, nothing left."""
+    import errno
+
+    import numpy as np
+
+    def full(path, *args, **kwargs):
+        open(path, "wb").close()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    code, lines = run(capfd, tmp_path, *fit_args(tmp_path))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"no space left for the data cache in {tmp_path / 'cache'}" in lines[0] and "HMRNN_CACHE_DIR" in lines[0], lines
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert not runs_left(tmp_path)
+
+
+def test_damaged_cache_that_cannot_be_rebuilt_is_one_line(tmp_path, capfd, monkeypatch):
+    from hmrnn_lightning.data import SyntheticDataModule
+    from hmrnn_lightning.data.base import DataError
+
+    dm = SyntheticDataModule(num_chars=6000, batch_size=4, seq_len=20, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()  # the entry the tiny run opens
+    (dm.cache_path / "train.npy").write_bytes(b"\x93NUMPY")
+
+    def gone(self):
+        raise DataError("file not found: /data/source.txt")
+
+    monkeypatch.setattr(SyntheticDataModule, "read_splits", gone)
+    code, lines = run(capfd, tmp_path, *fit_args(tmp_path))
+    lines = [line for line in lines if not line.startswith("hmrnn: the data cache entry")]  # the notice before the attempt
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"hmrnn: error: the data cache entry {dm.cache_path} is damaged") and "delete that folder" in lines[0], lines
+    assert not runs_left(tmp_path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
 import stat
 import subprocess
@@ -15,7 +18,7 @@ import torch
 
 from hmrnn_lightning.data import PTBDataModule, SyntheticDataModule, Text8DataModule
 from hmrnn_lightning.data.base import DataError
-from hmrnn_lightning.data.cache import cache_root
+from hmrnn_lightning.data.cache import CacheError, cache_root, publish_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,3 +157,143 @@ def test_str_names_the_module_without_building_loaders(tmp_path):
     dm = SyntheticDataModule(num_chars=2000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
     assert str(dm).startswith("SyntheticDataModule(batch_size=2, seq_len=10, cache=")
     assert not list(tmp_path.iterdir())  # nothing built to print it
+
+
+# -- damaged entries ---------------------------------------------------------------------------------
+
+
+def _truncate(entry: Path) -> None:
+    with open(entry / "train.npy", "r+b") as f:
+        f.truncate(1000)
+
+
+def _flip_an_id(entry: Path) -> None:
+    data = bytearray((entry / "valid.npy").read_bytes())
+    data[-1] = 250  # past the header: a symbol id far outside the vocabulary, the size unchanged
+    (entry / "valid.npy").write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated array": (_truncate, "train.npy is 1000 bytes"),
+    "array deleted": (lambda e: (e / "test.npy").unlink(), "test.npy is missing"),
+    "vocab not json": (lambda e: (e / "vocab.json").write_text("{not json"), "vocab.json"),
+    "id out of range": (_flip_an_id, "valid.npy does not hold what was written"),
+    "meta.json deleted": (lambda e: (e / "meta.json").unlink(), "meta.json is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_damaged_entry_is_rebuilt(damage, tmp_path, caplog):
+    def module():
+        return SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
+
+    whole = module()
+    whole.setup()
+    expected = {s: whole.split_ids(s).numpy().copy() for s in ("train", "valid", "test")}
+    del whole  # its memory maps close
+    entry = module().cache_path
+    harm, reason = DAMAGE[damage]
+    harm(entry)
+    caplog.set_level(logging.INFO)
+    dm = module()
+    dm.setup()
+    said = [r.getMessage() for r in caplog.records if "is damaged (" in r.getMessage()]
+    assert len(said) == 1 and str(entry) in said[0] and reason in said[0] and "rebuilding" in said[0], said
+    for split, ids in expected.items():
+        assert np.array_equal(dm.split_ids(split).numpy(), ids), split
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # the damaged copy is gone, no leftovers
+    caplog.clear()
+    module().setup()  # the rebuilt entry is whole: opened without a word
+    assert not [r for r in caplog.records if "is damaged (" in r.getMessage()]
+
+
+def test_damaged_entry_that_cannot_be_rebuilt_names_the_folder(tmp_path, monkeypatch):
+    dm = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    _truncate(dm.cache_path)
+
+    def source_gone(self):
+        raise DataError("file not found: /data/gone.txt")
+
+    monkeypatch.setattr(SyntheticDataModule, "read_splits", source_gone)
+    again = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
+    with pytest.raises(DataError) as info:
+        again.setup()
+    message = str(info.value)
+    assert str(dm.cache_path) in message and "damaged" in message and "delete that folder" in message, message
+    assert "/data/gone.txt" in message  # and why it could not be rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [dm.cache_path.name]  # no temporary folder left
+
+
+def _as_old_entry(entry: Path) -> None:
+    """The entry as versions before the checksums wrote it: no ``files`` in meta.json."""
+    meta = json.loads((entry / "meta.json").read_text())
+    del meta["files"]
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+def test_old_entry_without_checksums_is_kept_when_sound(tmp_path, monkeypatch):
+    dm = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    _as_old_entry(dm.cache_path)
+    monkeypatch.setattr(SyntheticDataModule, "read_splits", lambda self: pytest.fail("a sound old entry was rebuilt"))
+    again = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
+    assert again.vocab.decode(again.split_ids("train")[:40]) == dm.vocab.decode(dm.split_ids("train")[:40])
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "id out of range"])
+def test_old_entry_without_checksums_is_checked_for_size_and_ids(damage, tmp_path):
+    dm = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    _as_old_entry(dm.cache_path)
+    DAMAGE[damage][0](dm.cache_path)
+    from hmrnn_lightning.data.base import entry_problem
+
+    problem = entry_problem(dm.cache_path)
+    assert problem is not None and ("header says" in problem if damage == "truncated array" else "outside its vocabulary" in problem)
+    again = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path))
+    again.setup()
+    assert int(again.split_ids("valid").max()) < again.vocab_size
+    assert "files" in json.loads((again.cache_path / "meta.json").read_text())  # rebuilt in the new form
+
+
+# -- a full disk ---------------------------------------------------------------------------------------
+
+
+def _fills_the_disk(path, arr, *args, **kwargs):
+    """np.save on a disk that fills up: part of the file is written, then ENOSPC."""
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_while_building_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(np, "save", _fills_the_disk)
+    dm = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=10, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(CacheError) as info:
+        dm.setup()
+    message = str(info.value)
+    assert f"no space left for the data cache in {tmp_path / 'cache'}" in message, message
+    assert "--data.init_args.cache_dir" in message and "HMRNN_CACHE_DIR" in message
+    assert list((tmp_path / "cache").iterdir()) == []  # the partial entry is removed
+
+
+def test_full_disk_while_publishing_a_file_leaves_nothing(tmp_path):
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"half an archive")
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    with pytest.raises(CacheError, match=r"no space left for the data cache in .*cache \(Disk quota exceeded\)"):
+        publish_file(tmp_path / "cache" / "iam-lines.npz", write, suffix=".npz")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_other_write_errors_keep_their_traceback(tmp_path):
+    """Only a full disk is the user's to fix by moving the cache; any other failure is not relabelled."""
+    def write(tmp: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError) as info:
+        publish_file(tmp_path / "x.npz", write)
+    assert not isinstance(info.value, CacheError) and info.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []

@@ -148,3 +148,38 @@ def test_iam_training_resumes_mid_epoch_with_the_same_batches(tmp_path):
     assert per_epoch >= 4 and reference[:per_epoch] != reference[per_epoch:]  # a new order each epoch
     for step in (2, per_epoch - 1, per_epoch):
         assert run(ckpt_path=tmp_path / "ck" / f"step={step}.ckpt") == reference[step:], f"resumed from step {step}"
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[:500])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the points, stored uncompressed: only the member's CRC-32 can tell
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_cut, _flip], ids=["truncated", "changed byte"])
+def test_damaged_cache_file_is_rebuilt(damage, tmp_path, caplog):
+    import logging
+    import warnings
+
+    write_tree(tmp_path, n_lines=40)
+
+    def module():
+        return IAMOnDBDataModule(str(tmp_path), min_length=60, batch_size=4, cache_dir=str(tmp_path / "cache"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the generated tree's deliberately bad files
+        first = module()
+        first.setup()
+        damage(first.cache_path)
+        caplog.set_level(logging.INFO)
+        again = module()
+        again.setup()
+    said = [r.getMessage() for r in caplog.records if "is damaged (" in r.getMessage()]
+    assert len(said) == 1 and str(first.cache_path) in said[0] and "rebuilding" in said[0], said
+    assert again.line_ids("train") == first.line_ids("train")
+    assert all(np.array_equal(a, b) for a, b in zip(again.sequences("train"), first.sequences("train")))
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.cache_path.name]  # no temporary file left

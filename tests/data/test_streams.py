@@ -69,3 +69,24 @@ def test_bad_text_input(tmp_path):
     with pytest.raises(DataError, match="seq_len 500 is longer"):
         dm.train_dataloader()
     assert not list((tmp_path / "cache").glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "base64", "zip", "klingon"])
+def test_encoding_that_cannot_decode_text_is_refused_when_configured(encoding, tmp_path):
+    with pytest.raises(ValueError, match=rf"encoding '{encoding}' is (unknown|a Python codec but not a text encoding); give a text encoding"):
+        TextDataModule(str(tmp_path / "a.txt"), encoding=encoding)
+    TextDataModule(str(tmp_path / "a.txt"), encoding="bytes")  # byte values, no codec
+    TextDataModule(str(tmp_path / "a.txt"), encoding="Latin-1")  # any spelling Python accepts
+
+
+def test_zip_given_as_text_says_so(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "corpus.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("corpus.txt", "abc " * 500)
+    data = (tmp_path / "corpus.zip").read_bytes()
+    (tmp_path / "corpus.zip").write_bytes(data[: len(data) // 2])  # a download cut short
+    with pytest.raises(DataError, match=r"corpus.zip is not valid utf-8 text \(byte \d+: .*\); it is a zip archive"):
+        TextDataModule(str(tmp_path / "corpus.zip"), cache_dir=str(tmp_path / "c")).setup()
+    with pytest.raises(DataError, match=r"corpus.zip is a truncated zip archive"):
+        TextDataModule(str(tmp_path / "corpus.zip"), encoding="bytes", cache_dir=str(tmp_path / "c")).setup()

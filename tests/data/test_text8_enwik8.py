@@ -31,3 +31,41 @@ def test_short_corpus_is_an_error(tmp_path):
     with pytest.raises(DataError, match="fewer than"):
         (tmp_path / "text8").write_text("abc " * 10)
         Text8DataModule(str(tmp_path), cache_dir=str(tmp_path / "c2")).setup()
+
+
+def _zipped(text: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("text8", text)
+    return buf.getvalue()
+
+
+def test_binary_file_as_text8_names_the_file_and_the_byte(tmp_path):
+    (tmp_path / "text8").write_bytes(b"the cat sat " * 40 + b"\x89PNG\r\n" + b"more " * 40)
+    dm = Text8DataModule(str(tmp_path), split_sizes=[300, 50, 50], cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=rf"{tmp_path / 'text8'} is not Text8: byte 480 is 0x89, not ASCII text"):
+        dm.setup()
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())  # nothing cached
+
+
+@pytest.mark.parametrize("module", [Text8DataModule, Enwik8DataModule])
+def test_truncated_zip_is_named_not_read_as_the_corpus(module, tmp_path):
+    """A download cut short: zipfile does not see an archive (its end is missing), so without a
+    check text8 failed to decode and enwik8 read the compressed bytes as the corpus."""
+    data = _zipped("the quick brown fox " * 400)
+    (tmp_path / f"{module.name}.zip").write_bytes(data[: len(data) // 2])
+    dm = module(str(tmp_path), split_sizes=[300, 50, 50], cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=rf"{tmp_path / module.name}.zip is a truncated zip archive.*download it again"):
+        dm.setup()
+
+
+def test_zip_with_a_damaged_member_is_named(tmp_path):
+    text = "the quick brown fox " * 400
+    data = bytearray(_zipped(text))
+    data[60] ^= 0xFF  # inside the compressed member: the archive's end is whole, its CRC is not
+    (tmp_path / "text8.zip").write_bytes(bytes(data))
+    dm = Text8DataModule(str(tmp_path), split_sizes=[300, 50, 50], cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=rf"{tmp_path / 'text8.zip'} is a damaged zip archive"):
+        dm.setup()

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_dir, writable_parent
+from hmrnn_lightning.data.cache import (
+    CacheError, announce, cache_root, file_problem, file_record, progress, publish_dir, writable_parent,
+)
 from hmrnn_lightning.data.errors import DataError
 from hmrnn_lightning.data.streams import StreamWindows
 from hmrnn_lightning.data.vocab import UNK, Vocabulary
@@ -34,7 +36,9 @@ class CharStreamDataModule(pl.LightningDataModule):
     ``vocab.json`` in the user's cache directory (see :mod:`hmrnn_lightning.data.cache`), so the
     data folder may be read-only; it is written into a temporary folder and renamed into place,
     so an interrupted build leaves nothing half-written and concurrent builds end with one whole
-    copy. Arrays are memory-mapped on load and kept in their stored dtype (``uint8`` up to 256
+    copy. ``meta.json`` records each file's size and CRC-32; an entry is checked against it when
+    first opened, and a damaged one (truncated, edited, a file missing) is rebuilt from the source
+    (see :func:`entry_problem`). Arrays are memory-mapped on load and kept in their stored dtype (``uint8`` up to 256
     symbols); windows become ``int64`` one at a time as they are served.
 
     Under DDP each rank reads its own contiguous ``batch_size`` streams: the global batch is
@@ -64,6 +68,7 @@ class CharStreamDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self._arrays: dict[str, np.ndarray] = {}
         self._vocab: Vocabulary | None = None
+        self._checked: Path | None = None  # the cache entry found whole by this process
 
     #: symbols that end a word; their positions are the known "word" boundaries
     word_end_symbols: tuple[str, ...] = (" ", "\n")
@@ -95,7 +100,8 @@ class CharStreamDataModule(pl.LightningDataModule):
         digest = hashlib.sha1(self.cache_key().encode()).hexdigest()[:12]
         return cache_root(self.cache_dir) / f"{self.name}-{digest}"
 
-    def _build_cache(self) -> None:
+    def _build_cache(self, replacing: int | None = None) -> None:
+        """Read, encode and publish the entry; ``replacing``: the inode of a damaged entry to replace."""
         final = self.cache_path
         writable_parent(final)  # fail before the work, not after
         announce(self.describe(), final)
@@ -110,14 +116,40 @@ class CharStreamDataModule(pl.LightningDataModule):
             for split, arr in arrays.items():
                 np.save(tmp / f"{split}.npy", arr)
             (tmp / "vocab.json").write_text(vocab.to_json())
-            meta = {"key": self.cache_key(), "lengths": {s: len(a) for s, a in arrays.items()}}
+            files = {f.name: file_record(f) for f in sorted(tmp.iterdir())}
+            meta = {"key": self.cache_key(), "lengths": {s: len(a) for s, a in arrays.items()}, "files": files}
             (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a whole copy
 
-        publish_dir(final, fill)
+        publish_dir(final, fill, replacing)
 
     def prepare_data(self) -> None:
-        if not (self.cache_path / "meta.json").exists():
+        """Build the cache entry if there is none; check it once per process if there is one, and
+        rebuild it if it is damaged.
+
+        Raises:
+            DataError: the entry is damaged and cannot be rebuilt (the message names the folder to delete).
+        """
+        path = self.cache_path
+        if self._checked == path:
+            return
+        if not path.exists():
             self._build_cache()
+        elif (problem := entry_problem(path)) is not None:
+            rank_zero_info(f"hmrnn: the data cache entry {path} is damaged ({problem}); rebuilding it")
+            try:
+                inode = path.stat().st_ino
+            except FileNotFoundError:  # another process removed it meanwhile
+                inode = None
+            try:
+                self._build_cache(replacing=inode)
+            except CacheError:
+                raise  # the cache folder itself is the problem; its message says how to move it
+            except DataError as exc:
+                raise DataError(
+                    f"the data cache entry {path} is damaged ({problem}) and cannot be rebuilt: {exc}; "
+                    f"delete that folder"
+                ) from None
+        self._checked = path
 
     def _load(self) -> None:
         if self._vocab is not None:
@@ -209,6 +241,58 @@ class CharStreamDataModule(pl.LightningDataModule):
         )
 
 
+def entry_problem(path: Path) -> str | None:
+    """What is wrong with the cache entry in ``path``, or ``None`` if it is whole.
+
+    Checked: every file is present, each array's header and size agree with the lengths
+    ``meta.json`` recorded, ``vocab.json`` parses, and each file's size and CRC-32 match what
+    was written (which also rules out ids outside the vocabulary: they are the ids encoded).
+    Entries written before the sizes and checksums were recorded have no ``files`` in
+    ``meta.json``; they are kept, being checked for the same structure and, with a pass over
+    the arrays, for ids outside the vocabulary instead, so an old cache whose source is gone
+    still works.
+    """
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        lengths = meta["lengths"]
+        files = meta.get("files")
+        if not isinstance(lengths, dict) or not (files is None or all(isinstance(r, dict) for r in files.values())):
+            raise TypeError("unexpected layout")
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"meta.json cannot be read ({exc})"
+    if files is not None:
+        for name, record in files.items():
+            if (problem := file_problem(path / name, record)) is not None:
+                return problem
+    try:
+        vocab = Vocabulary.load(path / "vocab.json")
+    except FileNotFoundError:
+        return "vocab.json is missing"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"vocab.json cannot be read ({exc})"
+    for split in SPLITS:
+        file = path / f"{split}.npy"
+        try:
+            with open(file, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                offset = f.tell()
+        except FileNotFoundError:
+            return f"{file.name} is missing"
+        except (OSError, ValueError) as exc:
+            return f"{file.name} is not a NumPy array file ({exc})"
+        if dtype.kind not in "iu" or shape != (lengths.get(split),):
+            return f"{file.name} holds {dtype} {shape}, {lengths.get(split)} symbol ids were written"
+        if file.stat().st_size != offset + shape[0] * dtype.itemsize:
+            return f"{file.name} is {file.stat().st_size} bytes, its header says {offset + shape[0] * dtype.itemsize}"
+        if files is None and shape[0] and int(np.load(file, mmap_mode="r").max()) >= len(vocab):
+            return f"{file.name} holds ids outside its vocabulary of {len(vocab)} symbols"
+    return None
+
+
 def read_text_file(path: Path, encoding: str = "utf-8") -> str:
     """Whole file as text, with errors that say which file and what is wrong."""
     path = Path(path)
@@ -216,9 +300,12 @@ def read_text_file(path: Path, encoding: str = "utf-8") -> str:
         raise DataError(f"file not found: {path}")
     try:
         text = path.read_text(encoding=encoding)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not valid {encoding} text (byte {exc.start}: {exc.reason}); "
-                        f"give the right encoding or read it as bytes") from None
+    except UnicodeError as exc:  # UnicodeDecodeError, or the plain UnicodeError of codecs like idna
+        where = f"byte {exc.start}: {exc.reason}" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        with open(path, "rb") as f:
+            archive = f.read(4) == b"PK\x03\x04"
+        hint = "it is a zip archive: unpack it first" if archive else "give the right encoding or read it as bytes"
+        raise DataError(f"{path} is not valid {encoding} text ({where}); {hint}") from None
     if not text:
         raise DataError(f"{path} is empty")
     return text

@@ -11,15 +11,24 @@ data folder may be read-only (a shared mount, a container volume):
 Every entry is built in a temporary name beside its final place and renamed into place, so
 an interrupted build leaves nothing half-written, and two processes building the same entry
 at once (two ``hmrnn fit`` on a new cache, or several DDP nodes) both finish with one whole
-copy: the first rename wins and the other process uses the winner's copy.
+copy: the first rename wins and the other process uses the winner's copy. A disk that fills
+up while an entry is written is one :class:`CacheError` naming the cache folder, and the
+partial entry is removed.
+
+Each file of an entry is recorded with its size and CRC-32 (:func:`file_record`), so a damaged
+entry (truncated, edited, a file deleted) is found when it is opened and replaced: the whole
+CRC-32 is cheap enough to check on every open (measured: about 40 ms for enwik8's 100 MB read
+from the page cache, one core, zlib), so the whole file is checked, not samples of it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -64,16 +73,40 @@ def writable_parent(final: Path) -> Path:
     return parent
 
 
-def publish_dir(final: Path, fill: Callable[[Path], None]) -> None:
+def _no_space(exc: OSError, parent: Path) -> None:
+    """Raise a full disk while writing in ``parent`` as one :class:`CacheError`; other errors stay as they are."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise CacheError(
+            f"no space left for the data cache in {parent} ({exc.strerror or exc}); free space there, or move "
+            f"the cache with --data.init_args.cache_dir or the {ENV_VAR} environment variable"
+        ) from None
+
+
+def publish_dir(final: Path, fill: Callable[[Path], None], replacing: int | None = None) -> None:
     """Build the folder ``final`` with ``fill(tmp_folder)`` and rename it into place.
 
     If another process published ``final`` first (its rename won), that copy is kept and ours
     is discarded: both are built from the same source, so either is whole and right.
+
+    Args:
+        final: where the folder goes.
+        fill: writes the folder's files into the temporary folder it is given.
+        replacing: the inode of a damaged folder now at ``final``; it is removed once the new
+            copy is whole, unless another process has already replaced it.
+
+    Raises:
+        CacheError: the cache folder cannot be written, or its disk is full.
     """
     parent = writable_parent(final)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=parent))
     try:
-        fill(tmp)
+        try:
+            fill(tmp)
+        except OSError as exc:
+            _no_space(exc, parent)
+            raise
+        if replacing is not None:
+            discard_dir(final, replacing)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -90,10 +123,60 @@ def publish_file(final: Path, write: Callable[[Path], None], suffix: str = "") -
     os.close(fd)
     tmp = Path(name)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:
+            _no_space(exc, parent)
+            raise
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def discard_dir(path: Path, inode: int | None = None) -> None:
+    """Remove the folder ``path``: renamed aside first (atomic), so no reader or builder ever sees
+    it half-deleted. With ``inode``, only the folder that had that inode is removed: another
+    process may already have put a whole copy in its place.
+
+    Raises:
+        CacheError: the folder cannot be moved (saying to delete it by hand).
+    """
+    try:
+        if inode is not None and path.stat().st_ino != inode:
+            return
+        trash = Path(tempfile.mkdtemp(prefix=path.name + ".damaged-", dir=path.parent))
+        os.rename(path, trash / "entry")
+    except FileNotFoundError:
+        return  # already removed by another process
+    except OSError as exc:
+        raise CacheError(f"cannot remove the damaged data cache entry {path} ({exc.strerror or exc}); delete that folder") from None
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def file_crc32(path: Path, chunk: int = 1 << 22) -> int:
+    """CRC-32 of the whole file, read in 4 MiB pieces (memory stays small for any file size)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def file_record(path: Path) -> dict[str, int]:
+    """What :func:`file_problem` checks a file against later: its size and CRC-32."""
+    return {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
+
+
+def file_problem(path: Path, record: dict[str, int]) -> str | None:
+    """What is wrong with ``path`` compared with its :func:`file_record`, or ``None`` if nothing."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        return f"{path.name} is {size} bytes, {record.get('bytes')} were written"
+    if file_crc32(path) != record.get("crc32"):
+        return f"{path.name} does not hold what was written (checksum differs)"
+    return None
 
 
 def announce(what: str, where: Path) -> None:

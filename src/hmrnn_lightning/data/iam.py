@@ -12,15 +12,17 @@ import hashlib
 import tarfile
 import warnings
 import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import Path
 from typing import Iterator, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_file, writable_parent
+from hmrnn_lightning.data.cache import CacheError, announce, cache_root, progress, publish_file, writable_parent
 from hmrnn_lightning.data.errors import DataError
 
 def parse_line_strokes(xml: bytes | str) -> np.ndarray:
@@ -193,6 +195,22 @@ class ResumableLoader(DataLoader):
         self.batch_sampler.load_state_dict(state)
 
 
+def read_cache(path: Path) -> tuple[list[str], np.ndarray, np.ndarray] | str:
+    """The line ids, lengths and points of the cache file, or what is wrong with it.
+
+    Reading every member whole makes ``zipfile`` check its CRC-32, so a truncated or changed
+    file is found here, before any of it is used.
+    """
+    try:
+        with np.load(path) as npz:
+            ids, lengths, points = list(npz["ids"]), npz["lengths"], npz["points"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        return str(exc) or type(exc).__name__
+    if len(ids) != len(lengths) or int(lengths.sum()) != len(points) or points.ndim != 2:
+        return f"its {len(ids)} lines and {len(points)} points do not agree"
+    return ids, lengths, points
+
+
 class IAMOnDBDataModule(pl.LightningDataModule):
     """IAM-OnDB lines as normalised ``(dx, dy, pen)`` sequences with masks.
 
@@ -233,6 +251,7 @@ class IAMOnDBDataModule(pl.LightningDataModule):
         self._splits: dict[str, list[np.ndarray]] | None = None
         self._ids: dict[str, list[str]] = {}
         self._stats: dict[str, list[float]] | None = None
+        self._cached: tuple[list[str], np.ndarray, np.ndarray] | None = None  # the cache file, read and found whole
 
     def source(self) -> Path:
         for candidate in ("lineStrokes", "lineStrokes-all.tar.xz", "lineStrokes-all.tar.gz", "lineStrokes-all.tar"):
@@ -250,9 +269,36 @@ class IAMOnDBDataModule(pl.LightningDataModule):
         return cache_root(self.cache_dir) / f"iam-lines-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
 
     def prepare_data(self) -> None:
-        path = self.cache_path
-        if path.exists():
+        """Parse the strokes into the cache file if there is none; read it once per process if there
+        is one, and rebuild it if it is damaged (the archive's own CRC-32s find a changed byte).
+
+        Raises:
+            DataError: the file is damaged and cannot be rebuilt (the message names the file to delete).
+        """
+        if self._cached is not None or self._splits is not None:  # read already
             return
+        path = self.cache_path
+        if not path.exists():
+            self._build_cache(path)
+        elif isinstance(loaded := read_cache(path), str):
+            rank_zero_info(f"hmrnn: the data cache file {path} is damaged ({loaded}); rebuilding it")
+            try:
+                self._build_cache(path)  # replaces the damaged file atomically once the new one is whole
+            except CacheError:
+                raise  # the cache folder itself is the problem; its message says how to move it
+            except DataError as exc:
+                raise DataError(
+                    f"the data cache file {path} is damaged ({loaded}) and cannot be rebuilt: {exc}; delete that file"
+                ) from None
+        else:
+            self._cached = loaded
+            return
+        loaded = read_cache(path)
+        if isinstance(loaded, str):  # pragma: no cover - a fresh file that does not read back is a bug
+            raise RuntimeError(f"the data cache file {path} just written does not read back: {loaded}")
+        self._cached = loaded
+
+    def _build_cache(self, path: Path) -> None:
         writable_parent(path)  # fail before the minute of parsing, not after
         announce(f"IAM-OnDB strokes from {self.source()} (about a minute)", path)
         lines, _ = read_lines(self.source())
@@ -274,8 +320,9 @@ class IAMOnDBDataModule(pl.LightningDataModule):
         if self._splits is not None:
             return
         self.prepare_data()
-        with np.load(self.cache_path) as npz:
-            ids, lengths, points = list(npz["ids"]), npz["lengths"], npz["points"]
+        assert self._cached is not None
+        ids, lengths, points = self._cached
+        self._cached = None  # the splits below keep what they need
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         seqs = {i: points[offsets[k] : offsets[k + 1]] for k, i in enumerate(ids)}
         kept = [i for i in ids if len(seqs[i]) >= self.min_length]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import zipfile
+import zlib
 from pathlib import Path
 
 from hmrnn_lightning.data.base import CharStreamDataModule, DataError, read_text_file
@@ -23,16 +25,49 @@ def split_by_count(seq, train: int, valid: int, test: int, what: str) -> dict[st
     return {"train": seq[:train], "valid": seq[train : train + valid], "test": seq[train + valid : train + valid + test]}
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def read_maybe_zipped(path: Path, member: str | None = None) -> bytes:
-    """Bytes of ``path``, or of ``member`` (default: the only file) inside a zip archive."""
+    """Bytes of ``path``, or of ``member`` (default: the only file) inside a zip archive.
+
+    Raises:
+        DataError: the archive is truncated or damaged (a cut-off download would otherwise be
+            read as the corpus itself), or it is not clear which member to read.
+    """
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if not n.endswith("/")]
-            name = member if member in names else (names[0] if len(names) == 1 else None)
-            if name is None:
-                raise DataError(f"{path}: cannot tell which of {names[:5]} to read")
-            return zf.read(name)
-    return path.read_bytes()
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if not n.endswith("/")]
+                name = member if member in names else (names[0] if len(names) == 1 else None)
+                if name is None:
+                    raise DataError(f"{path}: cannot tell which of {names[:5]} to read")
+                return zf.read(name)
+        except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
+            raise DataError(f"{path} is a damaged zip archive ({exc}); download it again") from None
+    data = path.read_bytes()
+    if data.startswith(ZIP_MAGIC):  # a zip without its end record: a download cut short
+        raise DataError(f"{path} is a truncated zip archive (its end is missing); download it again")
+    return data
+
+
+def check_text_encoding(encoding: str) -> None:
+    """Raise a ``ValueError`` saying why ``encoding`` cannot decode text files, if it cannot.
+
+    Python knows codecs that are not text encodings (``rot13`` maps text to text, ``base64``
+    and ``zip`` bytes to bytes); ``bytes.decode`` refuses them with a ``LookupError``.
+    """
+    try:
+        info = codecs.lookup(encoding)
+    except LookupError:
+        reason = "unknown"
+    else:
+        if getattr(info, "_is_text_encoding", True):
+            return
+        reason = "a Python codec but not a text encoding"
+    raise ValueError(
+        f"encoding {encoding!r} is {reason}; give a text encoding (utf-8, latin-1, ascii...) or bytes to read byte values"
+    )
 
 
 class TextDataModule(CharStreamDataModule):
@@ -67,6 +102,8 @@ class TextDataModule(CharStreamDataModule):
         super().__init__(batch_size, seq_len, eval_batch_size, cache_dir)
         self.train_file, self.valid_file, self.test_file = train_file, valid_file, test_file
         self.split = list(split)
+        if encoding != "bytes":
+            check_text_encoding(encoding)
         self.encoding = encoding
         if (valid_file is None) != (test_file is None):
             raise ValueError("TextDataModule: give both valid_file and test_file, or neither")
@@ -149,7 +186,14 @@ class Text8DataModule(CharStreamDataModule):
     def read_corpus(self):
         path = self.local_file()
         if path is not None:
-            return read_maybe_zipped(path, self.name).decode("ascii")
+            data = read_maybe_zipped(path, self.name)
+            try:
+                return data.decode("ascii")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path} is not Text8: byte {exc.start} is {data[exc.start]:#04x}, not ASCII text; "
+                    f"give text8 or text8.zip as published (27 symbols: a-z and space)"
+                ) from None
         from hmrnn_lightning.data.hub import fetch_single_text
 
         return fetch_single_text(self.hub_name, "text", hint=f"put {self.name} or {self.name}.zip in {self.data_dir}")
