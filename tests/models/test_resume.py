@@ -66,11 +66,18 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(root.rglob("step*.ckpt"))
 
 
-def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
-    whole = tmp_path / "whole"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[int, float]:
+    """The per-step losses of the uninterrupted run."""
+    whole = tmp_path_factory.mktemp("whole") / "root"
     fit(whole)
-    reference = step_losses(whole)
-    assert len(reference) == 66  # 2 epochs of 33 steps
+    losses = step_losses(whole)
+    assert len(losses) == 66  # 2 epochs of 33 steps
+    return losses
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path, reference):
 
     # kill -9 once last.ckpt holds step 40 (7 steps into the second epoch; the quickstart's
     # LastCheckpoint saves every 20 steps): the run is then busy with later steps or checkpoints,
@@ -103,6 +110,41 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert sorted(after) == list(range(resumed_from, 66))
     for step, loss in after.items():
         assert loss == reference[step], f"step {step}: resumed {loss} != uninterrupted {reference[step]}"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_nonzero_and_resume_by_folder_is_exact(tmp_path, reference):
+    """A scheduler's SIGTERM mid-epoch: the run saves last.ckpt at the step it was on, says how
+    to resume and exits 143; `hmrnn fit --resume RUN` goes on in the same folder with the losses of
+    the uninterrupted run."""
+    root = tmp_path / "root"
+    proc = fit(root, wait=False)
+    deadline = time.monotonic() + 1800
+    while not list(root.rglob("*step=35.ckpt")):  # two steps into the second epoch
+        assert proc.poll() is None, f"the run ended before it could be stopped:\n{proc.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 143, out[-3000:]
+    last = next(root.rglob("last.ckpt"))
+    run_dir = last.parent.parent
+    line = [x for x in out.splitlines() if x.startswith("hmrnn: stopped by SIGTERM")]
+    assert line and f"resume with: hmrnn fit --resume {run_dir}" in line[0], out[-2000:]
+    stopped_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 35 <= stopped_at < 66 and f"at step {stopped_at};" in line[0]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled",
+           "HMRNN_CACHE_DIR": str(root.parent / "cache")}
+    done = subprocess.run([sys.executable, "-m", "hmrnn_lightning.cli", "fit", "--resume", str(run_dir)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in root.rglob("version_*")] == [run_dir.name]  # the same folder, no new one
+    after = step_losses(root)  # metrics.csv of the resumed part; the first part is kept as metrics.part1.csv
+    assert sorted(after) == list(range(stopped_at, 66))
+    for step, loss in after.items():
+        assert loss == reference[step], f"step {step}: resumed {loss} != uninterrupted {reference[step]}"
+    assert (run_dir / "metrics.part1.csv").is_file()
 
 
 def test_resume_at_every_kind_of_step_in_process(tmp_path, recwarn):
@@ -154,6 +196,7 @@ def test_every_shipped_config_writes_one_last_ckpt_between_validations():
         assert not any(c.get("init_args", {}).get("save_last") for c in callbacks), f"{path.name}: a second writer of last.ckpt"
 
 
+@pytest.mark.slow
 def test_ddp_resume_restores_each_ranks_windows_and_state(tmp_path):
     """Two gloo ranks: each carries the state of its own streams; a resume from a mid-epoch
     checkpoint gives every rank its own state back (rank 0's logged losses would drift otherwise,
