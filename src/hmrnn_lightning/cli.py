@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"hmrnn-lightning {__version__}")
         return 0
+    local_modules_importable()
     try:
         if argv[0] in COMMANDS:
             return _command(argv[0])(argv[1:])
@@ -112,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
             exc = ConfigError(f"data.init_args.encoding: {exc} (Python codec names: utf-8, latin-1, ascii...)")
         report(exc)
         return 2
+
+
+def local_modules_importable() -> None:
+    """Let class paths name modules in the working folder (``my_est.MyEstimator`` for
+    ``./my_est.py``), as ``python -m`` would: the ``hmrnn`` script's own folder is on
+    ``sys.path`` instead. Appended, so a local file never shadows an installed package."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working folder was removed: there is nothing local to import
+        return
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
 
 
 def _run_lightning_cli(argv: list[str]) -> int:
