@@ -117,6 +117,33 @@ def test_plugin_found_by_short_name(tmp_path, monkeypatch, capsys):
     assert type(cli.model.estimator).__name__ == "GumbelSigmoidEstimator"
 
 
+LOOSE_ESTIMATOR = """from hmrnn_lightning.estimators import StepEstimator
+
+
+class MyEstimator(StepEstimator):
+    calls = 0
+
+    def forward(self, logit):
+        MyEstimator.calls += 1
+        return super().forward(logit)
+"""
+
+
+def test_estimator_in_a_loose_file_of_the_working_folder(tmp_path, monkeypatch):
+    """``my_est.MyEstimator`` resolves from ./my_est.py without PYTHONPATH=. (as the console script runs)."""
+    (tmp_path / "my_est.py").write_text(LOOSE_ESTIMATOR)
+    monkeypatch.chdir(tmp_path)
+    # the hmrnn script's sys.path: neither '' nor the working folder (pytest's may hold either)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_est", raising=False)
+    try:
+        assert main(["fit", *tiny(tmp_path, "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+                                  "--model.init_args.stack.init_args.estimator=my_est.MyEstimator")]) == 0
+        assert sys.modules["my_est"].MyEstimator.calls > 0  # the run used the local class
+    finally:
+        sys.modules.pop("my_est", None)
+
+
 def test_broken_plugin_gives_one_message(tmp_path, monkeypatch, capsys):
     _fake_install(tmp_path, monkeypatch, "hmrnn-broken", "no_such_module_xyz:Thing")
     code = main(["fit", *tiny(tmp_path, "--model.init_args.stack.init_args.estimator=broken")])

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"hmrnn-lightning {__version__}")
         return 0
+    local_modules_importable()
     try:
         if argv[0] in COMMANDS:
             return _command(argv[0])(argv[1:])
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if not os.environ.get("HMRNN_DEBUG") and is_training_fault(exc):
             report(exc)  # the run met a NaN or inf: the message names the step and the tensor
             return 1
-        exc = library_error_as_user_error(exc)
+        if not is_user_error(exc):  # our own lines (a full cache folder, say) stay as they are
+            exc = library_error_as_user_error(exc)
         if os.environ.get("HMRNN_DEBUG") or not is_user_error(exc):
             raise
         if isinstance(exc, LookupError) and str(exc).startswith("unknown encoding"):
@@ -159,6 +161,18 @@ def library_error_as_user_error(exc: Exception) -> Exception:
     if isinstance(exc, ValueError) and text.startswith("the checkpoint's training windows were cut differently"):
         return ConfigError(f"--ckpt_path: {text}")
     return exc
+
+
+def local_modules_importable() -> None:
+    """Let class paths name modules in the working folder (``my_est.MyEstimator`` for
+    ``./my_est.py``), as ``python -m`` would: the ``hmrnn`` script's own folder is on
+    ``sys.path`` instead. Appended, so a local file never shadows an installed package."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working folder was removed: there is nothing local to import
+        return
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
 
 
 def _run_lightning_cli(argv: list[str]) -> int:

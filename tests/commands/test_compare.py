@@ -42,7 +42,8 @@ def test_compare_on_tiny_synthetic_data(tiny_configs, tmp_path, capsys):
     assert float(summary[0]["test/bpc_mean"]) == pytest.approx(float(hm_row["test/bpc"]))
     assert summary[0]["test/bpc_sd"] == ""  # one seed: no spread (mean and sd over seeds: see the summary test)
     md = (out / "compare.md").read_text()
-    assert md.startswith("| model | seeds | params |") and "| hm_lstm | 1 |" in md and "probe word F1 l1" in md
+    assert md.startswith("| model | seeds | params | test BPC | train chars/s | word F1, best layer |\n")
+    assert "| hm_lstm | 1 |" in md and "probe)" in md.splitlines()[3]  # the LSTM's best layer is its probe's
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
@@ -62,3 +63,24 @@ def test_summary_mean_and_sample_sd():
     assert s[1]["x_mean"] == 2.0 and s[1]["x_sd"] == ""  # one value: no spread to report
     md = markdown_summary(s, ["x"])
     assert "| a | 2 | 2.000 ± 1.414 |" in md and "| b | 2 | 2.000 |" in md
+
+
+def test_markdown_table_is_the_headline_the_csv_holds_every_column(tmp_path):
+    from hmrnn_lightning.commands.compare import write_tables
+
+    hm = {"label": "hm", "params": 100, "steps": 4, "test/bpc": 2.0, "best_val_bpc": 2.1, "chars_per_s": 5000.0,
+          "test/boundary_rate/l1": 0.3, "test/boundary_rate/l2": 0.1, "test/boundary_rate/l3": 0.0,
+          "test/boundary_f1/l1_word": 0.4, "test/boundary_f1_tol1/l1_word": 0.95}  # a tolerant F1 is not the headline
+    rows = [{**hm, "seed": 0, "test/boundary_f1/l2_word": 0.6}, {**hm, "seed": 1, "test/boundary_f1/l2_word": 0.8},
+            {"label": "lstm", "seed": 0, "params": 101, "steps": 4, "test/bpc": 2.5, "best_val_bpc": 2.6, "chars_per_s": 9000.0,
+             "probe_f1/l1_word": 0.5, "probe_f1/l2_word": 0.3, "probe_f1_tol1/l1_word": 0.97}]
+    write_tables(tmp_path, rows)
+    md = (tmp_path / "compare.md").read_text().splitlines()
+    assert md[0] == "| model | seeds | params | test BPC | train chars/s | word F1, best layer |"
+    assert md[2] == "| hm | 2 | 100 | 2.000 ± 0.000 | 5000 ± 0 | 0.700 ± 0.141 (l2) |"
+    assert md[3] == "| lstm | 1 | 101 | 2.500 | 9000 | 0.500 (l1, probe) |"
+    header = next(csv.reader((tmp_path / "compare.csv").open()))
+    for column in ("best_val_bpc", "test/boundary_rate/l1", "test/boundary_f1_tol1/l1_word", "probe_f1/l2_word"):
+        assert f"{column}_mean" in header, column
+    write_tables(tmp_path, rows, full=True)
+    assert "| z word F1 l1 ±1 |" in (tmp_path / "compare.md").read_text()

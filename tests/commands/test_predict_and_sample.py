@@ -99,7 +99,12 @@ def test_sampling_never_emits_the_unknown_symbol(tiny_checkpoint):
 
 @pytest.mark.parametrize("bad, message", [
     (["--length", "-5"], "--length must be 0 or more, got -5"),
-    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["--temperature", "-1"], "--temperature must be a finite number > 0, got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+    (["--seed", str(2**70)], f"--seed must be from 0 to 2**64 - 1, got {2**70}"),
+    (["--seed", "-1"], "--seed must be from 0 to 2**64 - 1, got -1"),
     (["--top_k", "0"], "--top_k must be positive, got 0"),
     (["--num_samples", "0"], "--num_samples must be positive, got 0"),
     (["--device", "gpu0"], "--device 'gpu0' is not a device"),
@@ -110,6 +115,17 @@ def test_sample_bad_options_are_one_line(tiny_checkpoint, capsys, bad, message):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"hmrnn: error: {message}")
+
+
+def test_a_tiny_temperature_samples_greedily(tiny_checkpoint, capsys):
+    """1e-45 is a valid temperature: the likeliest symbol every time (as top_k 1), not a crash on inf / inf."""
+    def sample(*extra):
+        assert main(["sample", f"--ckpt_path={tiny_checkpoint}", "--prime=ab", "--length=30", *extra]) == 0
+        return capsys.readouterr().out
+
+    tiny = sample("--temperature=1e-45", "--seed=0")
+    assert tiny == sample("--temperature=1e-45", "--seed=1") == sample("--top_k=1", "--seed=2")
+    assert len(tiny.rstrip("\n")) == 32
 
 
 @pytest.mark.parametrize("command", ["sample", "predict", "plot-boundaries"])

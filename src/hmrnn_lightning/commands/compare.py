@@ -28,8 +28,9 @@ import yaml
 
 from hmrnn_lightning.commands.runs import (
     RunSpec, atomic_write, budget_args, build_cli, count_parameters, csv_text, fail, informative, markdown_summary, metric_columns,
-    run_one, split_extra, summarise,
+    run_one, short_markdown_summary, split_extra, summarise,
 )
+from hmrnn_lightning.commands.options import DefaultsHelpFormatter, check_output_folder
 
 DEFAULT_HM = "configs/ptb_step_anneal.yaml"
 DEFAULT_BASELINE = "configs/ptb_ln_lstm.yaml"
@@ -41,11 +42,13 @@ def parser() -> argparse.ArgumentParser:
         description="Train an HM-LSTM config and the LayerNorm-LSTM baseline (resized to the same parameter count) on "
         "the same data with the same budget and seeds; test each on its best-validation checkpoint; probe the "
         "LSTM's hidden states for word boundaries; write OUT/compare.csv, OUT/compare.md (mean and spread over "
-        "seeds) and OUT/runs.csv (one row per run). Arguments after `--` go to every run, e.g. "
-        "`-- --data.init_args.data_dir=/path/to/ptb`.",
+        "seeds) and OUT/runs.csv (one row per run). compare.md holds the headline columns (test BPC, "
+        "training chars/s, the best layer's word F1), compare.csv every column. Arguments after `--` go to every "
+        "run, e.g. `-- --data.init_args.data_dir=/path/to/ptb`.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--hm", default=DEFAULT_HM, help=f"HM-LSTM config (default {DEFAULT_HM})")
-    p.add_argument("--baseline", default=DEFAULT_BASELINE, help=f"baseline config (default {DEFAULT_BASELINE})")
+    p.add_argument("--hm", default=DEFAULT_HM, help="HM-LSTM config")
+    p.add_argument("--baseline", default=DEFAULT_BASELINE, help="baseline config")
     p.add_argument("--names", nargs=2, default=["hm_lstm", "ln_lstm"], metavar=("HM", "BASELINE"), help="labels in the table")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds, one run of each model per seed")
     p.add_argument("--max_time", type=float, default=None, help="training budget per run, in minutes")
@@ -56,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no_match", action="store_true", help="keep the baseline's width from its config")
     p.add_argument("--probe_max_fit", type=int, default=40_000, help="most validation positions the probe fits on")
     p.add_argument("--out", default="runs/compare", help="output folder")
+    p.add_argument("--full_table", action="store_true", help="compare.md (and the printout) with every column of compare.csv")
     return p
 
 
@@ -67,6 +71,7 @@ def cmd_compare(argv: list[str]) -> int:
         if not Path(path).is_file():
             fail(f"config not found: {path}")
     budget = budget_args(args.max_time, args.max_steps, args.val_every)
+    check_output_folder(args.out)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_overlay = shared_data_overlay(args.hm, out)
@@ -95,7 +100,7 @@ def cmd_compare(argv: list[str]) -> int:
         if spec.label == args.names[1]:  # an LSTM's z is 0 by construction: leave its boundary cells blank
             row = {key: v for key, v in row.items() if not key.startswith(("test/boundary", "test/update", "test/copy", "test/flush"))}
         rows.append(row)
-        write_tables(out, rows)
+        write_tables(out, rows, args.full_table)
     print((out / "compare.md").read_text(), end="")
     print(f"hmrnn: wrote {out / 'compare.csv'}, {out / 'compare.md'} and {out / 'runs.csv'}")
     return 0
@@ -176,13 +181,16 @@ COLUMNS = ("params", "steps", "test/bpc", "best_val_bpc", "chars_per_s", "test/b
            "test/boundary_f1_tol1/", "probe_f1/", "probe_f1_tol1/", "probe_ahead1_f1/")
 
 
-def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
-    """``runs.csv`` (every run), ``compare.csv`` and ``compare.md`` (mean and spread per model)."""
+def write_tables(out: Path, rows: list[dict[str, Any]], full: bool = False) -> None:
+    """``runs.csv`` (every run), ``compare.csv`` (mean and spread per model, every column) and
+    ``compare.md`` (the headline columns, or every column when ``full``)."""
     columns = [c for c in metric_columns(rows, COLUMNS) if informative(c, rows)]
     summary = summarise(rows, columns)
     atomic_write(out / "runs.csv", csv_text(rows))
     atomic_write(out / "compare.csv", csv_text(summary, ["label", "n"] + [f"{c}_{s}" for c in columns for s in ("mean", "sd")]))
-    atomic_write(out / "compare.md", markdown_summary(summary, columns, {c: _title(c) for c in columns}))
+    titles = {c: _title(c) for c in columns}
+    table = markdown_summary(summary, columns, titles) if full else short_markdown_summary(summary, columns, titles, lead=("params",))
+    atomic_write(out / "compare.md", table)
 
 
 #: table titles of the compare columns; prefixes in the order they are tried (longer first)

@@ -6,24 +6,28 @@ from pathlib import Path
 
 from hmrnn_lightning.checkpoints import load_model
 
+from hmrnn_lightning.commands.options import DefaultsHelpFormatter, check_output_file, check_seed, decode_escapes
 from hmrnn_lightning.commands.runs import fail
 from hmrnn_lightning.data.base import DataError
 
 
 def check_out(path: str) -> None:
-    """Refuse an ``--out`` whose extension names no figure format, before any work."""
+    """Refuse an ``--out`` whose extension names no figure format, or that cannot be written
+    (a folder, under a file), before any work."""
     from hmrnn_lightning.viz.files import FigureFormatError, figure_format
 
     try:
         figure_format(path)
     except FigureFormatError as exc:
         fail(f"--out {exc}")
+    check_output_file(path)
 
 
 def cmd_plot_boundaries(argv: list[str]) -> int:
     """hmrnn plot-boundaries: the paper's Figures 3-4 for a text, from a checkpoint."""
     import argparse
 
+    from hmrnn_lightning.commands.model_text import model_symbols
     from hmrnn_lightning.models.language_model import HMRNNLanguageModel
     from hmrnn_lightning.viz import plot_boundaries
 
@@ -31,15 +35,26 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
         prog="hmrnn plot-boundaries",
         description="Draw each layer's boundaries (white/black blocks) and the l2 norm of each layer's h "
         "for a text, as in Figures 3 and 4 of the paper.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit`")
-    p.add_argument("--text", required=True, help="the text to analyse (symbols of the model's vocabulary)")
+    p.add_argument("--text", required=True,
+                   help="the text to analyse, written as the model's training files are (PTB: `t h e _ c a t`); "
+                   "\\n, \\t and \\\\ are read as escapes")
     p.add_argument("--out", default="boundaries.png", help="figure to write; the extension picks the format (.png, .pdf, .svg...)")
     p.add_argument("--title", default=None, help="title above the figure (default: the checkpoint's file name)")
     args = p.parse_args(argv)
     check_out(args.out)
+    text = decode_escapes(args.text, "--text")
+    if not text:
+        fail("--text is empty; give the text to analyse")
     model = load_model(args.ckpt_path, HMRNNLanguageModel)
-    text = args.text.encode().decode("unicode_escape") if "\\" in args.text else args.text
+    if model.vocab is None:
+        fail(f"{args.ckpt_path}: the checkpoint holds no vocabulary, so text cannot be encoded")
+    # the model's symbols are single characters: joined, they label the figure's columns one each
+    text = "".join(model_symbols(model, text, "--text"))
+    if not text:
+        fail("--text holds no symbols (only blank lines)")
     z, norms = model.analyse(text)
     path = plot_boundaries(text, z.numpy(), norms.numpy(), args.out, title=args.title or Path(args.ckpt_path).name)
     print(f"wrote {path}")
@@ -53,18 +68,20 @@ def cmd_sample_strokes(argv: list[str]) -> int:
     from hmrnn_lightning.models.handwriting import HandwritingModel
     from hmrnn_lightning.viz import plot_strokes
 
-    p = argparse.ArgumentParser(prog="hmrnn sample-strokes", description="Sample pen strokes from a handwriting checkpoint and draw them.")
+    p = argparse.ArgumentParser(prog="hmrnn sample-strokes", description="Sample pen strokes from a handwriting checkpoint and draw them.",
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit --config configs/iam_*.yaml`")
     p.add_argument("--length", type=int, default=700, help="points to sample")
     p.add_argument("--bias", type=float, default=0.5, help="sampling bias (0: unbiased; larger: neater)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="random seed (0 to 2**64 - 1)")
     p.add_argument("--out", default="sample.png", help="figure to write; the extension picks the format (.png, .pdf, .svg...)")
     args = p.parse_args(argv)
     check_out(args.out)
     if args.length <= 0:
         fail(f"--length must be positive, got {args.length}")
-    if args.bias < 0:
+    if not args.bias >= 0:  # nan compares false
         fail(f"--bias must be 0 or more, got {args.bias}")
+    check_seed(args.seed)
     import torch
 
     if args.seed is not None:
@@ -87,10 +104,11 @@ def cmd_plot_segments(argv: list[str]) -> int:
         prog="hmrnn plot-segments",
         description="Draw one line twice (Figure 5 of the paper): coloured by segments from pen-up, and by "
         "segments from the boundaries of a layer of the model.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit --config configs/iam_*.yaml`")
     p.add_argument("--data_dir", default="data/iam-ondb", help="folder with lineStrokes-all.tar.xz and splits/")
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"])
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="which split the line is from")
     p.add_argument("--index", type=int, default=0, help="which line of the split")
     p.add_argument("--min_length", type=int, default=300, help="as in training: lines with fewer points are dropped")
     p.add_argument("--layer", type=int, default=2, help="layer whose boundaries colour the second drawing")

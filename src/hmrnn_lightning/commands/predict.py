@@ -11,7 +11,10 @@ Choices made here:
 * the text streams through the model in windows of ``--window`` symbols with the state
   carried from window to window, so memory stays flat and the result equals one pass over
   the whole text;
-* ``z{l}`` in a row is the boundary layer ``l`` emits after reading that row's symbol.
+* ``z{l}`` in a row is the boundary layer ``l`` emits after reading that row's symbol;
+* the file is read as the model's training data read its files (a PTB model reads
+  ``ptb.char.valid.txt`` as written: symbols separated by spaces, see :mod:`.model_text`), and a
+  row is one symbol.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from hmrnn_lightning.commands.options import DefaultsHelpFormatter, check_output_file
 from hmrnn_lightning.commands.runs import fail
 
 ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
@@ -29,16 +33,16 @@ ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="hmrnn predict",
+        prog="hmrnn predict", formatter_class=DefaultsHelpFormatter,
         description="Write one TSV row per symbol of a text file: position, symbol (\\n, \\t escaped), bits "
         "(-log2 of the probability the model gave it) and z1..zL-1 (each layer's boundary after it).",
     )
     p.add_argument("--ckpt_path", required=True, help="language-model checkpoint written by `hmrnn fit`")
     p.add_argument("--text", required=True,
-                   help="UTF-8 text file in the model's symbols (a PTB model writes words joined by _, one sentence a line)")
+                   help="UTF-8 text file written as the model's training files are (a PTB model: ptb.char.valid.txt itself)")
     p.add_argument("--out", required=True, help="TSV file to write")
     p.add_argument("--window", type=int, default=1000, help="symbols per forward pass (state carried between)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return p
 
 
@@ -47,22 +51,23 @@ def cmd_predict(argv: list[str]) -> int:
     import torch
 
     from hmrnn_lightning.checkpoints import load_model
+    from hmrnn_lightning.commands.model_text import model_symbols
     from hmrnn_lightning.models.language_model import HMRNNLanguageModel
 
     args = parser().parse_args(argv)
     if args.window <= 0:
         fail(f"--window must be positive, got {args.window}")
+    check_output_file(args.out)
     text = read_text(args.text)
     device = pick_device(args.device)
     model = load_model(args.ckpt_path, HMRNNLanguageModel).to(device).eval()
     if model.vocab is None:
         fail(f"{args.ckpt_path}: the checkpoint holds no vocabulary, so text cannot be encoded")
-    unknown = sorted({c for c in text if c not in set(model.vocab)})
-    if unknown:
-        shown = ", ".join(repr(c) for c in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-        fail(f"{args.text} holds {len(unknown)} symbols the model does not know: {shown}")
-    start = "\n" if "\n" in model.vocab else ""
-    ids = model.encode(start + text, "text")[0]
+    symbols = model_symbols(model, text, args.text)
+    if not symbols:
+        fail(f"{args.text} holds no symbols (only blank lines)")
+    start = ["\n"] if "\n" in model.vocab else []
+    ids = model.encode(start + symbols, "text")[0]
     offset = len(start)  # inputs before the first symbol of the file
     layers = model.stack.num_layers
     out = Path(args.out)
@@ -89,7 +94,7 @@ def cmd_predict(argv: list[str]) -> int:
                             bits = "" if lp is None else f"{-lp / math.log(2):.4f}"
                             if lp is not None:
                                 total_bits, scored = total_bits - lp / math.log(2), scored + 1
-                            cells = [str(pos), escape(text[pos]), bits] + [f"{float(z[k, l]):g}" for l in range(layers - 1)]
+                            cells = [str(pos), escape(symbols[pos]), bits] + [f"{float(z[k, l]):g}" for l in range(layers - 1)]
                             f.write("\t".join(cells) + "\n")
                         prev_logp = logp[k]
         os.chmod(tmp, 0o666 & ~_umask())
@@ -98,7 +103,7 @@ def cmd_predict(argv: list[str]) -> int:
         if os.path.exists(tmp):
             os.remove(tmp)
     mean = f"{total_bits / scored:.4f} bits/symbol" if scored else "no symbol scored"
-    print(f"hmrnn: wrote {out}: {len(text)} symbols, {mean}")
+    print(f"hmrnn: wrote {out}: {len(symbols)} symbols, {mean}")
     return 0
 
 

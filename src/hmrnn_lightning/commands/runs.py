@@ -296,18 +296,53 @@ def markdown_summary(summary: list[dict[str, Any]], columns: Sequence[str], titl
     that are the same for every seed, show the mean alone)."""
     titles = titles or {}
     head = ["model", "seeds"] + [titles.get(c, c) for c in columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [[str(row["label"]), str(row["n"])] + [_cell(row, c, exact) for c in columns] for row in summary]
+    return _markdown(head, rows)
+
+
+#: word-F1 columns the short table picks each model's best layer from, and what a cell adds to its layer
+WORD_F1 = (("test/boundary_f1/", ""), ("probe_f1/", ", probe"))
+
+
+def short_markdown_summary(summary: list[dict[str, Any]], columns: Sequence[str], titles: dict[str, str] | None = None,
+                           lead: Sequence[str] = (), exact: Sequence[str] = ("params", "steps")) -> str:
+    """The headline table (the full one is the CSV): ``lead`` columns, test BPC, training chars/s
+    and the word F1 of each model's best layer (its own boundaries', or the probe's for a model
+    without them), each ``mean ± sd``; the F1 cell names the layer (``0.612 ± 0.020 (l1)``)."""
+    titles = titles or {}
+    shown = [c for c in (*lead, "test/bpc", "chars_per_s") if c in columns]
+    f1 = [c for c in columns if c.endswith("_word") and c.startswith(tuple(p for p, _ in WORD_F1))]
+    head = ["model", "seeds"] + [titles.get(c, c) for c in shown] + (["word F1, best layer"] if f1 else [])
+    rows = []
     for row in summary:
-        cells = [str(row["label"]), str(row["n"])]
-        for c in columns:
-            mean, sd = row.get(f"{c}_mean", ""), row.get(f"{c}_sd", "")
-            if c in exact and isinstance(mean, float):
-                cells.append(f"{mean:.0f}")
-                continue
-            digits = 0 if isinstance(mean, float) and abs(mean) >= 1000 else 3
-            spread = f" ± {sd:.{digits}f}" if isinstance(sd, float) else ""
-            cells.append(_fmt(mean) + spread)
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [str(row["label"]), str(row["n"])] + [_cell(row, c, exact) for c in shown]
+        if f1:
+            scored = [c for c in f1 if isinstance(row.get(f"{c}_mean"), float) and not math.isnan(row[f"{c}_mean"])]
+            best = max(scored, key=lambda c: row[f"{c}_mean"], default=None)
+            cells.append("" if best is None else f"{_cell(row, best, exact)} ({_layer(best)})")
+        rows.append(cells)
+    return _markdown(head, rows)
+
+
+def _layer(column: str) -> str:
+    """``l2`` for ``test/boundary_f1/l2_word``, ``l2, probe`` for ``probe_f1/l2_word``."""
+    tag = column.rsplit("/", 1)[-1].removesuffix("_word")
+    return tag + next(note for prefix, note in WORD_F1 if column.startswith(prefix))
+
+
+def _cell(row: dict[str, Any], column: str, exact: Sequence[str]) -> str:
+    """``mean ± sd`` of a summary column (the mean alone for counts in ``exact``, or one seed)."""
+    mean, sd = row.get(f"{column}_mean", ""), row.get(f"{column}_sd", "")
+    if column in exact and isinstance(mean, float):
+        return f"{mean:.0f}"
+    digits = 0 if isinstance(mean, float) and abs(mean) >= 1000 else 3
+    spread = f" ± {sd:.{digits}f}" if isinstance(sd, float) else ""
+    return _fmt(mean) + spread
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
 
 

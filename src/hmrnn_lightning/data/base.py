@@ -94,6 +94,23 @@ class CharStreamDataModule(pl.LightningDataModule):
         """What is being prepared, for the line printed while the cache is built."""
         return f"the {self.name} corpus"
 
+    # -- text given to a trained model (hmrnn sample --prime, hmrnn predict --text) --------------------
+    def text_options(self) -> dict:
+        """What :meth:`text_to_symbols` needs, beside the class, to read text as this datamodule
+        reads its files (plain values: language-model checkpoints keep them)."""
+        return {}
+
+    @classmethod
+    def text_to_symbols(cls, text: str, **options) -> list[str]:
+        """``text``, written as this corpus's files are written, as the symbols a model trained
+        on it reads: here each character is one symbol."""
+        return list(text)
+
+    @classmethod
+    def text_format(cls, **options) -> str:
+        """How :meth:`text_to_symbols` wants text written, for messages about symbols a model does not know."""
+        return "plain text, one symbol per character"
+
     # -- cache -----------------------------------------------------------------------------------------
     @property
     def cache_path(self) -> Path:

@@ -67,6 +67,25 @@ class PTBDataModule(CharStreamDataModule):
         self.data_dir = Path(data_dir)
         self.source = source
 
+    def text_options(self) -> dict:
+        return {"source": self.source}
+
+    @classmethod
+    def text_to_symbols(cls, text: str, source: str = "char", **options) -> list[str]:
+        """As the files are read (:func:`ptb_char_symbols`, :func:`ptb_word_symbols`), except that a
+        last line without an end of line gets none, so a prime (``t h e _``) is not ended as a sentence."""
+        out = (ptb_char_symbols if source == "char" else ptb_word_symbols)(text)
+        if text.split("\n")[-1].strip():
+            out.pop()
+        return out
+
+    @classmethod
+    def text_format(cls, source: str = "char", **options) -> str:
+        if source == "char":
+            return ("PTB's character files: symbols separated by spaces, `_` for a space between words, "
+                    "one sentence a line (e.g. `t h e _ c a t`)")
+        return "PTB's word files: words separated by spaces, one sentence a line (read as characters, `_` between words)"
+
     def files(self) -> dict[str, Path]:
         pattern = "ptb.char.{}.txt" if self.source == "char" else "ptb.{}.txt"
         return {s: self.data_dir / pattern.format(s) for s in ("train", "valid", "test")}

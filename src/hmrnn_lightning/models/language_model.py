@@ -85,6 +85,9 @@ class HMRNNLanguageModel(pl.LightningModule):
             )
         self.head = head if isinstance(head, Head) else head(list(self.stack.hidden_sizes), vocab_size)
         self.vocab = list(vocab) if vocab is not None else None
+        #: how the training data wrote its text (``{"datamodule": class path, "options": {...}}``), so
+        #: text given to the model is read the same way; from the datamodule while training, else the checkpoint
+        self.text_reading: dict | None = None
         L = self.stack.num_layers
         self.train_bpc, self.val_bpc, self.test_bpc = BitsPerCharacter(), BitsPerCharacter(), BitsPerCharacter()
         self.val_boundaries, self.test_boundaries = BoundaryStatistics(L), BoundaryStatistics(L)
@@ -231,8 +234,9 @@ class HMRNNLanguageModel(pl.LightningModule):
         """Fault detection and training-health logging on every run (:func:`default_callbacks`)."""
         return default_callbacks(self)
 
-    def encode(self, text: str, what: str = "text") -> Tensor:
-        """``[1, len(text)]`` symbol ids on the model's device; unknown symbols are an error."""
+    def encode(self, text: str | list[str], what: str = "text") -> Tensor:
+        """``[1, len(text)]`` symbol ids on the model's device for a text (one symbol per
+        character) or a list of symbols; unknown symbols are an error."""
         if self.vocab is None:
             raise ValueError("HMRNNLanguageModel: this model has no vocabulary (train it with a datamodule)")
         index = {s: i for i, s in enumerate(self.vocab)}
@@ -254,8 +258,8 @@ class HMRNNLanguageModel(pl.LightningModule):
 
         if self.vocab is None:
             raise ValueError("HMRNNLanguageModel.generate: this model has no vocabulary (train it with a datamodule)")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (temperature > 0 and math.isfinite(temperature)):  # nan compares false
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if length < 0 or (top_k is not None and top_k <= 0):
             raise ValueError(f"need length >= 0 and top_k > 0, got {length}, {top_k}")
         banned = [i for i, sym in enumerate(self.vocab) if sym == UNK]
@@ -267,8 +271,10 @@ class HMRNNLanguageModel(pl.LightningModule):
         logits, out = self(ids)
         state, produced, cache = out.state, [], None
         for _ in range(length):
-            scores = logits[:, -1].float() / temperature
+            scores = logits[:, -1].float()
             scores[:, banned] = float("-inf")
+            # the best score is 0 before dividing: a tiny temperature sends the others to -inf, never to nan
+            scores = (scores - scores.max(-1, keepdim=True).values) / temperature
             if top_k is not None and top_k < scores.shape[-1]:
                 kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
                 scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -295,11 +301,22 @@ class HMRNNLanguageModel(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["hmrnn_vocab"] = self.vocab
         checkpoint["hmrnn_carried_state"] = self._carried_state_to_save()
+        checkpoint["hmrnn_text"] = self._text_reading_to_save()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("hmrnn_vocab") is not None:
             self.vocab = list(checkpoint["hmrnn_vocab"])
+        self.text_reading = checkpoint.get("hmrnn_text")
         self._carried["train"] = self._carried_state_to_load(checkpoint.get("hmrnn_carried_state"))
+
+    def _text_reading_to_save(self) -> dict | None:
+        """The training datamodule's class and its ``text_options()`` (see ``text_reading``)."""
+        trainer = self._trainer  # the property raises when no trainer is attached
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is None or not callable(getattr(dm, "text_options", None)):
+            return self.text_reading
+        cls = type(dm)
+        return {"datamodule": f"{cls.__module__}.{cls.__qualname__}", "options": dict(dm.text_options())}
 
     def _carried_state_to_save(self) -> dict | None:
         """The truncated-BPTT state carried into the next training window, so a run resumed
