@@ -44,10 +44,18 @@ def check_estimators(model) -> None:
 
 def check_writable(trainer) -> None:
     """The run's folders can be created and written: ``default_root_dir`` and each logger's
-    ``save_dir``. Checked by creating a temporary file in the nearest existing folder (permission
-    bits alone miss read-only mounts), before anything is written."""
-    places = [("trainer.default_root_dir", trainer.default_root_dir)]
-    places += [(f"{type(lg).__name__} save_dir", lg.save_dir) for lg in trainer.loggers if getattr(lg, "save_dir", None)]
+    ``save_dir`` (see :func:`check_writable_places`)."""
+    check_writable_places(trainer.default_root_dir, trainer.loggers)
+
+
+def check_writable_places(root: str | None, loggers: list) -> None:
+    """``root`` (the trainer's ``default_root_dir``, the working folder if None) and each logger's
+    ``save_dir`` can be created and written. Checked by creating a temporary file in the nearest
+    existing folder (permission bits alone miss read-only mounts), before anything is written."""
+    import os
+
+    places = [("trainer.default_root_dir", root or os.getcwd())]
+    places += [(f"{type(lg).__name__} save_dir", lg.save_dir) for lg in loggers if getattr(lg, "save_dir", None)]
     for key, place in places:
         path = Path(place).absolute()
         existing = next(p for p in (path, *path.parents) if p.exists())

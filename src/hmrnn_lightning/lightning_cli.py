@@ -26,7 +26,7 @@ import hmrnn_lightning.heads  # noqa: F401,E402
 import hmrnn_lightning.models  # noqa: F401,E402
 from hmrnn_lightning import registry, run_folder
 from hmrnn_lightning.checkpoints import CheckpointError, check_fits, load_checkpoint
-from hmrnn_lightning.checks import check_estimators, check_trainer_settings, check_writable
+from hmrnn_lightning.checks import check_estimators, check_trainer_settings, check_writable, check_writable_places
 from hmrnn_lightning.errors import ConfigError, config_error_line, constructor_error_line
 from hmrnn_lightning.patches import install_short_names, quiet_library_warnings
 from hmrnn_lightning.run_folder import SaveAndLogConfig
@@ -297,6 +297,7 @@ class HMRNNCLI(LightningCLI):
         loggers = kwargs.get("logger", trainer_cfg.get("logger"))
         loggers = loggers if isinstance(loggers, list) else [loggers] if loggers not in (None, False, True) else []
         if fitting:
+            check_writable_places(trainer_cfg.get("default_root_dir"), loggers)  # before a folder is claimed
             run_folder.assign_versions(loggers, self.resume_into)
         return super().instantiate_trainer(**kwargs)
 
