@@ -21,7 +21,18 @@ def test_plot_command_from_checkpoint(tmp_path):
 
     HMRNNCLI(args=["fit", *tiny(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")])
     ckpt = next(tmp_path.rglob("last.ckpt"))
-    assert list(tmp_path.rglob("boundaries/epoch0000.png"))  # the callback drew one at validation
+    assert [p.name for p in tmp_path.rglob("boundaries/*.png")] == ["epoch0000-step0000002.png"]  # drawn at validation
     out = tmp_path / "cmd.png"
     assert main(["plot-boundaries", f"--ckpt_path={ckpt}", "--text", "abc def", f"--out={out}"]) == 0
     assert out.stat().st_size > 2000
+
+
+def test_no_boundary_picture_for_an_lstm(tmp_path):
+    """The LSTM baseline has no boundaries: the callback draws nothing rather than empty panels."""
+    from tests.test_cli import tiny
+    from hmrnn_lightning.cli import HMRNNCLI
+
+    HMRNNCLI(args=["fit", *tiny(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1",
+                                "--model.init_args.stack=hmrnn_lightning.cells.LSTMStack",
+                                "--model.init_args.stack.init_args.hidden_sizes=[12, 12]")])
+    assert list(tmp_path.rglob("last.ckpt")) and not list(tmp_path.rglob("boundaries/*.png"))

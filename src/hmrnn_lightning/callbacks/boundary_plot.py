@@ -10,8 +10,10 @@ from hmrnn_lightning.viz.boundaries import plot_boundaries
 
 
 class BoundaryPlot(pl.Callback):
-    """After each validation run, plot a text window (Figures 3-4) into ``<log_dir>/boundaries/``
-    and log it as an image where the logger can take one (W&B, TensorBoard).
+    """After each validation run, plot a text window (Figures 3-4) into the run folder's
+    ``boundaries/epochEEEE-stepSSSSSSS.png`` (one file per validation, kept, whatever the logger,
+    W&B included) and log it as an image where the logger can take one (W&B, TensorBoard).
+    Stacks without boundaries (the LSTM baselines) get no picture.
 
     Args:
         text: the text to draw; default: the first ``length`` symbols of the validation split.
@@ -39,10 +41,18 @@ class BoundaryPlot(pl.Callback):
         text = self._text(trainer)
         if not text or getattr(pl_module, "vocab", None) is None:
             return
+        stack = getattr(pl_module, "stack", None)
+        from hmrnn_lightning.cells import LSTMStack
+
+        if isinstance(stack, LSTMStack):
+            return  # no boundaries to draw: every panel would be empty
         z, norms = pl_module.analyse(text)
-        out_dir = Path(log_dir or trainer.default_root_dir) / "boundaries"
-        path = plot_boundaries(text, z.numpy(), norms.numpy(), out_dir / f"epoch{trainer.current_epoch:04d}.png",
-                               title=f"epoch {trainer.current_epoch}")
+        from hmrnn_lightning.run_folder import run_folder
+
+        out_dir = (run_folder(trainer) or Path(log_dir or trainer.default_root_dir)) / "boundaries"
+        name = f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}.png"
+        path = plot_boundaries(text, z.numpy(), norms.numpy(), out_dir / name,
+                               title=f"epoch {trainer.current_epoch}, step {trainer.global_step}")
         logger = trainer.logger
         if logger is None:
             return

@@ -62,9 +62,11 @@ class CharStreamDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"{type(self).__name__}: batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
+        if eval_batch_size is not None and eval_batch_size <= 0:
+            raise ValueError(f"{type(self).__name__}: eval_batch_size must be positive, or null for batch_size; got {eval_batch_size}")
         self.batch_size = batch_size
         self.seq_len = seq_len
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.cache_dir = cache_dir
         self._arrays: dict[str, np.ndarray] = {}
         self._vocab: Vocabulary | None = None

@@ -19,6 +19,8 @@ class GatedOutputModule(nn.Module):
 
     def __init__(self, layer_sizes: list[int], embed_dim: int) -> None:
         super().__init__()
+        if not embed_dim > 0:
+            raise ValueError(f"embed_dim must be positive, got {embed_dim}")
         self.layer_sizes = [int(s) for s in layer_sizes]
         self.embed_dim = embed_dim
         # rows are w^l; eq. 11 has no bias, so neither does this
