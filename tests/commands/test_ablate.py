@@ -38,8 +38,9 @@ def test_ablate_each_run_its_own_wandb_run_in_one_group(tiny_configs, tmp_path, 
     assert "Test metric" not in printed and "DataLoader 0" not in printed  # no per-run test table
     assert printed.count("| base |") == 1 and printed.count("| no_ln |") == 1  # one summary at the end
 
-    runs = sorted((logs / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2  # one W&B run per run, not one for all
+    runs = sorted(out.glob("*/wandb/offline-run-*"), key=lambda r: r.parent.parent.name != "base-seed0")
+    assert len(runs) == 2  # one W&B run per run, not one for all, each inside --out
+    assert not logs.exists()  # the logger config's save_dir is not used by a series
     recorded = [next(r.glob("*.wandb")).read_bytes() for r in runs]
     assert b"base-seed0" in recorded[0] and b"no_ln-seed0" not in recorded[0]  # each run named after itself
     assert b"no_ln-seed0" in recorded[1] and b"base-seed0" not in recorded[1]

@@ -169,10 +169,12 @@ def _quiet(logger_name: str):
         logger.setLevel(level)
 
 
-def name_wandb_run(trainer: pl.Trainer, name: str, group: str | None) -> None:
+def name_wandb_run(trainer: pl.Trainer, name: str, group: str | None, run_dir: Path | None = None) -> None:
     """Name the W&B run a WandbLogger is about to start, and put it in ``group``, unless the
     config names them. (W&B reads ``WANDB_NAME`` once per process, so the environment cannot
-    name the second run of a series; the logger's init arguments can, until it starts.)"""
+    name the second run of a series; the logger's init arguments can, until it starts.) Its
+    files go under ``run_dir``, inside the series' ``--out``, whatever ``save_dir`` the logger
+    config names (``configs/logger/wandb.yaml`` says ``runs``): a series keeps all its runs in one place."""
     for logger in trainer.loggers:
         init = getattr(logger, "_wandb_init", None)
         if isinstance(init, dict) and getattr(logger, "_experiment", None) is None:
@@ -180,6 +182,8 @@ def name_wandb_run(trainer: pl.Trainer, name: str, group: str | None) -> None:
                 init["name"] = name
             if group and not init.get("group"):
                 init["group"] = group
+            if run_dir is not None:
+                init["dir"] = logger._save_dir = str(run_dir)
 
 
 def finish_wandb() -> None:
@@ -232,7 +236,7 @@ def run_one(
         cli = build_cli(spec.configs, [f"--seed_everything={spec.seed}", f"--trainer.default_root_dir={run_dir}",
                                        "--trainer.enable_model_summary=false", *spec.args])
         relax_early_stopping(cli.trainer)
-        name_wandb_run(cli.trainer, spec.name, group)
+        name_wandb_run(cli.trainer, spec.name, group, run_dir)
         meter = TrainingThroughput()
         cli.trainer.callbacks.append(meter)
         fault = fit_or_fault(cli)
