@@ -170,6 +170,7 @@ def test_bad_input_exits_with_a_message(tmp_path, capsys):
     assert main(["list", "gadgets"]) == 2
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     """A real two-process gloo run through the console script."""
     # one thread per rank: two ranks on a 2-core machine must not oversubscribe it

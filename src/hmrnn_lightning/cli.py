@@ -48,9 +48,11 @@ Hierarchical Multiscale RNNs (Chung, Ahn & Bengio, ICLR 2017) on PyTorch Lightni
 
 Start here:
   hmrnn fit --config configs/quickstart.yaml                 train the small model (minutes, CPU)
-  hmrnn test --config configs/quickstart.yaml --ckpt_path RUN/checkpoints/last.ckpt
-  hmrnn sample --ckpt_path RUN/checkpoints/last.ckpt --prime "the "
-(RUN is the run folder `hmrnn fit` names when it starts, e.g. lightning_logs/version_0)
+  hmrnn test --ckpt_path RUN/checkpoints/epoch=E-step=S.ckpt test the best validation checkpoint
+  hmrnn sample --ckpt_path RUN/checkpoints/epoch=E-step=S.ckpt --prime "the "
+  hmrnn fit --resume RUN                                     go on after an interruption
+(RUN is the run folder `hmrnn fit` names when it starts, e.g. lightning_logs/version_0; its
+checkpoints/last.ckpt is the newest state, epoch=E-step=S.ckpt the best validation)
 
 commands:
 {commands}

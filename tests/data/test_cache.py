@@ -133,6 +133,7 @@ BUILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_build_one_new_cache_at_once(tmp_path):
     sync, cache = tmp_path / "sync", tmp_path / "cache"
     sync.mkdir()
