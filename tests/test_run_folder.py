@@ -155,7 +155,8 @@ def test_test_reads_the_runs_own_config(tmp_path, capfd, recwarn, lm_ckpt):  # n
     code = main(["test", f"--ckpt_path={lm_ckpt}", "--trainer.limit_test_batches=1"])
     out = capfd.readouterr()
     assert code == 0, out.err
-    assert "test/bpc" in out.out
+    assert "test/bpc" in out.out and "more with --verbose true" in out.out
+    assert "test/copy_frac/l1" not in out.out  # the short table, not Lightning's 29 rows
     assert not [w for w in recwarn if "callbacks used to create the checkpoint" in str(w.message)]
     assert sorted(lm_ckpt.parent.parent.parent.iterdir()) == runs_before
     lone = tmp_path / "lone.ckpt"

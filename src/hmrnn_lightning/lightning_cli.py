@@ -9,6 +9,7 @@ Kept apart from :mod:`hmrnn_lightning.cli` (the ``hmrnn`` entry point) so that `
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,39 @@ class HMRNNCLI(LightningCLI):
             check_writable_places(trainer_cfg.get("default_root_dir"), loggers)  # before a folder is claimed
             run_folder.assign_versions(loggers, self.resume_into)
         return super().instantiate_trainer(**kwargs)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """``validate``/``test`` print a short table (:meth:`print_results`) instead of Lightning's
+        table of every metric (29 to 52 rows), unless ``--verbose true`` is given."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand in ("validate", "test") and not any(a.startswith("--verbose") for a in self._argv):
+            kwargs["verbose"] = False
+            self._short_results = True
+        return kwargs
+
+    def after_validate(self) -> None:
+        self.print_results("val")
+
+    def after_test(self) -> None:
+        self.print_results("test")
+
+    def print_results(self, stage: str) -> None:
+        """The headline metrics of an evaluation: BPC (or log-likelihood) and, per layer, the
+        boundary rate and word-end F1 (exact and within one step); the count of the others,
+        which ``--verbose true`` shows (all of them are logged when a logger is given)."""
+        if not getattr(self, "_short_results", False) or not self.trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        headline = [f"{stage}/bpc", f"{stage}/loglik"]
+        shown = [k for k in headline if k in metrics]
+        shown += sorted(k for k in metrics if re.fullmatch(rf"{stage}/(boundary_rate/l\d+|boundary_f1(_tol1)?/l\d+_word)", k))
+        if not shown:
+            return
+        width = max(len(k) for k in shown)
+        lines = [f"  {k:<{width}}  {metrics[k]:.4f}" for k in shown]
+        rest = len(metrics) - len(shown)
+        more = f" ({rest} more with --verbose true)" if rest else ""
+        print(f"{stage} results{more}:\n" + "\n".join(lines), flush=True)
 
     def _check_ckpt_vocab(self) -> None:
         """A language-model checkpoint must have been trained on the data's vocabulary."""

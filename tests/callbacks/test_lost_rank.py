@@ -23,15 +23,16 @@ def test_recognises_what_gloo_and_nccl_say_and_nothing_else():
 
 
 def test_one_line_naming_the_other_rank_then_exit(tmp_path, monkeypatch, capsys):
-    (tmp_path / "last.ckpt").write_bytes(b"x")
-    trainer = types.SimpleNamespace(world_size=2, global_rank=0, checkpoint_callback=types.SimpleNamespace(dirpath=str(tmp_path)))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    trainer = types.SimpleNamespace(world_size=2, global_rank=0, loggers=[], default_root_dir=str(tmp_path))
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
     monkeypatch.delenv("HMRNN_DEBUG", raising=False)
     LostRank().on_exception(trainer, None, RuntimeError("Connection closed by peer [127.0.0.1]:1"))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("hmrnn: error: rank 1 of 2 stopped during training")
-    assert f"--ckpt_path {tmp_path / 'last.ckpt'}" in err and exits == [1]
+    assert f"resume with: hmrnn fit --resume {tmp_path}" in err and exits == [1]
     LostRank().on_exception(types.SimpleNamespace(world_size=1), None, RuntimeError("Connection closed by peer"))
     LostRank().on_exception(trainer, None, RuntimeError("a bug"))
     assert capsys.readouterr().err == "" and exits == [1]  # one process, or another error: left alone

@@ -50,8 +50,9 @@ class LostRank(pl.Callback):
 
     @staticmethod
     def resume_hint(trainer: pl.Trainer) -> str:
-        ckpt = getattr(trainer.checkpoint_callback, "dirpath", None)
-        last = os.path.join(ckpt, "last.ckpt") if ckpt else None
-        if last and os.path.isfile(last):
-            return f"resume with --ckpt_path {last}"
-        return "resume from the run's last.ckpt with --ckpt_path"
+        from hmrnn_lightning.run_folder import run_folder
+
+        run = run_folder(trainer)
+        if run is not None and (run / "checkpoints" / "last.ckpt").is_file():
+            return f"resume with: hmrnn fit --resume {run}"
+        return "resume the run's folder with: hmrnn fit --resume RUN"
