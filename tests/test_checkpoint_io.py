@@ -86,7 +86,8 @@ def test_a_failed_save_leaves_the_target_and_no_partial_file(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint_io.torch, "save", full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as failed:
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(target)  # the error names the checkpoint
     assert target.read_bytes() == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]

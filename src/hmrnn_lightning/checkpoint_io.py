@@ -37,6 +37,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.filename is None:  # a failed write names no file (ENOSPC, EIO): say which checkpoint
+                raise OSError(exc.errno, exc.strerror, str(target)) from exc
+            raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -154,7 +154,7 @@ def library_error_as_user_error(exc: Exception) -> Exception:
         where = getattr(full, "filename", None)
         place = f" while writing {where}" if where else ""
         return ConfigError(
-            f"no space left on the device{place}; free space there, or move the run (--trainer.default_root_dir) "
+            f"no space left on the device{place}; free space on that disk, or move the run (--trainer.default_root_dir) "
             "or the data cache (--data.init_args.cache_dir, HMRNN_CACHE_DIR) to another disk"
         )
     text = str(exc).strip()
