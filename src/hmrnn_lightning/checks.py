@@ -42,33 +42,36 @@ def check_estimators(model) -> None:
             )
 
 
-def check_writable(trainer) -> None:
-    """The run's folders can be created and written: ``default_root_dir`` and each logger's
-    ``save_dir`` (see :func:`check_writable_places`)."""
-    check_writable_places(trainer.default_root_dir, trainer.loggers)
+def writable_problem(folder: str | Path) -> str | None:
+    """What stops ``folder`` from being created and written in, or ``None``: the nearest existing
+    folder on its way is a file, or cannot be written in. Probed by creating a temporary file
+    there, since permission bits alone miss read-only mounts (and do not bind root)."""
+    path = Path(folder).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"cannot write in {existing} ({exc.strerror or exc})"
+    return None
 
 
 def check_writable_places(root: str | None, loggers: list) -> None:
     """``root`` (the trainer's ``default_root_dir``, the working folder if None) and each logger's
-    ``save_dir`` can be created and written. Checked by creating a temporary file in the nearest
-    existing folder (permission bits alone miss read-only mounts), before anything is written."""
+    ``save_dir`` can be created and written (:func:`writable_problem`), before anything is written."""
     import os
 
     places = [("trainer.default_root_dir", root or os.getcwd())]
     places += [(f"{type(lg).__name__} save_dir", lg.save_dir) for lg in loggers if getattr(lg, "save_dir", None)]
     for key, place in places:
-        path = Path(place).absolute()
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir():
-            raise ConfigError(f"{key}: cannot create {path}: {existing} is a file, not a folder")
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as exc:
-            raise ConfigError(
-                f"{key}: cannot write in {existing} ({exc.strerror or exc}); give a writable folder, "
-                "e.g. --trainer.default_root_dir=runs"
-            ) from None
+        problem = writable_problem(place)
+        if problem is None:
+            continue
+        if problem.startswith("cannot write"):
+            raise ConfigError(f"{key}: {problem}; give a writable folder, e.g. --trainer.default_root_dir=runs")
+        raise ConfigError(f"{key}: cannot create {Path(place).absolute()}: {problem}")
 
 
 def check_trainer_settings(trainer_cfg: dict) -> None:

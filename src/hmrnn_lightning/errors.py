@@ -74,17 +74,19 @@ def _given_key(message: str, reason: str) -> str | None:
         value = ast.literal_eval(given)
     except (ValueError, SyntaxError):
         return None
-    paths = [k for k, v in _leaves(value) if str(v) in quoted]
+    paths = [k for k, v in leaves(value) if str(v) in quoted]
     return max(paths, key=lambda k: k.count("."), default=None)
 
 
-def _leaves(node: Any, key: str = ""):
+def leaves(node: Any, key: str = "", into_lists: bool = True):
+    """``(dotted.key, value)`` for every leaf of nested mappings (and lists: ``key[n]``, unless
+    ``into_lists`` is False, when a list is one leaf)."""
     if isinstance(node, dict):
         for k, v in node.items():
-            yield from _leaves(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(node, list):
+            yield from leaves(v, f"{key}.{k}" if key else str(k), into_lists)
+    elif isinstance(node, list) and into_lists:
         for n, v in enumerate(node):
-            yield from _leaves(v, f"{key}[{n}]")
+            yield from leaves(v, f"{key}[{n}]", into_lists)
     else:
         yield key, node
 
@@ -101,7 +103,7 @@ def _key_in_args(leaf: str, reason: str, args: list[str]) -> str | None:
     for k, arg in enumerate(args[:-1]):
         if arg not in ("-c", "--config"):
             continue
-        for key, value in _leaves(_read_yaml(args[k + 1])):
+        for key, value in leaves(_read_yaml(args[k + 1])):
             if key.rsplit(".", 1)[-1] == leaf and (got is None or str(value) == got.group(1).strip()):
                 found = key
     return found

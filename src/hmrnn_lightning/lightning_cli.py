@@ -27,8 +27,8 @@ import hmrnn_lightning.heads  # noqa: F401,E402
 import hmrnn_lightning.models  # noqa: F401,E402
 from hmrnn_lightning import registry, run_folder
 from hmrnn_lightning.checkpoints import CheckpointError, check_fits, load_checkpoint
-from hmrnn_lightning.checks import check_estimators, check_trainer_settings, check_writable, check_writable_places
-from hmrnn_lightning.errors import ConfigError, config_error_line, constructor_error_line
+from hmrnn_lightning.checks import check_estimators, check_trainer_settings, check_writable_places
+from hmrnn_lightning.errors import ConfigError, config_error_line, constructor_error_line, leaves
 from hmrnn_lightning.patches import install_short_names, quiet_library_warnings
 from hmrnn_lightning.run_folder import SaveAndLogConfig
 
@@ -116,11 +116,8 @@ class HMRNNCLI(LightningCLI):
         if given is not None:
             kwargs["args"], self.resume_into = run_folder.resolve_run_arguments(given)
         self._argv = kwargs.get("args") if isinstance(kwargs.get("args"), list) else []
-        if self.resume_into is not None:  # resuming writes into the run's own, non-empty folder on purpose
-            import warnings
-
-            warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-        quiet_library_warnings(evaluating=bool(self._argv) and self._argv[0] in ("validate", "test", "predict"))
+        quiet_library_warnings(evaluating=bool(self._argv) and self._argv[0] in ("validate", "test", "predict"),
+                               resuming=self.resume_into is not None)
         kwargs.setdefault("save_config_callback", SaveAndLogConfig)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -191,7 +188,7 @@ class HMRNNCLI(LightningCLI):
         before = self._model_settings(sub)
         super()._parse_ckpt_path()
         after = self._model_settings(sub)
-        changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k) and k in before]
+        changed = sorted(k for k in before if before[k] != after.get(k))
         if changed:
             k = changed[0]
             more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
@@ -206,23 +203,13 @@ class HMRNNCLI(LightningCLI):
             return {}
         model = self.config[sub].get("model")
         model = model.as_dict() if hasattr(model, "as_dict") else (model or {})
-        flat: dict[str, Any] = {}
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    if k not in ("vocab", "vocab_size", "stats", "_instantiator", "dict_kwargs"):
-                        walk(f"{prefix}.{k}", v)
-            else:
-                flat[prefix] = value
-
-        walk("model", model)
-        return flat
+        linked = {"vocab", "vocab_size", "stats", "_instantiator", "dict_kwargs"}
+        return {k: v for k, v in leaves(model, "model", into_lists=False) if not linked & set(k.split("."))}
 
     def instantiate_classes(self) -> None:
         """As LightningCLI, with a component's refusal of its arguments made one line, then the
-        checks that need the built objects (estimators, checkpoint vocabulary and weights,
-        trainer settings, writable folders)."""
+        checks that need the built objects (estimators, checkpoint vocabulary and weights; the
+        trainer's settings and folders are checked as it is built, :meth:`instantiate_trainer`)."""
         try:
             super().instantiate_classes()
         except Exception as exc:
@@ -235,8 +222,6 @@ class HMRNNCLI(LightningCLI):
             self._check_ckpt_vocab()
             check_fits(self.config[self.subcommand].ckpt_path, self._ckpt, self.model)
             self._ckpt = None  # the weights are read again by Lightning; not kept twice
-        if self.subcommand is not None:
-            check_writable(self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """As LightningCLI, with these choices made explicit (each said in ``hmrnn fit --help``):
@@ -269,7 +254,7 @@ class HMRNNCLI(LightningCLI):
         unnamed = trainer_cfg.get("logger") in (None, True)
         if fitting and unnamed:
             kwargs.setdefault("logger", run_folder.default_logger(trainer_cfg.get("default_root_dir")))
-        elif not fitting and not any(a == "--trainer.logger" or a.startswith("--trainer.logger") for a in self._argv):
+        elif not fitting and not any(a.startswith("--trainer.logger") for a in self._argv):
             kwargs.setdefault("logger", False)
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
@@ -297,8 +282,8 @@ class HMRNNCLI(LightningCLI):
         kwargs.setdefault("callbacks", callbacks)
         loggers = kwargs.get("logger", trainer_cfg.get("logger"))
         loggers = loggers if isinstance(loggers, list) else [loggers] if loggers not in (None, False, True) else []
+        check_writable_places(trainer_cfg.get("default_root_dir"), loggers)  # before a folder is claimed
         if fitting:
-            check_writable_places(trainer_cfg.get("default_root_dir"), loggers)  # before a folder is claimed
             run_folder.assign_versions(loggers, self.resume_into)
         return super().instantiate_trainer(**kwargs)
 
@@ -306,10 +291,12 @@ class HMRNNCLI(LightningCLI):
         """``validate``/``test`` print a short table (:meth:`print_results`) instead of Lightning's
         table of every metric (29 to 52 rows), unless ``--verbose true`` is given."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if subcommand in ("validate", "test") and not any(a.startswith("--verbose") for a in self._argv):
+        if subcommand in ("validate", "test") and self._short_results():
             kwargs["verbose"] = False
-            self._short_results = True
         return kwargs
+
+    def _short_results(self) -> bool:
+        return not any(a.startswith("--verbose") for a in self._argv)
 
     def after_validate(self) -> None:
         self.print_results("val")
@@ -321,7 +308,7 @@ class HMRNNCLI(LightningCLI):
         """The headline metrics of an evaluation: BPC (or log-likelihood) and, per layer, the
         boundary rate and word-end F1 (exact and within one step); the count of the others,
         which ``--verbose true`` shows (all of them are logged when a logger is given)."""
-        if not getattr(self, "_short_results", False) or not self.trainer.is_global_zero:
+        if not self._short_results() or not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
         headline = [f"{stage}/bpc", f"{stage}/loglik"]

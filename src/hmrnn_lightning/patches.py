@@ -45,7 +45,7 @@ def install_short_names() -> None:
     _typehints.resolve_class_path_by_name = resolve_class_path_by_name
 
 
-def quiet_library_warnings(evaluating: bool = False) -> None:
+def quiet_library_warnings(evaluating: bool = False, resuming: bool = False) -> None:
     """Silence library warnings a user of ``hmrnn`` can do nothing about; the only place that does.
 
     - LightningCLI warns when ``args`` is given while ``sys.argv`` is non-empty: ``hmrnn`` passes its
@@ -56,6 +56,8 @@ def quiet_library_warnings(evaluating: bool = False) -> None:
       (an INFO record, not a warning): dropped from Lightning's own log handlers.
     - ``evaluating`` (``validate``/``test``/``predict``): Lightning warns that the checkpoint's
       callbacks (checkpointing, slope annealing...) are missing; they act during training only.
+    - ``resuming`` (``fit --resume RUN``): Lightning warns that the checkpoint folder is not
+      empty; a resumed run writes into its own folder on purpose.
 
     Our own causes are fixed instead: the logger is chosen explicitly (no tensorboardX notice, no
     logging-service tip), and checkpoint/early-stopping monitors wait for validation.
@@ -64,6 +66,8 @@ def quiet_library_warnings(evaluating: bool = False) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     if evaluating:
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
+    if resuming:
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _DropTips) for f in handler.filters):

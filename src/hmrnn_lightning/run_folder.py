@@ -64,8 +64,8 @@ def is_run_folder(path: Path) -> bool:
 
 
 def newest_run(root: Path) -> Path | None:
-    """The run folder under ``root`` (``root`` itself, ``root/*`` or ``root/*/*``) whose
-    ``last.ckpt`` was written last, or ``None``."""
+    """The run folder under ``root`` (``root/*`` or ``root/*/*``) whose ``last.ckpt`` was written
+    last, or ``None``."""
     candidates = [p.parent.parent for p in [*root.glob(f"*/checkpoints/{LAST_NAME}"), *root.glob(f"*/*/checkpoints/{LAST_NAME}")]]
     candidates = [p for p in candidates if is_run_folder(p)]
     return max(candidates, key=lambda p: (p / "checkpoints" / LAST_NAME).stat().st_mtime, default=None)
@@ -108,14 +108,12 @@ def assign_versions(loggers: list, resume_into: Path | None) -> None:
     the resumed run's, or a freshly claimed one on rank 0. A logger whose config names a version
     keeps it. W&B resumes by its run id (``version``), set here from the folder's name."""
     for logger in loggers:
-        if not hasattr(logger, "_version") and not hasattr(logger, "_wandb_init"):
-            continue
         if hasattr(logger, "_wandb_init"):  # W&B: its folder is named by the run id
             if resume_into is not None:
                 logger._id = resume_into.name
                 logger._wandb_init.update(id=resume_into.name, resume="allow")
             continue
-        if logger._version is not None:
+        if getattr(logger, "_version", 0) is not None:  # not a folder-keeping logger, or its version is given
             continue
         if resume_into is not None:
             m = _VERSION.match(resume_into.name)
@@ -160,7 +158,7 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
     if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=") for a in rest):
         return args, None
     resume, rest = _take_option(rest, "--resume")
-    ckpt, _ = _take_option(list(rest), "--ckpt_path")
+    ckpt = _option(rest, "--ckpt_path")
     has_config = any(a in ("-c", "--config") or a.startswith(("--config=", "-c=")) for a in rest)
     root = Path(_option(rest, "--trainer.default_root_dir") or ".")
     if command != "fit":
@@ -182,9 +180,7 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
             return [command, "--config", str(run / CONFIG_NAME), *rest], None
         return args, None
     if resume is None and ckpt == "last":
-        run = newest_run(root / LOGS_NAME) or newest_run(root)
-        if run is None:
-            raise ConfigError(f"--ckpt_path last: no run with checkpoints/{LAST_NAME} under {root.absolute() / LOGS_NAME}")
+        run = _newest_run_or_fail(root, "--ckpt_path last")
         rest = _replace_option(rest, "--ckpt_path", str(run / "checkpoints" / LAST_NAME))
         return [command, *rest], run
     if resume is None:
@@ -199,10 +195,7 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
 def resume_target(resume: str, root: Path) -> Path:
     """The run folder ``--resume`` names: a folder, or ``last`` for the newest run under ``root``."""
     if resume == "last":
-        run = newest_run(root / LOGS_NAME) or newest_run(root)
-        if run is None:
-            raise ConfigError(f"--resume last: no run with checkpoints/{LAST_NAME} under {root.absolute() / LOGS_NAME}")
-        return run
+        return _newest_run_or_fail(root, "--resume last")
     run = Path(resume)
     if run.is_file():  # a checkpoint or config.yaml inside the run was named
         run = run_of_checkpoint(run) or run.parent
@@ -212,6 +205,14 @@ def resume_target(resume: str, root: Path) -> Path:
         raise ConfigError(f"--resume {resume}: not a run folder (no {CONFIG_NAME} in it)")
     if not (run / "checkpoints" / LAST_NAME).is_file():
         raise ConfigError(f"--resume {resume}: the run saved no checkpoints/{LAST_NAME}, so there is nothing to resume")
+    return run
+
+
+def _newest_run_or_fail(root: Path, flag: str) -> Path:
+    """The newest run under ``root/lightning_logs`` (the default logger's), else under ``root``."""
+    run = newest_run(root / LOGS_NAME) or newest_run(root)
+    if run is None:
+        raise ConfigError(f"{flag}: no run with checkpoints/{LAST_NAME} under {root.absolute() / LOGS_NAME}")
     return run
 
 
@@ -290,7 +291,6 @@ class SaveAndLogConfig(SaveConfigCallback):
         """Note the failed run's folder; :meth:`remove_if_empty` runs once Lightning has finalized
         the loggers (they write into it after this hook)."""
         self.failed_run = run_folder(trainer) if trainer.is_global_zero else None
-        self.failed_at_step = trainer.global_step
 
 
 def remove_if_empty(run_dir: Path | None, before_training: bool, config_name: str = CONFIG_NAME) -> None:

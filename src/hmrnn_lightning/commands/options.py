@@ -4,7 +4,6 @@ of values (output paths, seeds, escapes) made before any work, each failing as o
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
 from pathlib import Path
 
@@ -43,15 +42,12 @@ def check_output_folder(path: str, flag: str = "--out") -> None:
 
 
 def _check_writable_below(folder: Path, flag: str, path: str) -> None:
-    """The nearest existing folder on the way to ``folder`` is a folder that may be written in."""
-    for ancestor in (folder, *folder.parents):
-        if not ancestor.exists():
-            continue
-        if not ancestor.is_dir():
-            fail(f"{flag} {path}: {ancestor} is a file, not a folder")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            fail(f"{flag} {path}: cannot write in {ancestor} (permission denied)")
-        return
+    """``folder`` can be made (or exists) and written in (:func:`~hmrnn_lightning.checks.writable_problem`)."""
+    from hmrnn_lightning.checks import writable_problem
+
+    problem = writable_problem(folder)
+    if problem is not None:
+        fail(f"{flag} {path}: {problem}")
 
 
 def check_seed(seed: int | None, flag: str = "--seed") -> None:
