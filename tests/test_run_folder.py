@@ -13,7 +13,7 @@ import torch
 from hmrnn_lightning.cli import main
 from hmrnn_lightning.run_folder import claim_version, resolve_run_arguments
 from tests.test_checkpoints import lm_ckpt  # noqa: F401 - the module-scoped fixture
-from tests.test_cli import ROOT, TINY
+from tests.test_cli import TINY
 
 
 def run(capfd, *args):

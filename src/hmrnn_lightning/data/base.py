@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from hmrnn_lightning.data.cache import (
-    CacheError, announce, cache_root, file_problem, file_record, progress, publish_dir, writable_parent,
+    announce, cache_root, file_problem, file_record, progress, publish_dir, rebuild_damaged, writable_parent,
 )
 from hmrnn_lightning.data.errors import DataError
 from hmrnn_lightning.data.streams import StreamWindows
@@ -154,20 +154,11 @@ class CharStreamDataModule(pl.LightningDataModule):
         if not path.exists():
             self._build_cache()
         elif (problem := entry_problem(path)) is not None:
-            rank_zero_info(f"hmrnn: the data cache entry {path} is damaged ({problem}); rebuilding it")
             try:
                 inode = path.stat().st_ino
             except FileNotFoundError:  # another process removed it meanwhile
                 inode = None
-            try:
-                self._build_cache(replacing=inode)
-            except CacheError:
-                raise  # the cache folder itself is the problem; its message says how to move it
-            except DataError as exc:
-                raise DataError(
-                    f"the data cache entry {path} is damaged ({problem}) and cannot be rebuilt: {exc}; "
-                    f"delete that folder"
-                ) from None
+            rebuild_damaged(path, problem, lambda: self._build_cache(replacing=inode))
         self._checked = path
 
     def _load(self) -> None:

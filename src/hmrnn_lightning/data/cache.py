@@ -179,6 +179,24 @@ def file_problem(path: Path, record: dict[str, int]) -> str | None:
     return None
 
 
+def rebuild_damaged(path: Path, problem: str, rebuild: Callable[[], None], what: str = "entry", delete: str = "folder") -> None:
+    """Say (rank 0) that the cache ``what`` at ``path`` is damaged and ``rebuild()`` it.
+
+    Raises:
+        CacheError: the cache folder itself cannot be written (its message says how to move it).
+        DataError: it cannot be rebuilt (the source is gone); the message says to delete ``path``.
+    """
+    rank_zero_info(f"hmrnn: the data cache {what} {path} is damaged ({problem}); rebuilding it")
+    try:
+        rebuild()
+    except CacheError:
+        raise
+    except DataError as exc:
+        raise DataError(
+            f"the data cache {what} {path} is damaged ({problem}) and cannot be rebuilt: {exc}; delete that {delete}"
+        ) from None
+
+
 def announce(what: str, where: Path) -> None:
     """One line, on rank 0, saying what is being prepared and where it is cached."""
     rank_zero_info(f"hmrnn: preparing {what} once; caching it in {where}")

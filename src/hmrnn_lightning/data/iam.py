@@ -19,10 +19,9 @@ from typing import Iterator, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hmrnn_lightning.data.cache import CacheError, announce, cache_root, progress, publish_file, writable_parent
+from hmrnn_lightning.data.cache import announce, cache_root, progress, publish_file, rebuild_damaged, writable_parent
 from hmrnn_lightning.data.errors import DataError
 
 def parse_line_strokes(xml: bytes | str) -> np.ndarray:
@@ -281,15 +280,8 @@ class IAMOnDBDataModule(pl.LightningDataModule):
         if not path.exists():
             self._build_cache(path)
         elif isinstance(loaded := read_cache(path), str):
-            rank_zero_info(f"hmrnn: the data cache file {path} is damaged ({loaded}); rebuilding it")
-            try:
-                self._build_cache(path)  # replaces the damaged file atomically once the new one is whole
-            except CacheError:
-                raise  # the cache folder itself is the problem; its message says how to move it
-            except DataError as exc:
-                raise DataError(
-                    f"the data cache file {path} is damaged ({loaded}) and cannot be rebuilt: {exc}; delete that file"
-                ) from None
+            # the new file replaces the damaged one atomically once it is whole
+            rebuild_damaged(path, loaded, lambda: self._build_cache(path), what="file", delete="file")
         else:
             self._cached = loaded
             return
