@@ -43,3 +43,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def lm_ckpt(tmp_path_factory):
+    """A real checkpoint written by `hmrnn fit` on the tiny quickstart (3 steps), shared by the
+    session's tests, which only read it."""
+    from hmrnn_lightning.cli import HMRNNCLI
+    from tests.helpers import tiny
+
+    root = tmp_path_factory.mktemp("lm")
+    HMRNNCLI(args=["fit", *tiny(root, "--trainer.max_steps=3", "--trainer.limit_val_batches=1")])
+    return next(root.rglob("last.ckpt"))

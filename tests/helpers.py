@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from hmrnn_lightning import HMRNNLanguageModel, HMStack, SoftmaxHead, StepEstimator
@@ -20,3 +25,83 @@ def tiny_model(vocab_size: int = 11, hidden: int = 16, layers: int = 3, estimato
         vocab_size=vocab_size, stack=stack, head=functools.partial(SoftmaxHead, embed_dim=hidden),
         embedding_dim=kwargs.pop("embedding_dim", 8), **kwargs,
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# the quickstart shrunk to seconds: a 2 x 12 HM-LSTM on 6,000 synthetic characters
+TINY = [
+    "--config", str(ROOT / "configs" / "quickstart.yaml"),
+    "--data.init_args.num_chars=6000", "--data.init_args.batch_size=4", "--data.init_args.seq_len=20",
+    "--model.init_args.embedding_dim=8",
+    "--model.init_args.stack.init_args.hidden_sizes=[12, 12]",
+    "--model.init_args.head.init_args.embed_dim=12",
+    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
+]
+
+
+def tiny(tmp_path, *extra):
+    """``TINY`` writing its run folder and cache under ``tmp_path``."""
+    return TINY + [f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.cache_dir={tmp_path / 'cache'}", *extra]
+
+
+EVERY = 5  # steps between the periodic checkpoints of RESUMABLE
+# 3000 symbols: 2700 of training in 4 streams of 675, 33 windows of 20 per epoch; a CSV log of
+# every step and a checkpoint every EVERY steps, so that runs can be killed and compared step by step
+RESUMABLE = [
+    "--config", str(ROOT / "configs" / "quickstart.yaml"),
+    "--seed_everything=0",
+    "--data.init_args.num_chars=3000", "--data.init_args.batch_size=4", "--data.init_args.seq_len=20",
+    "--model.init_args.embedding_dim=8",
+    "--model.init_args.stack.init_args.hidden_sizes=[12, 12]",
+    "--model.init_args.head.init_args.embed_dim=12",
+    "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    f"--trainer.callbacks.every_n_train_steps={EVERY}",
+    "--trainer.callbacks.save_top_k=-1",
+    "--trainer.callbacks.filename=step{step}",
+]
+
+
+def fit_subprocess(root: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+    """``hmrnn fit`` of ``RESUMABLE`` in a subprocess through the installed console script (the real
+    entry point), one thread, its run under ``root``; with ``wait`` it must exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled",
+           "HMRNN_CACHE_DIR": str(root.parent / "cache"), "PYTHONUNBUFFERED": "1"}
+    script = Path(sys.executable).with_name("hmrnn")
+    entry = [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "hmrnn_lightning.cli"]
+    cmd = [*entry, "fit", *RESUMABLE,
+           f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, out[-3000:]
+    return proc
+
+
+def step_checkpoints(root: Path) -> list[Path]:
+    """The periodic ``step*.ckpt`` files written anywhere under ``root``."""
+    return sorted(root.rglob("step*.ckpt"))
+
+
+def write_iam_tree(root, n_lines=30, rng=None):
+    """A small IAM-OnDB-like folder: ``n_lines`` random stroke files, one truncated XML file,
+    one with no points, and an empty ``splits`` folder."""
+    rng = rng or np.random.default_rng(0)
+    folder = root / "lineStrokes" / "a01" / "a01-000"
+    folder.mkdir(parents=True)
+    for k in range(n_lines):
+        strokes = []
+        x, y = 1000.0, 1000.0
+        for _ in range(int(rng.integers(3, 6))):
+            pts = []
+            for _ in range(int(rng.integers(20, 40))):
+                x, y = x + rng.normal(3, 2), y + rng.normal(0, 2)
+                pts.append(f'<Point x="{x:.0f}" y="{y:.0f}" time="0"/>')
+            strokes.append('<Stroke colour="black">' + "".join(pts) + "</Stroke>")
+        (folder / f"a01-000u-{k:02d}.xml").write_text("<WhiteboardCaptureSession><StrokeSet>" + "".join(strokes) + "</StrokeSet></WhiteboardCaptureSession>")
+    (folder / "a01-000u-98.xml").write_text("<WhiteboardCaptureSession><StrokeSet>")  # truncated
+    (folder / "a01-000u-99.xml").write_text("<WhiteboardCaptureSession><StrokeSet></StrokeSet></WhiteboardCaptureSession>")
+    (root / "splits").mkdir()
+    return root

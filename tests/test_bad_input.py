@@ -12,8 +12,7 @@ from hmrnn_lightning import HMStack, StepEstimator
 from hmrnn_lightning.cli import main
 from hmrnn_lightning.heads import MixtureDensityHead
 from hmrnn_lightning.models import HandwritingModel
-from tests.test_checkpoints import lm_ckpt  # noqa: F401 - the module-scoped fixture
-from tests.test_cli import ROOT, TINY
+from tests.helpers import ROOT, TINY
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
@@ -165,7 +164,7 @@ CKPT_RUNS = [("test", c) for c in CKPT_CASES] + [(cmd, c) for cmd in ("validate"
 
 
 @pytest.mark.parametrize("command,case", CKPT_RUNS, ids=[f"{cmd}-{c[0]}" for cmd, c in CKPT_RUNS])
-def test_bad_checkpoint_is_one_line(case, command, tmp_path, capfd, lm_ckpt):  # noqa: F811
+def test_bad_checkpoint_is_one_line(case, command, tmp_path, capfd, lm_ckpt):
     name, file, words = case
     _checkpoints(tmp_path, lm_ckpt)
     args = fit_args(tmp_path, f"--ckpt_path={tmp_path / file}")
@@ -176,7 +175,7 @@ def test_bad_checkpoint_is_one_line(case, command, tmp_path, capfd, lm_ckpt):  #
     assert not runs_left(tmp_path)
 
 
-def test_checkpoint_of_other_data_is_one_line(tmp_path, capfd, lm_ckpt):  # noqa: F811
+def test_checkpoint_of_other_data_is_one_line(tmp_path, capfd, lm_ckpt):
     """The README's old trap: a checkpoint tested with data of another vocabulary."""
     text = tmp_path / "other.txt"
     text.write_text("0123456789+-*/= " * 400)
@@ -187,7 +186,7 @@ def test_checkpoint_of_other_data_is_one_line(tmp_path, capfd, lm_ckpt):  # noqa
 
 
 @pytest.mark.parametrize("command", ["test", "validate"])
-def test_good_checkpoint_evaluates_without_a_new_run_folder(command, tmp_path, lm_ckpt, recwarn):  # noqa: F811
+def test_good_checkpoint_evaluates_without_a_new_run_folder(command, tmp_path, lm_ckpt, recwarn):
     """test/validate print their results; they make no version_N folder and do not warn that the
     checkpoint folder changed."""
     code = main([command, *TINY, f"--data.init_args.cache_dir={tmp_path / 'c'}", f"--trainer.default_root_dir={tmp_path / 'root'}",

@@ -8,18 +8,8 @@ import torch
 
 from hmrnn_lightning import HMStack, StepEstimator
 from hmrnn_lightning.checkpoints import CheckpointError, load_checkpoint, load_model
-from hmrnn_lightning.cli import HMRNNCLI
 from hmrnn_lightning.heads import MixtureDensityHead
 from hmrnn_lightning.models import HandwritingModel, HMRNNLanguageModel
-from tests.test_cli import tiny
-
-
-@pytest.fixture(scope="module")
-def lm_ckpt(tmp_path_factory):
-    """A real checkpoint written by `hmrnn fit` on the tiny quickstart (3 steps)."""
-    root = tmp_path_factory.mktemp("lm")
-    HMRNNCLI(args=["fit", *tiny(root, "--trainer.max_steps=3", "--trainer.limit_val_batches=1")])
-    return next(root.rglob("last.ckpt"))
 
 
 class _RunsCode:

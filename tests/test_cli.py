@@ -4,31 +4,16 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from hmrnn_lightning.cli import HMRNNCLI, main
+from tests.helpers import ROOT, tiny, write_iam_tree
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted([*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "cpu").glob("*.yaml")])
 OVERLAYS = sorted(p for sub in ("ablations", "logger", "trainer") for p in (ROOT / "configs" / sub).glob("*.yaml"))
-TINY = [
-    "--config", str(ROOT / "configs" / "quickstart.yaml"),
-    "--data.init_args.num_chars=6000", "--data.init_args.batch_size=4", "--data.init_args.seq_len=20",
-    "--model.init_args.embedding_dim=8",
-    "--model.init_args.stack.init_args.hidden_sizes=[12, 12]",
-    "--model.init_args.head.init_args.embed_dim=12",
-    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
-]
-
-
-def tiny(tmp_path, *extra):
-    return TINY + [f"--trainer.default_root_dir={tmp_path}", f"--data.init_args.cache_dir={tmp_path / 'cache'}", *extra]
-
-
 def print_config(args, capsys):
     assert main(args + ["--print_config"]) == 0
     return yaml.safe_load(capsys.readouterr().out)
@@ -235,9 +220,8 @@ def test_two_wandb_runs_keep_two_configs(tmp_path, monkeypatch):
 
 
 def _iam_args(tmp_path):
-    from tests.data.test_iam import write_tree
 
-    write_tree(tmp_path, n_lines=30)
+    write_iam_tree(tmp_path, n_lines=30)
     return [
         f"--data.init_args.data_dir={tmp_path}", f"--data.init_args.cache_dir={tmp_path / 'cache'}",
         "--data.init_args.min_length=60", "--data.init_args.max_length=70", "--data.init_args.batch_size=4",

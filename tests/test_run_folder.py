@@ -12,8 +12,7 @@ import torch
 
 from hmrnn_lightning.cli import main
 from hmrnn_lightning.run_folder import claim_version, resolve_run_arguments
-from tests.test_checkpoints import lm_ckpt  # noqa: F401 - the module-scoped fixture
-from tests.test_cli import TINY
+from tests.helpers import TINY
 
 
 def run(capfd, *args):
@@ -148,7 +147,7 @@ def test_evaluating_without_a_checkpoint_is_refused(command, ckpt, tmp_path, cap
     assert code == 2 and len(lines) == 1 and "untrained weights" in lines[0], lines
 
 
-def test_test_reads_the_runs_own_config(tmp_path, capfd, recwarn, lm_ckpt):  # noqa: F811
+def test_test_reads_the_runs_own_config(tmp_path, capfd, recwarn, lm_ckpt):
     """`hmrnn test --ckpt_path RUN/checkpoints/last.ckpt` alone: the run's config.yaml says which
     model and data; no run folder is made and no warning about the checkpoint's callbacks."""
     runs_before = sorted(lm_ckpt.parent.parent.parent.iterdir())
@@ -165,14 +164,14 @@ def test_test_reads_the_runs_own_config(tmp_path, capfd, recwarn, lm_ckpt):  # n
     assert code == 2 and len(lines) == 1 and "--config" in lines[0], lines
 
 
-def test_a_model_setting_the_checkpoint_contradicts_is_refused(tmp_path, capfd, lm_ckpt):  # noqa: F811
+def test_a_model_setting_the_checkpoint_contradicts_is_refused(tmp_path, capfd, lm_ckpt):
     code, lines = run(capfd, "test", *TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={lm_ckpt}",
                       "--model.init_args.stack.init_args.hidden_sizes=[16, 16]")
     assert code == 2 and len(lines) == 1, lines
     assert "model.init_args.stack.init_args.hidden_sizes" in lines[0] and "[16, 16]" in lines[0] and "[12, 12]" in lines[0], lines
 
 
-def test_weights_that_do_not_fit_are_one_line(tmp_path, capfd, lm_ckpt):  # noqa: F811
+def test_weights_that_do_not_fit_are_one_line(tmp_path, capfd, lm_ckpt):
     ckpt = torch.load(lm_ckpt, map_location="cpu", weights_only=True)
     ckpt["state_dict"].pop("embedding.weight")
     ckpt["state_dict"]["extra.weight"] = torch.zeros(2)

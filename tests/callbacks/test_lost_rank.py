@@ -12,7 +12,8 @@ import pytest
 
 from hmrnn_lightning.callbacks import LostRank
 from hmrnn_lightning.callbacks.lost_rank import is_lost_peer
-from tests.models.test_resume import checkpoints, fit
+from tests.helpers import fit_subprocess as fit
+from tests.helpers import step_checkpoints as checkpoints
 
 
 def test_recognises_what_gloo_and_nccl_say_and_nothing_else():

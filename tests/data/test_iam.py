@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hmrnn_lightning.data.base import DataError
+from tests.helpers import write_iam_tree
 from hmrnn_lightning.data.iam import IAMOnDBDataModule, iter_line_files, parse_line_strokes, read_lines, to_offsets
 
 
@@ -23,28 +24,8 @@ def test_parser_reads_real_files(shared_data):
     assert off[0, :2].tolist() == [0.0, 0.0] and off[1, :2].tolist() == [-1.0, 27.0]
 
 
-def write_tree(root, n_lines=30, rng=None):
-    rng = rng or np.random.default_rng(0)
-    folder = root / "lineStrokes" / "a01" / "a01-000"
-    folder.mkdir(parents=True)
-    for k in range(n_lines):
-        strokes = []
-        x, y = 1000.0, 1000.0
-        for _ in range(int(rng.integers(3, 6))):
-            pts = []
-            for _ in range(int(rng.integers(20, 40))):
-                x, y = x + rng.normal(3, 2), y + rng.normal(0, 2)
-                pts.append(f'<Point x="{x:.0f}" y="{y:.0f}" time="0"/>')
-            strokes.append('<Stroke colour="black">' + "".join(pts) + "</Stroke>")
-        (folder / f"a01-000u-{k:02d}.xml").write_text("<WhiteboardCaptureSession><StrokeSet>" + "".join(strokes) + "</StrokeSet></WhiteboardCaptureSession>")
-    (folder / "a01-000u-98.xml").write_text("<WhiteboardCaptureSession><StrokeSet>")  # truncated
-    (folder / "a01-000u-99.xml").write_text("<WhiteboardCaptureSession><StrokeSet></StrokeSet></WhiteboardCaptureSession>")
-    (root / "splits").mkdir()
-    return root
-
-
 def test_bad_files_are_skipped_with_one_warning(tmp_path):
-    write_tree(tmp_path, n_lines=4)
+    write_iam_tree(tmp_path, n_lines=4)
     with pytest.warns(UserWarning, match="skipped 1 XML files that do not parse and 1 with no points"):
         lines, skipped = read_lines(tmp_path / "lineStrokes")
     assert len(lines) == 4 and skipped == {"unparseable": 1, "no points": 1}
@@ -53,7 +34,7 @@ def test_bad_files_are_skipped_with_one_warning(tmp_path):
 
 
 def test_datamodule_split_normalisation_and_masks(tmp_path):
-    write_tree(tmp_path, n_lines=40)
+    write_iam_tree(tmp_path, n_lines=40)
     dm = IAMOnDBDataModule(str(tmp_path), min_length=60, batch_size=4, cache_dir=str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="skipped"):
         dm.setup()
@@ -120,7 +101,7 @@ def test_iam_training_resumes_mid_epoch_with_the_same_batches(tmp_path):
     from hmrnn_lightning.heads.mdn import MixtureDensityHead
     from hmrnn_lightning.models.handwriting import HandwritingModel
 
-    write_tree(tmp_path, n_lines=40)
+    write_iam_tree(tmp_path, n_lines=40)
 
     def run(ckpt_path=None, callbacks=()):
         torch.manual_seed(0)
@@ -165,7 +146,7 @@ def test_damaged_cache_file_is_rebuilt(damage, tmp_path, caplog):
     import logging
     import warnings
 
-    write_tree(tmp_path, n_lines=40)
+    write_iam_tree(tmp_path, n_lines=40)
 
     def module():
         return IAMOnDBDataModule(str(tmp_path), min_length=60, batch_size=4, cache_dir=str(tmp_path / "cache"))

@@ -8,7 +8,7 @@ import sys
 
 from hmrnn_lightning.data import SyntheticDataModule
 from hmrnn_lightning.data.iam import read_lines
-from tests.data.test_iam import write_tree
+from tests.helpers import write_iam_tree
 
 
 class Terminal(io.StringIO):
@@ -28,7 +28,7 @@ def test_first_build_names_what_is_cached_where(tmp_path, caplog):
 
 
 def test_iam_parse_shows_a_bar_on_a_terminal_only(tmp_path, monkeypatch):
-    write_tree(tmp_path, n_lines=12)
+    write_iam_tree(tmp_path, n_lines=12)
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     lines, _ = read_lines(tmp_path / "lineStrokes")

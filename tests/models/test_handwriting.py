@@ -10,11 +10,11 @@ from hmrnn_lightning.cli import HMRNNCLI, main
 from hmrnn_lightning.data.iam import IAMOnDBDataModule
 from hmrnn_lightning.heads import MixtureDensityHead
 from hmrnn_lightning.models import HandwritingModel
-from tests.data.test_iam import write_tree
+from tests.helpers import write_iam_tree
 
 
 def test_log_likelihood_rises_over_a_few_dozen_steps(tmp_path):
-    write_tree(tmp_path, n_lines=20)
+    write_iam_tree(tmp_path, n_lines=20)
     dm = IAMOnDBDataModule(str(tmp_path), min_length=60, max_length=80, batch_size=8, cache_dir=str(tmp_path / "c"))
     with pytest.warns(UserWarning):
         dm.setup()
@@ -39,7 +39,7 @@ def test_log_likelihood_rises_over_a_few_dozen_steps(tmp_path):
 
 
 def test_cli_fit_and_picture_commands(tmp_path):
-    write_tree(tmp_path, n_lines=30)
+    write_iam_tree(tmp_path, n_lines=30)
     args = [
         "fit", "--config", "configs/iam_hmlstm_anneal.yaml", f"--data.init_args.data_dir={tmp_path}",
         "--data.init_args.min_length=60", "--data.init_args.max_length=70", "--data.init_args.batch_size=4",

@@ -15,41 +15,9 @@ import pytest
 import torch
 
 from hmrnn_lightning.data import SyntheticDataModule
-from tests.helpers import tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
-EVERY = 5  # steps between checkpoints
-# 3000 symbols: 2700 of training in 4 streams of 675, 33 windows of 20 per epoch
-TINY = [
-    "--config", str(ROOT / "configs" / "quickstart.yaml"),
-    "--seed_everything=0",
-    "--data.init_args.num_chars=3000", "--data.init_args.batch_size=4", "--data.init_args.seq_len=20",
-    "--model.init_args.embedding_dim=8",
-    "--model.init_args.stack.init_args.hidden_sizes=[12, 12]",
-    "--model.init_args.head.init_args.embed_dim=12",
-    "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-    f"--trainer.callbacks.every_n_train_steps={EVERY}",
-    "--trainer.callbacks.save_top_k=-1",
-    "--trainer.callbacks.filename=step{step}",
-]
-
-
-def fit(root: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled",
-           "HMRNN_CACHE_DIR": str(root.parent / "cache"), "PYTHONUNBUFFERED": "1"}
-    script = Path(sys.executable).with_name("hmrnn")  # the installed console script: the real entry point
-    entry = [sys.executable, str(script)] if script.is_file() else [sys.executable, "-m", "hmrnn_lightning.cli"]
-    cmd = [*entry, "fit", *TINY,
-           f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}", *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if wait:
-        out, _ = proc.communicate(timeout=1800)
-        assert proc.returncode == 0, out[-3000:]
-    return proc
-
+from tests.helpers import fit_subprocess as fit
+from tests.helpers import step_checkpoints as checkpoints
+from tests.helpers import ROOT, tiny_model
 
 def step_losses(root: Path) -> dict[int, float]:
     """``train/bpc`` by global step from every CSV log written under ``root``."""
@@ -60,10 +28,6 @@ def step_losses(root: Path) -> dict[int, float]:
                 if row.get("train/bpc"):
                     out[int(row["step"])] = float(row["train/bpc"])
     return out
-
-
-def checkpoints(root: Path) -> list[Path]:
-    return sorted(root.rglob("step*.ckpt"))
 
 
 @pytest.fixture(scope="module")

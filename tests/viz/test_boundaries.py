@@ -3,6 +3,7 @@ import pytest
 
 from hmrnn_lightning.cli import main
 from hmrnn_lightning.viz import plot_boundaries
+from tests.helpers import tiny
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -16,7 +17,6 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_plot_command_from_checkpoint(tmp_path):
-    from tests.test_cli import tiny
     from hmrnn_lightning.cli import HMRNNCLI
 
     HMRNNCLI(args=["fit", *tiny(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1")])
@@ -29,7 +29,6 @@ def test_plot_command_from_checkpoint(tmp_path):
 
 def test_no_boundary_picture_for_an_lstm(tmp_path):
     """The LSTM baseline has no boundaries: the callback draws nothing rather than empty panels."""
-    from tests.test_cli import tiny
     from hmrnn_lightning.cli import HMRNNCLI
 
     HMRNNCLI(args=["fit", *tiny(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1",

@@ -33,3 +33,18 @@ def test_sampling_rate_follows_the_logit():
 def test_bad_temperature():
     with pytest.raises(ValueError, match="temperature"):
         GumbelSigmoidEstimator(temperature=0)
+
+
+def test_found_through_its_entry_point_when_installed():
+    """With the plugin installed (`pip install -e plugins/hmrnn-gumbel`, as CI does), hmrnn
+    resolves the short name to the class through the entry point, not through this file's path."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("hmrnn-gumbel")
+    except PackageNotFoundError:
+        pytest.skip("hmrnn-gumbel is not installed")
+    from hmrnn_lightning.registry import available, resolve
+
+    assert "gumbel" in available("estimators")
+    assert resolve("estimators", "gumbel").__name__ == "GumbelSigmoidEstimator"
