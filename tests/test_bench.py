@@ -2,9 +2,12 @@
 speed is judged from its output, not here)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
@@ -39,3 +42,47 @@ def test_kernels_compile_for_a_gpu_without_one():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 12 and all(r["ptx_chars"] > 0 and "error" not in r for r in rows)
+
+
+@pytest.mark.slow
+def test_gpu_smoke_script_end_to_end_on_the_cpu(tmp_path):
+    """bench/gpu_smoke.sh at its tiny shape on the CPU, the Triton kernels under the interpreter:
+    every stage runs and reports, the accuracy checks pass, and the tables are written."""
+    script = BENCH.parent / "gpu_smoke.sh"
+    env = {**os.environ, "SMOKE_TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=1800, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "smoke.jsonl").read_text().splitlines()]
+    stages = {r["stage"] for r in rows}
+    assert stages == {"accuracy", "graph", "times", "profile"}
+    accuracy = [r for r in rows if r["stage"] == "accuracy"]
+    assert {(r["impl"], r["layer_norm"]) for r in accuracy} == {(i, ln) for i in ("triton", "sequence") for ln in (False, True)}
+    assert all(r["ok"] and r["boundary_agreement"] == 1.0 for r in accuracy)
+    assert {r["precision"] for r in rows if r["stage"] == "times"} == {"fp32", "tf32", "bf16"}
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.count("exit 0") == 8, summary
+    bench_rows = [json.loads(line) for line in (tmp_path / "throughput.jsonl").read_text().splitlines()]
+    assert len(bench_rows) == 8 and {r["impl"] for r in bench_rows} == {"lstm", "hm_triton"}
+
+
+def test_gpu_smoke_accuracy_check_fails_on_a_wrong_path(monkeypatch, capsys):
+    """The smoke script's accuracy verdict can fail: a fast path whose gradients are 1% off is
+    reported with ok false and exit status 1."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_smoke", BENCH.parent / "gpu_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    honest = smoke.forward_backward
+
+    def off_by_one_percent(stack, x, probe, dtype):
+        loss, z, grads = honest(stack, x, probe, dtype)
+        if getattr(stack, "impl", "reference") != "reference":
+            grads = {k: g * 1.01 for k, g in grads.items()}
+        return loss, z, grads
+
+    monkeypatch.setattr(smoke, "forward_backward", off_by_one_percent)
+    assert smoke.main(["accuracy", "--tiny", "--device", "cpu"]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert rows and not any(r["ok"] for r in rows)

@@ -35,3 +35,21 @@ def test_no_boundary_picture_for_an_lstm(tmp_path):
                                 "--model.init_args.stack=hmrnn_lightning.cells.LSTMStack",
                                 "--model.init_args.stack.init_args.hidden_sizes=[12, 12]")])
     assert list(tmp_path.rglob("last.ckpt")) and not list(tmp_path.rglob("boundaries/*.png"))
+
+
+def test_known_boundaries_are_red_rows_under_the_models():
+    from hmrnn_lightning.viz.boundaries import boundary_figure
+
+    text = "ab cd."
+    z = np.zeros((len(text), 3))
+    z[2, 0] = 1
+    gold = {"word": np.array([0, 0, 1, 0, 0, 1]), "sentence": np.array([0, 0, 0, 0, 0, 1])}
+    fig = boundary_figure(text, z, np.random.rand(len(text), 3), gold=gold)
+    ax_z = fig.axes[0]
+    assert [t.get_text() for t in ax_z.get_yticklabels()] == ["z1", "z2", "word", "sentence"]
+    image = ax_z.get_images()[0].get_array()
+    assert image.shape[:2] == (4, len(text))
+    assert tuple(image[2, 2]) == (0.8, 0.1, 0.1) and tuple(image[2, 1]) == (1.0, 1.0, 1.0)  # word end in red
+    assert tuple(image[0, 2]) == (0.0, 0.0, 0.0) and tuple(image[3, 5]) == (0.8, 0.1, 0.1)
+    with pytest.raises(ValueError, match="'word' boundaries have 2"):
+        boundary_figure(text, z, np.random.rand(len(text), 3), gold={"word": np.array([0, 1])})

@@ -13,7 +13,9 @@ class BoundaryPlot(pl.Callback):
     """After each validation run, plot a text window (Figures 3-4) into the run folder's
     ``boundaries/epochEEEE-stepSSSSSSS.png`` (one file per validation, kept, whatever the logger,
     W&B included) and log it as an image where the logger can take one (W&B, TensorBoard).
-    Stacks without boundaries (the LSTM baselines) get no picture.
+    Stacks without boundaries (the LSTM baselines) get no picture. Where the datamodule knows
+    the validation split's boundaries (the synthetic corpus's levels), they are drawn in red
+    under the model's rows.
 
     Args:
         text: the text to draw; default: the first ``length`` symbols of the validation split.
@@ -31,6 +33,20 @@ class BoundaryPlot(pl.Callback):
         if dm is None or not hasattr(dm, "split_ids"):
             return None
         return dm.vocab.decode(dm.split_ids("valid")[: self.length])
+
+    def _gold(self, trainer: pl.Trainer, length: int) -> dict | None:
+        """The datamodule's known boundaries of the drawn validation text, by level."""
+        dm = trainer.datamodule
+        if self.text is not None or dm is None or not hasattr(dm, "boundary_labels"):
+            return None
+        labels = dm.boundary_labels("valid")
+        if labels is None:
+            return None
+        levels = dm.boundary_levels() if hasattr(dm, "boundary_levels") else None
+        labels = labels[:length].numpy()
+        if levels is None or len(levels) != labels.shape[-1]:
+            levels = [f"level{k + 1}" for k in range(labels.shape[-1])]
+        return {level: labels[:, k] for k, level in enumerate(levels)}
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
@@ -52,7 +68,8 @@ class BoundaryPlot(pl.Callback):
         out_dir = (run_folder(trainer) or Path(log_dir or trainer.default_root_dir)) / "boundaries"
         name = f"epoch{trainer.current_epoch:04d}-step{trainer.global_step:07d}.png"
         path = plot_boundaries(text, z.numpy(), norms.numpy(), out_dir / name,
-                               title=f"epoch {trainer.current_epoch}, step {trainer.global_step}")
+                               title=f"epoch {trainer.current_epoch}, step {trainer.global_step}",
+                               gold=self._gold(trainer, len(text)))
         logger = trainer.logger
         if logger is None:
             return
