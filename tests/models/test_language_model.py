@@ -113,6 +113,23 @@ def test_boundary_f1_logged_exact_and_with_tolerance():
     assert "val/update_frac/l2" in logged
 
 
+def test_a_stack_without_boundaries_logs_no_boundary_metrics_and_returns_none():
+    model = HMRNNLanguageModel(
+        vocab_size=7, stack=functools.partial(LSTMStack, hidden_sizes=[12, 12], layer_norm=True),
+        head=functools.partial(SoftmaxHead, embed_dim=12), embedding_dim=6,
+    )
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    x = torch.randint(0, 7, (2, 30))
+    labels = (x == 3).to(torch.uint8).unsqueeze(-1)
+    out = model.training_step((x, x), 0)
+    assert set(out) == {"loss"}  # nothing for TrainingHealth to read as boundaries
+    model.validation_step((x, x, labels), 0)
+    model.on_validation_epoch_end()
+    assert set(logged) == {"train/bpc", "val/bpc", "val/nll"}
+    assert not model.has_boundaries and tiny_model().has_boundaries
+
+
 def test_generate_and_encode_need_known_symbols():
     model = tiny_model(vocab_size=4, vocab=["a", "b", "_", "\n"])
     text = model.generate("", length=12, temperature=0.5)
