@@ -9,7 +9,6 @@ Kept apart from :mod:`hmrnn_lightning.cli` (the ``hmrnn`` entry point) so that `
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -305,20 +304,27 @@ class HMRNNCLI(LightningCLI):
         self.print_results("test")
 
     def print_results(self, stage: str) -> None:
-        """The headline metrics of an evaluation: BPC (or log-likelihood) and, per layer, the
-        boundary rate and word-end F1 (exact and within one step); the count of the others,
-        which ``--verbose true`` shows (all of them are logged when a logger is given)."""
+        """The headline metrics of an evaluation: BPC (or log-likelihood) and, for a stack with
+        boundaries, one row per layer with a detector: its boundary rate, its rate on separators
+        and on other symbols, and precision, recall and F1 against word ends, exact and within one
+        step, naming the best layer (highest exact F1); the count of the others, which
+        ``--verbose true`` shows (all of them are logged when a logger is given)."""
+        from hmrnn_lightning.commands.runs import LAYER_FIGURES, detector_layers, layer_table
+
         if not self._short_results() or not self.trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
-        headline = [f"{stage}/bpc", f"{stage}/loglik"]
-        shown = [k for k in headline if k in metrics]
-        shown += sorted(k for k in metrics if re.fullmatch(rf"{stage}/(boundary_rate/l\d+|boundary_f1(_tol1)?/l\d+_word)", k))
-        if not shown:
+        headline = [k for k in (f"{stage}/bpc", f"{stage}/loglik") if k in metrics]
+        if not headline:
             return
-        width = max(len(k) for k in shown)
-        lines = [f"  {k:<{width}}  {metrics[k]:.4f}" for k in shown]
-        rest = len(metrics) - len(shown)
+        layers = detector_layers(list(metrics), stage)
+        in_table = {f"{stage}/{name.format(k=k)}" for _, name in LAYER_FIGURES for k in layers} & set(metrics)
+        width = max(len(k) for k in headline)
+        lines = [f"  {k:<{width}}  {metrics[k]:.4f}" for k in headline]
+        table = layer_table(metrics, stage)
+        if table:
+            lines += ["  boundaries per layer (rate; on separators, on other symbols; word ends: P, R, F1 exact and ±1 step):", table]
+        rest = len(metrics) - len(headline) - len(in_table)
         more = f" ({rest} more with --verbose true)" if rest else ""
         print(f"{stage} results{more}:\n" + "\n".join(lines), flush=True)
 

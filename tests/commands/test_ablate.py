@@ -36,7 +36,8 @@ def test_ablate_each_run_its_own_wandb_run_in_one_group(tiny_configs, tmp_path, 
     assert [line for line in printed.splitlines() if line.startswith("hmrnn: run ")] == [
         "hmrnn: run 1/2: base seed 0", "hmrnn: run 2/2: no_ln seed 0"]
     assert "Test metric" not in printed and "DataLoader 0" not in printed  # no per-run test table
-    assert printed.count("| base |") == 1 and printed.count("| no_ln |") == 1  # one summary at the end
+    assert printed.count("| base | 1 |") == 1 and printed.count("| no_ln | 1 |") == 1  # one summary at the end
+    assert "| base | l1" in printed and "| base | l3" not in printed  # and the boundaries of each layer with a detector
 
     runs = sorted(out.glob("*/wandb/offline-run-*"), key=lambda r: r.parent.parent.name != "base-seed0")
     assert len(runs) == 2  # one W&B run per run, not one for all, each inside --out

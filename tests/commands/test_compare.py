@@ -33,7 +33,9 @@ def test_compare_on_tiny_synthetic_data(tiny_configs, tmp_path, capsys):
         assert int(r["params"]) in (hm_n, base_n)
     hm_row, base_row = runs[0], runs[1]
     assert 0 <= float(hm_row["test/boundary_f1_tol1/l1_word"]) <= 1 and hm_row["probe_f1/l1_word"] == ""
-    assert base_row["test/boundary_rate/l1"] == ""  # an LSTM has no boundaries to report
+    assert base_row["test/boundary_rate/l1"] == "" and base_row["collapsed"] == ""  # an LSTM has no boundaries to report
+    assert 0 <= float(hm_row["test/boundary_rate_sep/l1"]) <= 1 and 0 <= float(hm_row["test/boundary_rate_other/l2"]) <= 1
+    assert hm_row["collapsed"] == "0" and hm_row["collapsed_at"] == ""
     for l in (1, 2, 3):
         assert 0 < float(base_row[f"probe_f1/l{l}_word"]) <= 1 and 0 <= float(base_row[f"probe_ahead1_f1/l{l}_word"]) <= 1
 
@@ -42,8 +44,28 @@ def test_compare_on_tiny_synthetic_data(tiny_configs, tmp_path, capsys):
     assert float(summary[0]["test/bpc_mean"]) == pytest.approx(float(hm_row["test/bpc"]))
     assert summary[0]["test/bpc_sd"] == ""  # one seed: no spread (mean and sd over seeds: see the summary test)
     md = (out / "compare.md").read_text()
-    assert md.startswith("| model | seeds | params | test BPC | train chars/s | word F1, best layer |\n")
+    assert md.startswith("| model | seeds | params | test BPC | equal steps | test BPC at equal steps | equal time (s) |")
+    assert "| word F1, best layer | collapsed layers per seed |\n" in md.splitlines(keepends=True)[0]
     assert "| hm_lstm | 1 |" in md and "probe)" in md.splitlines()[3]  # the LSTM's best layer is its probe's
+    assert md.splitlines()[2].endswith("| 0 |") and md.splitlines()[3].endswith("|  |")  # collapsed: the HM-LSTM's only
+    assert "| hm_lstm | l1" in md and "| hm_lstm | l2" in md and "| ln_lstm | l" not in md  # layers with a detector
+
+    # equal steps: both validated at steps 2 and 4, so both are tested at 4, on the weights kept from then
+    for r in runs:
+        assert r["equal_steps"] == "4" and 0 < float(r["test_bpc_equal_steps"]) < 10
+        assert str(out / f"{r['label']}-seed3" / "curve" / "step=4.ckpt") in r["equal_checkpoints"].split()
+    curves = list(csv.DictReader((out / "curves.csv").open()))
+    assert [(c["label"], c["step"]) for c in curves] == [("hm_lstm", "2"), ("hm_lstm", "4"), ("ln_lstm", "2"), ("ln_lstm", "4")]
+    # equal time: the run that reached its last validation sooner is tested there; the other at its
+    # last validation within that time, if it had one
+    limit = min(max(float(c["seconds"]) for c in curves if c["label"] == label) for label in ("hm_lstm", "ln_lstm"))
+    for r in runs:
+        assert float(r["equal_time_s"]) == pytest.approx(limit, abs=0.06)
+        within = [c for c in curves if c["label"] == r["label"] and float(c["seconds"]) <= limit]
+        assert r["steps_at_equal_time"] == (within[-1]["step"] if within else "")
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    kept = sorted(str(p) for p in out.glob("*/curve/*.ckpt"))
+    assert kept == sorted(c for r in runs for c in r["equal_checkpoints"].split())  # the weights not tested are deleted
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
@@ -84,3 +106,30 @@ def test_markdown_table_is_the_headline_the_csv_holds_every_column(tmp_path):
         assert f"{column}_mean" in header, column
     write_tables(tmp_path, rows, full=True)
     assert "| z word F1 l1 ±1 |" in (tmp_path / "compare.md").read_text()
+
+
+def test_layer_table_names_the_best_layer_and_skips_the_top_one():
+    from hmrnn_lightning.commands.runs import layer_table
+
+    values = {"test/bpc": 2.0, "test/boundary_rate/l1": 0.52, "test/boundary_rate/l2": 0.185, "test/boundary_rate/l3": 0.0,
+              "test/boundary_rate_sep/l1": 0.01, "test/boundary_rate_other/l1": 0.65,
+              "test/boundary_f1/l1_word": 0.48, "test/boundary_f1/l2_word": 0.942, "test/boundary_precision/l2_word": 0.904}
+    lines = layer_table(values, "test").splitlines()
+    assert lines[0].split() == ["layer", "rate", "on", "sep", "on", "other", "P", "F1"]
+    assert lines[1].split()[:4] == ["l1", "0.520", "0.010", "0.650"] and lines[2].split()[0] == "l2"
+    assert len(lines) == 4 and lines[3].strip() == "best layer (highest exact word F1): l2"
+    assert layer_table({"test/bpc": 2.0}, "test") == ""  # a stack without boundaries: no table
+
+
+def test_layer_markdown_mean_and_spread_per_layer():
+    from hmrnn_lightning.commands.runs import layer_markdown
+
+    hm = {"label": "hm", "test/boundary_rate/l1": 0.5, "test/boundary_rate/l2": 0.2, "test/boundary_rate/l3": 0.0,
+          "test/boundary_f1/l1_word": 0.3}
+    rows = [{**hm, "seed": 0, "test/boundary_f1/l2_word": 0.9}, {**hm, "seed": 1, "test/boundary_f1/l2_word": 0.7},
+            {"label": "lstm", "seed": 0, "test/bpc": 2.0}]
+    md = layer_markdown(rows).splitlines()
+    assert md[0] == "| model | layer | rate | F1 |"
+    assert md[2] == "| hm | l1 | 0.500 ± 0.000 | 0.300 ± 0.000 |"
+    assert md[3] == "| hm | l2 (best) | 0.200 ± 0.000 | 0.800 ± 0.141 |"
+    assert len(md) == 4  # no top layer, no LSTM rows

@@ -33,3 +33,19 @@ def test_boundary_statistics():
     assert out["boundary_rate/l1"].item() == 0.5
     assert out["update_frac/l2"].item() == 0.5 and out["copy_frac/l2"].item() == 0.5
     assert out["flush_frac/l2"].item() == 0.0
+
+
+def test_separator_rates_tell_a_word_detector_from_its_reverse():
+    from hmrnn_lightning.metrics import SeparatorRates
+
+    inputs = torch.tensor([[0, 1, 2, 0, 1, 2, 2, 1]])  # symbol 2 is the separator
+    sep = (inputs == 2).float()
+    z = torch.stack([sep, 1 - sep, torch.zeros_like(sep)], -1)  # l1 fires on separators, l2 on all else, l3 (top) never
+    m = SeparatorRates(2, separator_ids=[2])
+    m.update(z, inputs)
+    out = {k: float(v) for k, v in m.compute().items()}
+    assert out == {"boundary_rate_sep/l1": 1.0, "boundary_rate_other/l1": 0.0,
+                   "boundary_rate_sep/l2": 0.0, "boundary_rate_other/l2": 1.0}
+    m.reset()
+    m.update(z, torch.zeros_like(inputs))  # no separator in the text: no rate on separators to report
+    assert set(m.compute()) == {"boundary_rate_other/l1", "boundary_rate_other/l2"}

@@ -113,6 +113,23 @@ def test_boundary_f1_logged_exact_and_with_tolerance():
     assert "val/update_frac/l2" in logged
 
 
+def test_a_stack_without_boundaries_logs_no_boundary_metrics_and_returns_none():
+    model = HMRNNLanguageModel(
+        vocab_size=7, stack=functools.partial(LSTMStack, hidden_sizes=[12, 12], layer_norm=True),
+        head=functools.partial(SoftmaxHead, embed_dim=12), embedding_dim=6,
+    )
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    x = torch.randint(0, 7, (2, 30))
+    labels = (x == 3).to(torch.uint8).unsqueeze(-1)
+    out = model.training_step((x, x), 0)
+    assert set(out) == {"loss"}  # nothing for TrainingHealth to read as boundaries
+    model.validation_step((x, x, labels), 0)
+    model.on_validation_epoch_end()
+    assert set(logged) == {"train/bpc", "val/bpc", "val/nll"}
+    assert not model.has_boundaries and tiny_model().has_boundaries
+
+
 def test_generate_and_encode_need_known_symbols():
     model = tiny_model(vocab_size=4, vocab=["a", "b", "_", "\n"])
     text = model.generate("", length=12, temperature=0.5)
@@ -152,3 +169,33 @@ def test_training_on_the_triton_path_follows_the_cpu_path(layer_norm, tmp_path):
     torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-6)
     for a, b in zip(pa, pb):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+class _RateAtValidation(pl.Callback):
+    """The learning rate after each validation of a fit (the sanity check excluded)."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("every", ["steps", "epoch"])
+def test_learning_rate_drops_after_patience_stale_validations(every):
+    """lr 1e-6 keeps validation BPC flat, so every validation after the first is stale: patience 1
+    divides the rate at the third validation and, the count restarting, again at the fifth. Validated
+    every 2 steps inside one long epoch (the case an epoch-stepped scheduler never reached) and every epoch."""
+    torch.manual_seed(0)
+    model = tiny_model(lr=1e-6, lr_patience=1, lr_decay_factor=10.0)
+    ids = torch.randint(0, 11, (4 * 10 * 200 + 1,))
+    rates = _RateAtValidation()
+    schedule = (dict(max_steps=10, val_check_interval=2, check_val_every_n_epoch=None) if every == "steps"
+                else dict(max_epochs=5, limit_train_batches=2))
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", limit_val_batches=1, callbacks=[rates], **schedule)
+    trainer.fit(model, train_dataloaders=loader(ids, 4, 10), val_dataloaders=loader(ids, 4, 10))
+    if every == "steps":  # ten steps of an epoch of 199: no epoch ever ended
+        assert trainer.global_step == 10 and trainer.num_training_batches == 199
+    assert rates.rates == pytest.approx([1e-6, 1e-6, 1e-7, 1e-7, 1e-8], rel=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import lightning.pytorch as pl
 import torch
 
@@ -17,18 +19,35 @@ class TrainingHealth(pl.Callback):
       ``{update,copy,flush}_frac/l{k}`` and ``unnested/l{k}`` (:class:`BoundaryStatistics`). A
       layer whose boundary rate goes to 0 or 1 has stopped segmenting.
 
+    It also watches for **collapse**: a layer with a boundary detector (every layer but the top
+    one) whose boundary rate, in every training window for ``collapse_window`` optimizer steps
+    in a row, stays below ``collapse_rate`` or above ``1 - collapse_rate`` is a dead level of the
+    hierarchy (never firing, the layer above never updates; always firing, it segments nothing).
+    It is said once per layer, as one warning line naming the layer and the step, and kept in
+    :attr:`collapsed` (``{layer: step}``, layers numbered from 1) for ``hmrnn compare`` and
+    ``hmrnn ablate``, whose tables count collapsed layers per seed.
+
     Reads the boundaries and operations a training step returns (``"boundaries"`` and
     ``"operations"`` in its output dict); models that return only a loss get the gradient
     norm alone.
 
     Args:
         every_n_steps: log interval in optimizer steps.
+        collapse_window: optimizer steps in a row a layer's rate must stay out of range to be
+            called collapsed.
+        collapse_rate: the range's edge: a rate below it or above ``1 - collapse_rate`` is out.
     """
 
-    def __init__(self, every_n_steps: int = 200) -> None:
+    def __init__(self, every_n_steps: int = 200, collapse_window: int = 300, collapse_rate: float = 0.01) -> None:
         if every_n_steps < 1:
             raise ValueError(f"TrainingHealth: every_n_steps must be >= 1, got {every_n_steps}")
+        if collapse_window < 1 or not 0 < collapse_rate < 0.5:
+            raise ValueError(f"TrainingHealth: need collapse_window >= 1 and 0 < collapse_rate < 0.5, got {collapse_window}, {collapse_rate}")
         self.every_n_steps = every_n_steps
+        self.collapse_window, self.collapse_rate = collapse_window, collapse_rate
+        #: collapsed layers (numbered from 1) and the step each was found at
+        self.collapsed: dict[int, int] = {}
+        self._out_since: dict[int, int] = {}  # layer -> first step of its current run of out-of-range windows
         self._stats: BoundaryStatistics | None = None
         self._grad_norm: float | None = None
 
@@ -40,12 +59,13 @@ class TrainingHealth(pl.Callback):
             self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step - 1  # the optimizer step this batch took
         if isinstance(outputs, dict) and "boundaries" in outputs:
             boundaries, operations = outputs["boundaries"], outputs["operations"]
             if self._stats is None or self._stats.num_layers != boundaries.shape[-1]:
                 self._stats = BoundaryStatistics(boundaries.shape[-1]).to(boundaries.device)
             self._stats.update(boundaries, operations)
-        step = trainer.global_step - 1  # the optimizer step this batch took
+            self._watch_collapse(boundaries, step, trainer)
         if step % self.every_n_steps:
             return
         metrics = {} if self._grad_norm is None else {"health/grad_norm": self._grad_norm}
@@ -57,3 +77,20 @@ class TrainingHealth(pl.Callback):
         # Lightning to cache and repeat at its own log_every_n_steps
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+    def _watch_collapse(self, boundaries: torch.Tensor, step: int, trainer: pl.Trainer) -> None:
+        """Counts, per layer with a detector, the steps in a row whose window's rate is out of range."""
+        rates = (boundaries[..., :-1].detach() > 0.5).float().mean(dim=(0, 1)).tolist()  # the top layer has no detector
+        for layer, rate in enumerate(rates, 1):
+            if self.collapse_rate <= rate <= 1 - self.collapse_rate:
+                self._out_since.pop(layer, None)
+                continue
+            since = self._out_since.setdefault(layer, step)
+            if layer not in self.collapsed and step - since + 1 >= self.collapse_window:
+                self.collapsed[layer] = step
+                side = "below" if rate < self.collapse_rate else "above"
+                edge = self.collapse_rate if side == "below" else 1 - self.collapse_rate
+                if trainer.is_global_zero:
+                    sys.stderr.write(f"hmrnn: warning: layer {layer} collapsed at step {step}: its boundary rate has stayed {side} "
+                                   f"{edge:.0%} since step {since} ({step - since + 1} steps), a dead level of the hierarchy\n")
+                    sys.stderr.flush()

@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from hmrnn_lightning.commands.runs import (
-    RunSpec, atomic_write, budget_args, csv_text, fail, informative, markdown_summary, metric_columns, run_one,
+    RunSpec, atomic_write, budget_args, csv_text, fail, informative, layer_markdown, markdown_summary, metric_columns, run_one,
     short_markdown_summary, split_extra, summarise,
 )
 from hmrnn_lightning.commands.options import DefaultsHelpFormatter, check_output_folder
 
 #: columns of the summary, as prefixes of the per-run metrics
-COLUMNS = ("best_val_bpc", "test/bpc", "chars_per_s", "test/boundary_rate/", "test/boundary_f1/", "test/boundary_f1_tol1/")
+COLUMNS = ("best_val_bpc", "test/bpc", "chars_per_s", "collapsed", "test/boundary_rate/", "test/boundary_rate_sep/",
+           "test/boundary_rate_other/", "test/boundary_precision/", "test/boundary_recall/", "test/boundary_f1/",
+           "test/boundary_precision_tol1/", "test/boundary_recall_tol1/", "test/boundary_f1_tol1/")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
         prog="hmrnn ablate",
         description="Fit and test the base config alone and with each overlay, once per seed; write OUT/runs.csv "
         "(one row per run), OUT/results.csv and OUT/results.md (mean and spread per overlay: results.md the headline "
-        "columns, results.csv every column). Arguments after `--` go to every run. With a W&B logger each run is its "
+        "columns, with collapsed layers per seed, and the boundaries of every layer; results.csv every column). Arguments after `--` go to every run. With a W&B logger each run is its "
         "own W&B run in the group --name.",
         formatter_class=DefaultsHelpFormatter,
     )
@@ -84,6 +86,8 @@ def write_tables(out: Path, rows: list[dict[str, Any]], full: bool = False) -> N
     summary = summarise(rows, columns)
     atomic_write(out / "runs.csv", csv_text(rows))
     atomic_write(out / "results.csv", csv_text(summary, ["label", "n"] + [f"{c}_{s}" for c in columns for s in ("mean", "sd")]))
-    titles = {"best_val_bpc": "best val BPC", "test/bpc": "test BPC", "chars_per_s": "train chars/s"}
+    titles = {"best_val_bpc": "best val BPC", "test/bpc": "test BPC", "chars_per_s": "train chars/s", "collapsed": "collapsed layers"}
     titles = {c: titles.get(c, c.removeprefix("test/")) for c in columns}
-    atomic_write(out / "results.md", markdown_summary(summary, columns, titles) if full else short_markdown_summary(summary, columns, titles))
+    table = markdown_summary(summary, columns, titles) if full else short_markdown_summary(summary, columns, titles)
+    layers = layer_markdown(rows)
+    atomic_write(out / "results.md", table + (f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""))

@@ -15,20 +15,31 @@ Choices made here (the issue leaves them open):
 * **Order.** Seeds are the outer loop (``hm seed 0, lstm seed 0, hm seed 1, ...``), so an
   interrupted series still holds complete pairs.
 * **Spread.** Mean and sample standard deviation over seeds.
+* **Equal steps and equal time.** The HM-LSTM takes fewer steps per second than the LSTM, so a
+  common wall-clock budget confounds the two. Every validation of every run is recorded
+  (``OUT/curves.csv``: step, seconds, validation BPC; drawn in ``OUT/curves.png``, BPC against
+  steps and against seconds) with the weights at that validation. After both models of a seed
+  have run, each is tested on the weights of the last step both validated at (``equal_steps``,
+  ``test_bpc_equal_steps``) and on those of its last validation within the time the faster-ending
+  run took to its last validation (``equal_time_s``, ``steps_at_equal_time``,
+  ``test_bpc_equal_time``); the other per-validation weights are then deleted. Seconds are
+  wall-clock from the start of training, validation included, as ``--max_time`` counts them.
+  Without validations (no ``--val_every`` and no epoch finished) these columns stay blank.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hmrnn_lightning.commands.runs import (
-    RunSpec, atomic_write, budget_args, build_cli, count_parameters, csv_text, fail, informative, markdown_summary, metric_columns,
-    run_one, short_markdown_summary, split_extra, summarise,
+    RunSpec, ValidationCurve, atomic_write, budget_args, build_cli, count_parameters, csv_text, evaluate_checkpoint, fail,
+    informative, layer_markdown, markdown_summary, metric_columns, run_one, short_markdown_summary, split_extra, summarise,
 )
 from hmrnn_lightning.commands.options import DefaultsHelpFormatter, check_output_folder
 
@@ -40,10 +51,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hmrnn compare",
         description="Train an HM-LSTM config and the LayerNorm-LSTM baseline (resized to the same parameter count) on "
-        "the same data with the same budget and seeds; test each on its best-validation checkpoint; probe the "
+        "the same data with the same budget and seeds; test each on its best-validation checkpoint, and on its "
+        "weights at the same step count and at the same time as the other model of its seed; probe the "
         "LSTM's hidden states for word boundaries; write OUT/compare.csv, OUT/compare.md (mean and spread over "
-        "seeds) and OUT/runs.csv (one row per run). compare.md holds the headline columns (test BPC, "
-        "training chars/s, the best layer's word F1), compare.csv every column. Arguments after `--` go to every "
+        "seeds), OUT/runs.csv (one row per run), OUT/curves.csv and OUT/curves.png (validation BPC against steps "
+        "and against seconds). compare.md holds the headline columns (test BPC on the best checkpoint, at equal "
+        "steps and at equal time, training chars/s, the best layer's word F1, collapsed layers per seed) and the "
+        "boundaries of every layer; compare.csv every column. Arguments after `--` go to every "
         "run, e.g. `-- --data.init_args.data_dir=/path/to/ptb`.",
         formatter_class=DefaultsHelpFormatter,
     )
@@ -94,16 +108,81 @@ def cmd_compare(argv: list[str]) -> int:
         specs.append(RunSpec(args.names[0], hm_configs, seed, budget + extra))
         specs.append(RunSpec(args.names[1], base_configs, seed, budget + extra + width_args))  # the matched width wins
     rows: list[dict[str, Any]] = []
+    curves: list[dict[str, Any]] = []
+    pair: list[tuple[RunSpec, dict[str, Any], ValidationCurve]] = []
     for k, spec in enumerate(specs, 1):
         probe = (lambda cli, ckpt: probe_hidden_states(cli, args.probe_max_fit, spec.seed)) if spec.label == args.names[1] else None
-        row = run_one(spec, out, k, len(specs), after_test=probe)
-        if spec.label == args.names[1]:  # an LSTM's z is 0 by construction: leave its boundary cells blank
-            row = {key: v for key, v in row.items() if not key.startswith(("test/boundary", "test/update", "test/copy", "test/flush"))}
+        curve = ValidationCurve(out / spec.name / "curve")
+        row = run_one(spec, out, k, len(specs), after_test=probe, callbacks=[curve])
         rows.append(row)
+        pair.append((spec, row, curve))
+        curves += [{"label": spec.label, "seed": spec.seed, "step": st, "seconds": round(sec, 3), "val_bpc": v}
+                   for st, sec, v, _ in curve.records]
+        if len(pair) == 2:  # both models of a seed have run
+            equal_budget(pair, out)
+            pair = []
         write_tables(out, rows, args.full_table)
+        write_curves(out, curves)
     print((out / "compare.md").read_text(), end="")
     print(f"hmrnn: wrote {out / 'compare.csv'}, {out / 'compare.md'} and {out / 'runs.csv'}")
     return 0
+
+
+def equal_budget(pair: list[tuple[RunSpec, dict[str, Any], ValidationCurve]], out: Path) -> None:
+    """Test both models of a seed at the same step count and at the same time (see the module
+    docstring), adding the ``equal_*`` columns to their rows; then delete the weights not used."""
+    records = [curve.records for _, _, curve in pair]
+    if all(records):
+        common = set.intersection(*({r[0] for r in rec} for rec in records))
+        limit = min(rec[-1][1] for rec in records)
+        for (spec, row, _), rec in zip(pair, records):
+            at_steps = next((r for r in reversed(rec) if r[0] == max(common)), None) if common else None
+            at_time = next((r for r in reversed(rec) if r[1] <= limit), None)
+            tested: dict[str, float] = {}
+            for key, record in (("steps", at_steps), ("time", at_time)):
+                if record is None:
+                    continue
+                if record[3] not in tested:
+                    tested[record[3]] = evaluate_checkpoint(spec, out, record[3]).get("test/bpc", float("nan"))
+                row[f"test_bpc_equal_{key}"] = tested[record[3]]
+                row[f"val_bpc_equal_{key}"] = record[2]
+            if at_steps is not None:
+                row["equal_steps"] = at_steps[0]
+            row["equal_time_s"] = round(limit, 1)
+            if at_time is not None:
+                row["steps_at_equal_time"] = at_time[0]
+            row["equal_checkpoints"] = " ".join(sorted(tested))
+    for _, row, curve in pair:  # keep only the weights that were tested
+        kept = set(str(row.get("equal_checkpoints", "")).split())
+        for *_, path in curve.records:
+            if path and path not in kept and os.path.exists(path):
+                os.remove(path)
+
+
+def write_curves(out: Path, curves: list[dict[str, Any]]) -> None:
+    """``curves.csv`` (one row per validation of every run) and ``curves.png``: validation BPC
+    against steps and against seconds, one line per run, one colour per model."""
+    if not curves:
+        return
+    atomic_write(out / "curves.csv", csv_text(curves, ["label", "seed", "step", "seconds", "val_bpc"]))
+    from hmrnn_lightning.viz.files import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    labels = list(dict.fromkeys(c["label"] for c in curves))
+    for colour, label in enumerate(labels):
+        for n, seed in enumerate(dict.fromkeys(c["seed"] for c in curves if c["label"] == label)):
+            points = [c for c in curves if c["label"] == label and c["seed"] == seed]
+            for ax, x in zip(axes, ("step", "seconds")):
+                ax.plot([p[x] for p in points], [p["val_bpc"] for p in points], color=f"C{colour}", marker=".",
+                        alpha=0.8, label=label if n == 0 else None)
+    axes[0].set(xlabel="optimizer steps", ylabel="validation BPC", title="at equal steps")
+    axes[1].set(xlabel="seconds of training (validation included)", title="at equal time")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    save_figure(fig, out / "curves.png")
 
 
 def shared_data_overlay(config: str, out: Path) -> list[str]:
@@ -177,27 +256,40 @@ class _Sized:
 
 
 #: table columns, in order: prefixes of the row keys that ``run_one`` and the probe produce
-COLUMNS = ("params", "steps", "test/bpc", "best_val_bpc", "chars_per_s", "test/boundary_rate/", "test/boundary_f1/",
+COLUMNS = ("params", "steps", "test/bpc", "equal_steps", "test_bpc_equal_steps", "val_bpc_equal_steps", "equal_time_s",
+           "steps_at_equal_time", "test_bpc_equal_time", "val_bpc_equal_time", "best_val_bpc", "chars_per_s", "collapsed",
+           "test/boundary_rate/", "test/boundary_rate_sep/", "test/boundary_rate_other/", "test/boundary_precision/",
+           "test/boundary_recall/", "test/boundary_f1/", "test/boundary_precision_tol1/", "test/boundary_recall_tol1/",
            "test/boundary_f1_tol1/", "probe_f1/", "probe_f1_tol1/", "probe_ahead1_f1/")
 
 
 def write_tables(out: Path, rows: list[dict[str, Any]], full: bool = False) -> None:
     """``runs.csv`` (every run), ``compare.csv`` (mean and spread per model, every column) and
-    ``compare.md`` (the headline columns, or every column when ``full``)."""
+    ``compare.md`` (the headline columns, or every column when ``full``, then the boundaries per layer)."""
     columns = [c for c in metric_columns(rows, COLUMNS) if informative(c, rows)]
     summary = summarise(rows, columns)
     atomic_write(out / "runs.csv", csv_text(rows))
     atomic_write(out / "compare.csv", csv_text(summary, ["label", "n"] + [f"{c}_{s}" for c in columns for s in ("mean", "sd")]))
     titles = {c: _title(c) for c in columns}
     table = markdown_summary(summary, columns, titles) if full else short_markdown_summary(summary, columns, titles, lead=("params",))
-    atomic_write(out / "compare.md", table)
+    layers = layer_markdown(rows)
+    atomic_write(out / "compare.md", table + (f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""))
 
 
 #: table titles of the compare columns; prefixes in the order they are tried (longer first)
 _TITLES = {"params": "params", "steps": "steps", "test/bpc": "test BPC", "best_val_bpc": "best val BPC",
-           "chars_per_s": "train chars/s"}
+           "chars_per_s": "train chars/s", "equal_steps": "equal steps", "test_bpc_equal_steps": "test BPC at equal steps",
+           "val_bpc_equal_steps": "val BPC at equal steps", "equal_time_s": "equal time (s)",
+           "steps_at_equal_time": "steps at equal time", "test_bpc_equal_time": "test BPC at equal time",
+           "val_bpc_equal_time": "val BPC at equal time", "collapsed": "collapsed layers"}
 _PREFIX_TITLES = (
     ("test/boundary_rate/", "z rate {}"),
+    ("test/boundary_rate_sep/", "z rate on separators {}"),
+    ("test/boundary_rate_other/", "z rate on other symbols {}"),
+    ("test/boundary_precision_tol1/", "z word P {} ±1"),
+    ("test/boundary_recall_tol1/", "z word R {} ±1"),
+    ("test/boundary_precision/", "z word P {}"),
+    ("test/boundary_recall/", "z word R {}"),
     ("test/boundary_f1_tol1/", "z word F1 {} ±1"),
     ("test/boundary_f1/", "z word F1 {}"),
     ("probe_f1_tol1/", "probe word F1 {} ±1"),

@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -77,6 +78,43 @@ class TrainingThroughput(pl.Callback):
     @property
     def rate(self) -> float:
         return self.symbols / self.seconds if self.seconds > 0 else float("nan")
+
+
+class ValidationCurve(pl.Callback):
+    """Validation BPC against optimizer steps and seconds, one record per validation of a fit
+    (the sanity check excluded), and, when ``save_dir`` is given, the weights at each validation
+    (``save_dir/step=S.ckpt``, weights only) so that a series can test two models at the same
+    step count or the same time.
+
+    Seconds are wall-clock from the start of training (what ``max_time`` counts, validation
+    included), less the time spent writing these checkpoints, which a run without them does not spend.
+
+    Args:
+        save_dir: folder for the weights at each validation (None: keep none).
+    """
+
+    def __init__(self, save_dir: Path | None = None) -> None:
+        self.save_dir = save_dir
+        #: ``(step, seconds, val_bpc, checkpoint path or "")`` per validation
+        self.records: list[tuple[int, float, float, str]] = []
+        self._start: float | None = None
+        self._saving = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter() if self._start is None else self._start
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        value = trainer.callback_metrics.get("val/bpc")
+        if trainer.sanity_checking or self._start is None or value is None:
+            return
+        seconds = time.perf_counter() - self._start - self._saving
+        path = ""
+        if self.save_dir is not None:
+            began = time.perf_counter()
+            path = str(Path(self.save_dir) / f"step={trainer.global_step}.ckpt")
+            trainer.save_checkpoint(path, weights_only=True)
+            self._saving += time.perf_counter() - began
+        self.records.append((trainer.global_step, seconds, float(value), path))
 
 
 def fail(message: str) -> None:
@@ -218,6 +256,7 @@ def run_one(
     total: int,
     after_test: Callable[[Any, str | None], dict[str, float]] | None = None,
     group: str | None = None,
+    callbacks: Sequence[pl.Callback] = (),
 ) -> dict[str, Any]:
     """Fit, test on the best checkpoint (quietly), and return one row of metrics.
 
@@ -228,6 +267,10 @@ def run_one(
         total: runs in the series.
         after_test: extra measurements on the tested model, ``f(cli, checkpoint) -> metrics``.
         group: W&B group; each run is its own W&B run named after it.
+        callbacks: further callbacks for the fit (e.g. :class:`ValidationCurve`).
+
+    The row holds ``collapsed``, the number of layers :class:`~hmrnn_lightning.callbacks.TrainingHealth`
+    found collapsed, and ``collapsed_at`` (``l2@600``: layer and step), for a model with boundaries.
     """
     print(f"hmrnn: run {index}/{total}: {spec.label} seed {spec.seed}", flush=True)
     run_dir = root / spec.name
@@ -238,7 +281,7 @@ def run_one(
         relax_early_stopping(cli.trainer)
         name_wandb_run(cli.trainer, spec.name, group, run_dir)
         meter = TrainingThroughput()
-        cli.trainer.callbacks.append(meter)
+        cli.trainer.callbacks.extend([meter, *callbacks])
         fault = fit_or_fault(cli)
         ckpt, note = best_checkpoint(cli.trainer)
         best_val = next((cb.best_model_score for cb in cli.trainer.checkpoint_callbacks if getattr(cb, "best_model_score", None) is not None), None)
@@ -252,6 +295,7 @@ def run_one(
                                "steps": cli.trainer.global_step, "chars_per_s": meter.rate,
                                "best_val_bpc": float(best_val) if best_val is not None else float("nan")}
         row.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+        row.update(collapse_counts(cli))
         if after_test is not None:
             row.update(after_test(cli, ckpt))
         row["checkpoint"] = ckpt or ""
@@ -261,6 +305,27 @@ def run_one(
     if note:
         print(f"hmrnn: note: {spec.name}: {note}", flush=True)
     return row
+
+
+def collapse_counts(cli) -> dict[str, Any]:
+    """``collapsed`` (how many layers collapsed) and ``collapsed_at`` for a model with boundaries
+    whose fit ran :class:`~hmrnn_lightning.callbacks.TrainingHealth`; nothing otherwise."""
+    from hmrnn_lightning.callbacks import TrainingHealth
+
+    health = next((cb for cb in cli.trainer.callbacks if isinstance(cb, TrainingHealth)), None)
+    if health is None or not getattr(cli.model, "has_boundaries", False):
+        return {}
+    return {"collapsed": len(health.collapsed), "collapsed_at": " ".join(f"l{k}@{s}" for k, s in sorted(health.collapsed.items()))}
+
+
+def evaluate_checkpoint(spec: RunSpec, root: Path, ckpt: str) -> dict[str, float]:
+    """The test metrics of a checkpoint of ``spec``'s run (its configs and arguments), quietly,
+    without a logger (e.g. the weights :class:`ValidationCurve` kept)."""
+    with _quiet("lightning.pytorch"), _quiet("lightning.fabric"):
+        cli = build_cli(spec.configs, [f"--seed_everything={spec.seed}", f"--trainer.default_root_dir={root / spec.name}",
+                                       "--trainer.enable_model_summary=false", *spec.args, "--trainer.logger=false"], quiet=True)
+        tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)
+    return {k: float(v) for k, v in (tested[0] if tested else {}).items()}
 
 
 # -- summaries ---------------------------------------------------------------------------------------
@@ -277,11 +342,21 @@ def summarise(rows: list[dict[str, Any]], columns: Sequence[str]) -> list[dict[s
             if not vals:
                 row[f"{col}_mean"], row[f"{col}_sd"] = "", ""
                 continue
+            if col in PER_SEED:
+                row[f"{col}_per_seed"] = ", ".join(f"{v:g}" for v in vals)
             mean = sum(vals) / len(vals)
             sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
             row[f"{col}_mean"], row[f"{col}_sd"] = mean, ("" if sd is None else sd)
         out.append(row)
     return out
+
+
+#: columns whose value per seed a table shows (``0, 1, 0``) besides the mean
+PER_SEED = ("collapsed",)
+
+
+#: columns that count (steps, seconds, layers): shown without decimals
+COUNTS = ("equal_steps", "equal_time_s", "steps_at_equal_time", "collapsed")
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -314,9 +389,11 @@ def short_markdown_summary(summary: list[dict[str, Any]], columns: Sequence[str]
     and the word F1 of each model's best layer (its own boundaries', or the probe's for a model
     without them), each ``mean ± sd``; the F1 cell names the layer (``0.612 ± 0.020 (l1)``)."""
     titles = titles or {}
-    shown = [c for c in (*lead, "test/bpc", "chars_per_s") if c in columns]
+    shown = [c for c in (*lead, "test/bpc", *EQUAL_BUDGET, "chars_per_s") if c in columns]
     f1 = [c for c in columns if c.endswith("_word") and c.startswith(tuple(p for p, _ in WORD_F1))]
-    head = ["model", "seeds"] + [titles.get(c, c) for c in shown] + (["word F1, best layer"] if f1 else [])
+    collapsed = "collapsed" in columns
+    head = (["model", "seeds"] + [titles.get(c, c) for c in shown] + (["word F1, best layer"] if f1 else [])
+            + (["collapsed layers per seed"] if collapsed else []))
     rows = []
     for row in summary:
         cells = [str(row["label"]), str(row["n"])] + [_cell(row, c, exact) for c in shown]
@@ -324,8 +401,35 @@ def short_markdown_summary(summary: list[dict[str, Any]], columns: Sequence[str]
             scored = [c for c in f1 if isinstance(row.get(f"{c}_mean"), float) and not math.isnan(row[f"{c}_mean"])]
             best = max(scored, key=lambda c: row[f"{c}_mean"], default=None)
             cells.append("" if best is None else f"{_cell(row, best, exact)} ({_layer(best)})")
+        if collapsed:
+            cells.append(str(row.get("collapsed_per_seed", "")))
         rows.append(cells)
     return _markdown(head, rows)
+
+
+#: the equal-budget columns ``hmrnn compare`` adds, shown in the headline table after the test BPC
+EQUAL_BUDGET = ("equal_steps", "test_bpc_equal_steps", "equal_time_s", "steps_at_equal_time", "test_bpc_equal_time")
+
+
+def layer_markdown(rows: list[dict[str, Any]], stage: str = "test") -> str:
+    """A Markdown table of the per-layer boundary figures (:data:`LAYER_FIGURES`) of a series'
+    runs, one row per model and layer with a detector, each cell ``mean ± sd`` over seeds; the
+    best layer of each model (highest mean exact word F1) is marked ``(best)``. Empty when no
+    model has boundaries."""
+    columns = [f"{stage}/{name.format(k=k)}" for _, name in LAYER_FIGURES for k in range(1, 1 + _max_layer(rows, stage))]
+    summary = summarise(rows, [c for c in columns if any(r.get(c) not in (None, "") for r in rows)])
+    figures = [(title, name) for title, name in LAYER_FIGURES if any(f"{stage}/{name.format(k=1)}_mean" in row for row in summary)]
+    lines = []
+    for row in summary:
+        layers = detector_layers([k.removesuffix("_mean") for k in row if k.endswith("_mean") and row[k] != ""], stage)
+        means = {f"{stage}/boundary_f1/l{k}_word": row.get(f"{stage}/boundary_f1/l{k}_word_mean") for k in layers}
+        best = best_layer(means, stage, layers)
+        for k in layers:
+            mark = " (best)" if k == best else ""
+            lines.append([str(row["label"]), f"l{k}{mark}"] + [_cell(row, f"{stage}/{name.format(k=k)}", ()) for _, name in figures])
+    if not lines:
+        return ""
+    return _markdown(["model", "layer"] + [title for title, _ in figures], lines)
 
 
 def _layer(column: str) -> str:
@@ -339,9 +443,9 @@ def _cell(row: dict[str, Any], column: str, exact: Sequence[str]) -> str:
     mean, sd = row.get(f"{column}_mean", ""), row.get(f"{column}_sd", "")
     if column in exact and isinstance(mean, float):
         return f"{mean:.0f}"
-    digits = 0 if isinstance(mean, float) and abs(mean) >= 1000 else 3
+    digits = 0 if isinstance(mean, float) and (abs(mean) >= 1000 or column in COUNTS) else 3
     spread = f" ± {sd:.{digits}f}" if isinstance(sd, float) else ""
-    return _fmt(mean) + spread
+    return _fmt(mean, digits) + spread
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
@@ -390,9 +494,63 @@ def informative(column: str, rows: list[dict[str, Any]]) -> bool:
     """Whether a summary shows ``column``: boundary columns only for layers with a detector
     (the top layer's z is 0 by construction), boundary F1 only against word ends."""
     tag = column.rsplit("/", 1)[-1]
-    if "boundary_f1" in column:
+    if re.search("boundary_(f1|precision|recall)", column):
         return tag.endswith("_word")
     if column.startswith("test/boundary_rate/"):
         layers = [int(k.rsplit("/l", 1)[1]) for r in rows for k in r if k.startswith("test/boundary_rate/l")]
         return int(tag[1:]) < max(layers, default=0)
     return True
+
+
+# -- boundaries per layer ------------------------------------------------------------------------------
+#: the per-layer boundary figures, as (title, metric name with ``{k}`` for the layer); each is logged
+#: as ``{stage}/<name>`` by the language model (the word-end ones against the ``word`` level)
+LAYER_FIGURES = (
+    ("rate", "boundary_rate/l{k}"),
+    ("on sep", "boundary_rate_sep/l{k}"),
+    ("on other", "boundary_rate_other/l{k}"),
+    ("P", "boundary_precision/l{k}_word"),
+    ("R", "boundary_recall/l{k}_word"),
+    ("F1", "boundary_f1/l{k}_word"),
+    ("P ±1", "boundary_precision_tol1/l{k}_word"),
+    ("R ±1", "boundary_recall_tol1/l{k}_word"),
+    ("F1 ±1", "boundary_f1_tol1/l{k}_word"),
+)
+
+
+def detector_layers(keys: Sequence[str], stage: str) -> list[int]:
+    """Layers (numbered from 1) with a boundary detector among logged metric names: every layer
+    with a boundary rate but the top one, whose ``z`` is fixed. None for a stack without boundaries."""
+    found = [int(m.group(1)) for k in keys if (m := re.fullmatch(r"boundary_rate/l(\d+)", k.removeprefix(f"{stage}/")))]
+    return list(range(1, max(found))) if found else []
+
+
+def _max_layer(rows: list[dict[str, Any]], stage: str) -> int:
+    found = [int(m.group(1)) for r in rows for k in r if (m := re.fullmatch(rf"{stage}/boundary_rate/l(\d+)", k))]
+    return max(found, default=0)
+
+
+def best_layer(values: dict[str, float], stage: str, layers: Sequence[int]) -> int | None:
+    """The layer with the highest exact word-end F1 (None when no layer has one)."""
+    scored = [(values[f"{stage}/boundary_f1/l{k}_word"], k) for k in layers
+              if isinstance(values.get(f"{stage}/boundary_f1/l{k}_word"), float) and not math.isnan(values[f"{stage}/boundary_f1/l{k}_word"])]
+    return max(scored)[1] if scored else None
+
+
+def layer_table(values: dict[str, float], stage: str, indent: str = "  ") -> str:
+    """A plain-text table of the per-layer boundary figures (:data:`LAYER_FIGURES`) of one
+    evaluation, one row per layer with a detector, and a last line naming the best layer by exact
+    word F1; empty for a stack without boundaries."""
+    layers = detector_layers(list(values), stage)
+    if not layers:
+        return ""
+    figures = [(title, name) for title, name in LAYER_FIGURES if any(f"{stage}/{name.format(k=k)}" in values for k in layers)]
+    rows = [["layer"] + [title for title, _ in figures]]
+    for k in layers:
+        rows.append([f"l{k}"] + [_fmt(values.get(f"{stage}/{name.format(k=k)}", ""), 3) for _, name in figures])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [indent + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    best = best_layer(values, stage, layers)
+    if best is not None:
+        lines.append(f"{indent}best layer (highest exact word F1): l{best}")
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, deta
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 from hmrnn_lightning.heads.base import Head
 from hmrnn_lightning.models.common import announce_stack_path, clip_gradients_by_default, default_callbacks
-from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics
+from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics, SeparatorRates
 
 StackFactory = Callable[[int], RecurrentStack]
 HeadFactory = Callable[[list[int], int], Head]
@@ -41,7 +41,8 @@ class HMRNNLanguageModel(pl.LightningModule):
         embedding_dim: size of the input embedding.
         lr: initial Adam learning rate.
         lr_decay_factor: divide the learning rate by this when validation BPC stops falling.
-        lr_patience: validation runs without a new best before dividing. The paper divides
+        lr_patience: validation runs without a new best before dividing, counted at every
+            validation (every ``val_check_interval`` steps or every epoch). The paper divides
             "when the validation negative log-likelihood stopped decreasing"; 2 (divide after
             the third stale validation) keeps one noisy validation from dividing it, which
             patience 0 did.
@@ -93,6 +94,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         self.val_boundaries, self.test_boundaries = BoundaryStatistics(L), BoundaryStatistics(L)
         self._carried: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self._f1: dict[str, list[tuple[str, BoundaryF1]]] = {}
+        self._separator_rates: dict[str, SeparatorRates | None] = {}
 
     # -- model ---------------------------------------------------------------------------
     @property
@@ -105,6 +107,12 @@ class HMRNNLanguageModel(pl.LightningModule):
             raise ValueError(f"HMRNNLanguageModel: expected symbol ids of shape [batch, time], got {tuple(inputs.shape)}")
         out = self.stack(self.embedding(inputs), state, boundaries)
         return self.head(out.hidden), out
+
+    @property
+    def has_boundaries(self) -> bool:
+        """Whether the stack has boundary detectors (an HM stack of two layers or more); a stack
+        without them (the LSTM baselines) logs no boundary rates, F1 or operation shares."""
+        return self.estimator is not None and self.stack.num_layers > 1
 
     # -- truncated BPTT state --------------------------------------------------------------
     def _state_for(self, stage: str, batch_size: int) -> State | None:
@@ -159,10 +167,20 @@ class HMRNNLanguageModel(pl.LightningModule):
             self._f1[stage] = metrics
         return metrics
 
+    def _separator_metric(self, stage: str, device: torch.device) -> SeparatorRates | None:
+        """Per-layer firing rates on separators and on other symbols; the separators are the
+        datamodule's ``word_end_symbols`` (None without a datamodule or a vocabulary)."""
+        if stage not in self._separator_rates:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            symbols = getattr(dm, "word_end_symbols", None) if dm is not None else None
+            ids = [self.vocab.index(s) for s in (symbols or ()) if self.vocab is not None and s in self.vocab]
+            self._separator_rates[stage] = SeparatorRates(self.stack.num_layers - 1, ids).to(device) if ids else None
+        return self._separator_rates[stage]
+
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """The loss, with the window's boundaries and operations (detached) for callbacks such
-        as :class:`~hmrnn_lightning.callbacks.TrainingHealth`."""
+        as :class:`~hmrnn_lightning.callbacks.TrainingHealth` (the loss alone for a stack without boundaries)."""
         step_nll, out, _ = self._run(batch, "train")
         loss = step_nll.mean()
         total = loss
@@ -174,6 +192,8 @@ class HMRNNLanguageModel(pl.LightningModule):
             self.log("train/slope", self.estimator.slope, batch_size=step_nll.shape[0])
         B = step_nll.shape[0]
         self.log("train/bpc", loss / math.log(2.0), prog_bar=True, batch_size=B)
+        if not self.has_boundaries:
+            return {"loss": total}
         rates = out.boundaries.float().mean(dim=(0, 1))
         for l in range(self.stack.num_layers - 1):
             self.log(f"train/boundary_rate/l{l + 1}", rates[l], batch_size=B)
@@ -182,8 +202,13 @@ class HMRNNLanguageModel(pl.LightningModule):
     def _eval_step(self, batch: Any, stage: str, bpc: BitsPerCharacter, stats: BoundaryStatistics) -> None:
         step_nll, out, labels = self._run(batch, stage)
         bpc.update(step_nll)
+        if not self.has_boundaries:
+            return
         stats.update(out.boundaries, out.operations)
-        if labels is not None and self.stack.num_layers > 1:
+        separators = self._separator_metric(stage, out.boundaries.device)
+        if separators is not None:
+            separators.update(out.boundaries, batch[0])
+        if labels is not None:
             for _, metric in self._boundary_f1(stage, labels):
                 metric.update(out.boundaries, labels)
 
@@ -193,35 +218,59 @@ class HMRNNLanguageModel(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_bpc, self.test_boundaries)
 
-    def _log_epoch(self, stage: str, bpc: BitsPerCharacter, stats: BoundaryStatistics) -> None:
+    def _log_epoch(self, stage: str, bpc: BitsPerCharacter, stats: BoundaryStatistics) -> Tensor:
         # metrics are already reduced across ranks by torchmetrics, hence sync_dist=False
         value = bpc.compute()
         self.log(f"{stage}/bpc", value, prog_bar=True, sync_dist=False)
         self.log(f"{stage}/nll", value * math.log(2.0), sync_dist=False)
-        metrics = [("", stats)] + self._f1.get(stage, [])
+        separators = self._separator_rates.get(stage)
+        metrics = [("", stats)] + self._f1.get(stage, []) + ([("", separators)] if separators is not None else [])
+        metrics = metrics if self.has_boundaries else []
         for suffix, metric in metrics:
             for key, v in metric.compute().items():
                 name, _, tag = key.partition("/")
                 self.log(f"{stage}/{name}{suffix}/{tag}" if tag else f"{stage}/{key}{suffix}", v, sync_dist=False)
             metric.reset()
         bpc.reset()
+        return value
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_bpc, self.val_boundaries)
+        self._step_plateau(self._log_epoch("val", self.val_bpc, self.val_boundaries))
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test", self.test_bpc, self.test_boundaries)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
+        """Adam, and ``ReduceLROnPlateau`` on ``val/bpc`` stepped by the model at every validation
+        (:meth:`_step_plateau`), not by Lightning (:meth:`lr_scheduler_step` ignores its calls)."""
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=1.0 / self.hparams.lr_decay_factor, patience=self.hparams.lr_patience
         )
+        # Registered with Lightning so that checkpoints keep its state and LearningRateMonitor sees it.
         return {
             "optimizer": opt,
             "lr_scheduler": {"scheduler": plateau, "monitor": "val/bpc", "interval": "epoch", "strict": False},
         }
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Lightning's calls are ignored: it steps an ``interval: epoch`` scheduler at the end of a
+        training epoch, which a run that validates every N steps may never reach (issue 21), and
+        an ``interval: step`` one with a ``frequency`` counted in batches, which drifts from the
+        validations (a last short epoch, ``val_check_interval`` as a fraction, accumulated
+        gradients) and reads the validation before last. :meth:`_step_plateau` steps it instead."""
+
+    def _step_plateau(self, value: Tensor) -> None:
+        """One plateau step per validation during a fit, with that validation's BPC, however
+        validation is scheduled (every N steps or every N epochs); not after the sanity check,
+        nor in ``validate``."""
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        for config in trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config.scheduler.step(float(value))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients_by_default(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
