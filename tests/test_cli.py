@@ -48,9 +48,12 @@ def test_short_names_become_full_class_paths(capsys):
     assert cfg["data"]["class_path"] == "hmrnn_lightning.data.PTBDataModule"
 
 
-def test_fit_tiny_run_saves_config_and_checkpoint(tmp_path):
+def test_fit_tiny_run_saves_config_and_checkpoint(tmp_path, capsys):
     cli = HMRNNCLI(args=["fit", *tiny(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2")])
     assert cli.trainer.global_step == 3
+    out = capsys.readouterr().out  # the fit ends with the last validation's figures per layer
+    assert "val results" in out and "F1 phrase" in out and "F1 sentence" in out and "best layer" in out, out[-2000:]
+    assert out.rstrip().splitlines()[-2].lstrip().startswith("l1 ")
     assert cli.model.vocab == cli.datamodule.vocab.symbols  # linked from the data
     saved = list(tmp_path.rglob("config.yaml"))
     assert saved and "hmrnn_lightning.estimators.StepEstimator" in saved[0].read_text()

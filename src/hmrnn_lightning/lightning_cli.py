@@ -300,6 +300,12 @@ class HMRNNCLI(LightningCLI):
     def after_validate(self) -> None:
         self.print_results("val")
 
+    def after_fit(self) -> None:
+        """The last validation's figures, per layer, so that a fit ends saying what its
+        boundaries found (the quickstart's word, phrase and sentence F1)."""
+        if self.trainer.state.status == "finished":
+            self.print_results("val")
+
     def after_test(self) -> None:
         self.print_results("test")
 

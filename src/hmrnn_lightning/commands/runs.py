@@ -515,6 +515,9 @@ LAYER_FIGURES = (
     ("P ±1", "boundary_precision_tol1/l{k}_word"),
     ("R ±1", "boundary_recall_tol1/l{k}_word"),
     ("F1 ±1", "boundary_f1_tol1/l{k}_word"),
+    # the synthetic corpus's higher levels (shown only where the data has them)
+    ("F1 phrase", "boundary_f1/l{k}_phrase"),
+    ("F1 sentence", "boundary_f1/l{k}_sentence"),
 )
 
 
