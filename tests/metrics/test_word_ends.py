@@ -69,8 +69,9 @@ def test_compare_reports_f1_at_matched_rates():
 def test_read_text_aligns_surprisal_and_carries_the_state():
     model = tiny_model().eval()
     ids = torch.randint(0, 11, (50,))
-    one = read_text(model, ids, window=1000)
-    pieces = read_text(model, ids, window=7)
+    one = read_text(model, ids, window=1000, keep_hidden=True)
+    pieces = read_text(model, ids, window=7, keep_hidden=True)
+    assert read_text(model, ids).hidden == []
     torch.testing.assert_close(pieces.surprisal, one.surprisal, equal_nan=True)
     torch.testing.assert_close(pieces.hidden[0], one.hidden[0])
     with torch.no_grad():

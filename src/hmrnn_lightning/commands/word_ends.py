@@ -157,11 +157,11 @@ def table(result: dict) -> str:
     lines = [
         f"word ends in {result['text']}: {result['symbols']} symbols without separators, {result['words']} word ends "
         f"(rate {result['gold_rate']:.3f})",
-        f"{'detector':<34}{'rate':>7}{'prec':>7}{'recall':>7}{'F1':>7}{'F1 ±1':>7}",
+        f"{'detector':<40}{'rate':>7}{'prec':>7}{'recall':>7}{'F1':>7}{'F1 ±1':>7}",
     ]
     for l, (hm, base) in enumerate(zip(result["hm"], result["baseline"]), start=1):
         for label, row in ((f"HM-LSTM z, layer {l}", hm), (f"{name} at layer {l}'s rate", base)):
-            lines.append(f"{label:<34}{row['rate']:7.3f}{row['precision']:7.3f}{row['recall']:7.3f}{row['f1']:7.3f}"
+            lines.append(f"{label:<40}{row['rate']:7.3f}{row['precision']:7.3f}{row['recall']:7.3f}{row['f1']:7.3f}"
                          f"{row['f1_tol1']:7.3f}")
     best = max(range(len(result["hm"])), key=lambda k: result["hm"][k]["f1"])
     hm, base = result["hm"][best], result["baseline"][best]
@@ -170,5 +170,5 @@ def table(result: dict) -> str:
         who = "HM-LSTM" if role == "hm" else "LSTM"
         for l, row in enumerate(rows, start=1):
             label = f"linear probe, {who} layer {l}"
-            lines.append(f"{label:<34}{'':>7}{'':>7}{'':>7}{row['f1']:7.3f}{row['f1_tol1']:7.3f}")
+            lines.append(f"{label:<40}{'':>7}{'':>7}{'':>7}{row['f1']:7.3f}{row['f1_tol1']:7.3f}")
     return "\n".join(lines)

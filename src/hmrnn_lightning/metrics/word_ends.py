@@ -47,7 +47,7 @@ class TextPass:
     """What one model gives on a text of ``N`` symbols read as one stream.
 
     Attributes:
-        hidden: per layer, ``h^l_t`` ``[N, hidden_l]``.
+        hidden: per layer, ``h^l_t`` ``[N, hidden_l]`` (empty unless asked for).
         boundaries: ``z^l_t`` ``[N, layers]`` (zeros for a stack without detectors).
         surprisal: ``-log p(x_{t+1} | x_{<=t})`` in nats ``[N]``; NaN at the last position.
         entropy: entropy of ``p(. | x_{<=t})`` in nats ``[N]``.
@@ -60,8 +60,9 @@ class TextPass:
 
 
 @torch.no_grad()
-def read_text(model, ids: Tensor, window: int = 1000) -> TextPass:
-    """Run ``model`` over symbol ids ``[N]`` in windows of ``window`` with the state carried."""
+def read_text(model, ids: Tensor, window: int = 1000, keep_hidden: bool = False) -> TextPass:
+    """Run ``model`` over symbol ids ``[N]`` in windows of ``window`` with the state carried;
+    the hidden states are kept only with ``keep_hidden`` (``N x hidden`` floats per layer)."""
     if ids.dim() != 1 or ids.numel() < 2:
         raise ValueError(f"read_text: expected at least 2 symbol ids in a 1-d tensor, got shape {tuple(ids.shape)}")
     was_training = model.training
@@ -73,7 +74,8 @@ def read_text(model, ids: Tensor, window: int = 1000) -> TextPass:
             chunk = ids[begin : begin + window].to(device).unsqueeze(0)
             logits, out = model(chunk, state)
             state = out.state
-            hidden.append([h[0].float().cpu() for h in out.hidden])
+            if keep_hidden:
+                hidden.append([h[0].float().cpu() for h in out.hidden])
             zs.append(out.boundaries[0].float().cpu())
             logps.append(torch.log_softmax(logits[0].float(), -1).cpu())
     finally:
@@ -82,7 +84,7 @@ def read_text(model, ids: Tensor, window: int = 1000) -> TextPass:
     entropy = -(logp.exp() * logp).sum(-1)
     surprisal = torch.full((ids.numel(),), float("nan"))
     surprisal[:-1] = -logp[:-1].gather(1, ids[1:].long().unsqueeze(1)).squeeze(1)
-    layers = [torch.cat([h[l] for h in hidden]) for l in range(len(hidden[0]))]
+    layers = [torch.cat([h[l] for h in hidden]) for l in range(len(hidden[0]))] if hidden else []
     return TextPass(layers, torch.cat(zs), surprisal, entropy)
 
 
