@@ -20,6 +20,7 @@ COMMANDS = {
     "sample": "hmrnn_lightning.commands.sample:cmd_sample",
     "ablate": "hmrnn_lightning.commands.ablate:cmd_ablate",
     "compare": "hmrnn_lightning.commands.compare:cmd_compare",
+    "word-ends": "hmrnn_lightning.commands.word_ends:cmd_word_ends",
     "predict": "hmrnn_lightning.commands.predict:cmd_predict",
     "plot-boundaries": "hmrnn_lightning.commands.plots:cmd_plot_boundaries",
     "sample-strokes": "hmrnn_lightning.commands.plots:cmd_sample_strokes",
@@ -40,6 +41,7 @@ SUMMARIES = {
     "plot-segments": "draw handwriting segmented by the model's boundaries",
     "ablate": "run a base config with each overlay config and tabulate BPC",
     "compare": "HM-LSTM against an LSTM of the same parameter count, over seeds",
+    "word-ends": "without separators: HM-LSTM boundaries vs LSTM surprisal peaks vs a probe (two checkpoints)",
 }
 
 USAGE = """usage: hmrnn <command> [options]     (hmrnn <command> --help for a command's options)

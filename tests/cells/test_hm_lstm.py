@@ -118,3 +118,57 @@ def test_layer_norm_update_by_hand():
 def test_rejects_bad_sizes():
     with pytest.raises(ValueError, match="hidden_size"):
         HMLSTMCell(4, 0, None)
+
+
+# -- ablation options: norm placement and the recurrent term on FLUSH ---------------------------------
+def make_option_cell(**options):
+    cell = HMLSTMCell(D, H, A, options.pop("layer_norm", True), **options)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.normal_()
+    return cell
+
+
+def test_summed_norm_by_hand():
+    cell = make_option_cell(norm_placement="summed")
+    assert cell.norm_bottom_up is None and isinstance(cell.norm_cell, torch.nn.Identity)
+    state = random_state(B, H, z=0)
+    x = torch.randn(B, D)
+    out = cell(x, z(1), state, torch.randn(B, A))
+    summed = state.h @ cell.recurrent.weight.T + x @ cell.bottom_up.weight.T  # z_prev = 0: no top-down
+    s = torch.nn.functional.layer_norm(summed, (4 * H + 1,), cell.norm_summed.weight, cell.norm_summed.bias) + cell.bias
+    f, i, o = (torch.sigmoid(s[:, k * H : (k + 1) * H]) for k in range(3))
+    c = f * state.c + i * torch.tanh(s[:, 3 * H : 4 * H])
+    torch.testing.assert_close(out.c, c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.h, o * torch.tanh(c), rtol=1e-5, atol=1e-6)  # the cell is not normalised
+    torch.testing.assert_close(out.boundary_logit, s[:, -1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_flush_without_recurrent_term_ignores_the_previous_h(layer_norm):
+    cell = make_option_cell(layer_norm=layer_norm, flush_recurrent=False)
+    state = random_state(B, H, z=1)  # z_prev = 1: FLUSH
+    x, above = torch.randn(B, D), torch.randn(B, A)
+    a = cell(x, z(1), state, above)
+    b = cell(x, z(1), state._replace(h=torch.randn(B, H)), above)
+    assert torch.equal(a.h, b.h) and torch.equal(a.c, b.c) and torch.equal(a.boundary_logit, b.boundary_logit)
+    # on UPDATE the term is there as before
+    update = state._replace(z=z(0))
+    assert not torch.allclose(cell(x, z(1), update, above).h, cell(x, z(1), update._replace(h=torch.randn(B, H)), above).h)
+
+
+def test_default_options_are_todays_cell():
+    torch.manual_seed(3)
+    today = make_option_cell()
+    torch.manual_seed(3)
+    explicit = make_option_cell(norm_placement="bottom_up_and_cell", flush_recurrent=True)
+    state, x, above = random_state(B, H, z=1), torch.randn(B, D), torch.randn(B, A)
+    assert torch.equal(today(x, z(1), state, above).h, explicit(x, z(1), state, above).h)
+    assert "norm_placement" not in repr(today) and "flush_recurrent=False" in repr(make_option_cell(flush_recurrent=False))
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="norm_placement must be one of"):
+        HMLSTMCell(D, H, A, True, norm_placement="everywhere")
+    with pytest.raises(ValueError, match="needs layer_norm=true"):
+        HMLSTMCell(D, H, A, False, norm_placement="summed")

@@ -142,3 +142,55 @@ def test_configs_and_checkpoints_from_before_the_triton_path_still_load(monkeypa
         warnings.simplefilter("always")
         HMStack(4, [5, 5], StepEstimator(), compile=True)
     assert any("compile=True is retired" in str(w.message) for w in caught)
+
+
+# -- ablation options of the HM-LSTM cell: the reference loop runs them ---------------------------------
+def cell_loop(s, x):
+    """The stack's cells stepped by hand (the reference loop's rules, written again)."""
+    from hmrnn_lightning.cells.base import LayerState
+    from hmrnn_lightning.cells.operations import keep_if_copy
+
+    state = s.initial_state(x.shape[0])
+    hidden, zs = [[] for _ in s.cells], []
+    for t in range(x.shape[1]):
+        h_below, z_below, new, step_z = x[:, t], torch.ones(x.shape[0]), [], []
+        for l, cell in enumerate(s.cells):
+            above = state[l + 1].h if l + 1 < len(s.cells) else None
+            step = cell(h_below, z_below, state[l], above)
+            z = torch.zeros(x.shape[0])
+            if l + 1 < len(s.cells):
+                z = keep_if_copy(step.ops, state[l].z.unsqueeze(-1), s.estimator(step.boundary_logit).unsqueeze(-1)).squeeze(-1)
+            new.append(LayerState(step.h, step.c, z))
+            hidden[l].append(step.h)
+            step_z.append(z)
+            h_below, z_below = step.h, z
+        state = new
+        zs.append(torch.stack(step_z, -1))
+    return [torch.stack(h, 1) for h in hidden], torch.stack(zs, 1)
+
+
+@pytest.mark.parametrize("options", [{"norm_placement": "summed"}, {"flush_recurrent": False},
+                                     {"norm_placement": "summed", "flush_recurrent": False}])
+def test_cell_options_run_on_the_reference_loop(options):
+    s = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, impl="auto", **options)
+    assert s.active_impl("cpu") == "reference"
+    from hmrnn_lightning.cells import sequence, triton_window
+
+    assert not sequence.supports(s) and triton_window.why_not(s) is not None
+    with pytest.raises(ValueError, match="impl='sequence' needs"):
+        HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, impl="sequence", **options)
+    x = torch.randn(B, T, D)
+    out = s(x)
+    hidden, boundaries = cell_loop(s, x)
+    assert torch.equal(out.boundaries, boundaries) and out.boundaries[..., 0].sum() > 0
+    for a, b in zip(out.hidden, hidden):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    default = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, impl="auto")
+    default.load_state_dict(s.state_dict(), strict=False)
+    assert default.active_impl("cpu") == "sequence"
+    assert not torch.allclose(default(x).hidden[0], out.hidden[0])  # the option changes the computation
+
+
+def test_cell_options_refused_by_cells_without_them():
+    with pytest.raises(ValueError, match="flush_recurrent is an option of the HM-LSTM cell; cell 'hm_rnn'"):
+        HMStack(D, [8, 7, 6], estimator=StepEstimator(), cell="hm_rnn", flush_recurrent=False)

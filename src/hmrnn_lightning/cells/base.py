@@ -108,11 +108,15 @@ class HMCell(nn.Module):
         return s if norm is None else norm(s)
 
     def preactivation_terms(
-        self, h_below: Tensor, z_below: Tensor, h_prev: Tensor, z_prev: Tensor, h_above: Tensor | None
+        self, h_below: Tensor, z_below: Tensor, h_prev: Tensor, z_prev: Tensor, h_above: Tensor | None,
+        bias: bool = True,
     ) -> tuple[Tensor, Tensor]:
-        """Eq. 4's pre-activation split as ``(s^recurrent, s^top-down + s^bottom-up + b)``."""
+        """Eq. 4's pre-activation split as ``(s^recurrent, s^top-down + s^bottom-up + b)``;
+        without ``bias`` the second part leaves ``b`` out (for a norm of the summed terms,
+        which must not normalise the bias away)."""
         recurrent = self.term("recurrent", h_prev)
-        rest = self.bias + z_below.unsqueeze(-1) * self.term("bottom_up", h_below)
+        below = z_below.unsqueeze(-1) * self.term("bottom_up", h_below)
+        rest = self.bias + below if bias else below
         if self.top_down is not None:
             if h_above is None:
                 raise ValueError(f"{type(self).__name__}: this layer has a top-down term but got no h_above")

@@ -150,6 +150,8 @@ def layout_problem(cell) -> str | None:
 
     if type(cell) is not HMLSTMCell:
         return f"it runs HM-LSTM cells only, not {type(cell).__name__}"
+    if cell.fast_path_problem is not None:  # an ablation option: the reference loop runs it
+        return cell.fast_path_problem
     if cell.norm_recurrent is not None or cell.norm_top_down is not None:
         return "it normalises the bottom-up term and the cell only"
     if cell.layer_norm and not all(

@@ -130,10 +130,32 @@ class RecurrentStack(nn.Module):
         return self.forward(x.unsqueeze(1), state)
 
 
-def build_cells(cell_class: type[HMCell], input_size: int, hidden_sizes: list[int], layer_norm: bool) -> nn.ModuleList:
+#: cell options an :class:`HMStack` passes on, with the values that leave them out (today's cell)
+CELL_OPTIONS = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True}
+
+
+def build_cells(
+    cell_class: type[HMCell], input_size: int, hidden_sizes: list[int], layer_norm: bool, **options
+) -> nn.ModuleList:
+    """One cell per layer; ``options`` (keyword arguments of the cell class) go to every cell."""
     below = [input_size] + hidden_sizes[:-1]
     above: list[int | None] = list(hidden_sizes[1:]) + [None]
-    return nn.ModuleList(cell_class(b, h, a, layer_norm) for b, h, a in zip(below, hidden_sizes, above))
+    return nn.ModuleList(cell_class(b, h, a, layer_norm, **options) for b, h, a in zip(below, hidden_sizes, above))
+
+
+def cell_options(cell_class: type, cell: str, **values) -> dict:
+    """The options among ``values`` that differ from :data:`CELL_OPTIONS`'s defaults, so a cell
+    that does not know them (the HM-RNN, a plugin's) is built as before; one that is set for
+    such a cell is an error naming it."""
+    import inspect
+
+    options = {k: v for k, v in values.items() if v != CELL_OPTIONS[k]}
+    params = inspect.signature(cell_class).parameters
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        raise ValueError(f"HMStack: {', '.join(unknown)} {'is an option' if len(unknown) == 1 else 'are options'} "
+                         f"of the HM-LSTM cell; cell {cell!r} does not take {'it' if len(unknown) == 1 else 'them'}")
+    return options
 
 
 class HMStack(RecurrentStack):
@@ -161,6 +183,12 @@ class HMStack(RecurrentStack):
         estimator: turns boundary logits into boundary states (shared by all layers).
         cell: registered cell name (``hm_lstm``, ``hm_rnn``, or a plugin's) or a dotted class path.
         layer_norm: use the LayerNorm variant of the cell.
+        norm_placement: HM-LSTM only, with ``layer_norm``: ``bottom_up_and_cell`` (normalise the
+            bottom-up term and the cell) or ``summed`` (one norm on the summed pre-activation); see
+            :class:`~hmrnn_lightning.cells.HMLSTMCell`. An ablation: ``summed`` runs on the reference loop.
+        flush_recurrent: HM-LSTM only: keep the recurrent term ``U h_{t-1}`` in the gates on FLUSH
+            (eq. 5 as written); false drops it ("FLUSH completely erases all the previous states").
+            An ablation: false runs on the reference loop.
         impl: ``reference`` (the readable loop below); ``sequence``
             (:mod:`hmrnn_lightning.cells.sequence`: one autograd function over the whole
             sequence with a hand-written backward, skipping closed rows; the CPU's fast path;
@@ -186,6 +214,8 @@ class HMStack(RecurrentStack):
         estimator: BoundaryEstimator,
         cell: str = "hm_lstm",
         layer_norm: bool = False,
+        norm_placement: Literal["bottom_up_and_cell", "summed"] = "bottom_up_and_cell",
+        flush_recurrent: bool = True,
         impl: Literal["auto", "reference", "sequence", "triton"] = "auto",
         compile: bool = False,
         cuda_graph: bool = False,
@@ -199,7 +229,8 @@ class HMStack(RecurrentStack):
         cell_class = resolve("cells", cell)
         self.estimator = estimator
         self.layer_norm = layer_norm
-        self.cells = build_cells(cell_class, self.input_size, self.hidden_sizes, layer_norm)
+        options = cell_options(cell_class, cell, norm_placement=norm_placement, flush_recurrent=flush_recurrent)
+        self.cells = build_cells(cell_class, self.input_size, self.hidden_sizes, layer_norm, **options)
         if impl not in IMPLS:
             raise ValueError(f"HMStack: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.impl = impl

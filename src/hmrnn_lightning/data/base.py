@@ -21,7 +21,7 @@ from hmrnn_lightning.data.vocab import UNK, Vocabulary
 
 SPLITS = ("train", "valid", "test")
 
-__all__ = ["CharStreamDataModule", "DataError", "SPLITS", "read_text_file"]
+__all__ = ["CharStreamDataModule", "DataError", "SPLITS", "read_text_file", "remove_word_separators"]
 
 
 class CharStreamDataModule(pl.LightningDataModule):
@@ -44,12 +44,23 @@ class CharStreamDataModule(pl.LightningDataModule):
     Under DDP each rank reads its own contiguous ``batch_size`` streams: the global batch is
     ``devices x batch_size`` streams, each ``1/devices`` as long as on one device.
 
+    Known word ends (the boundary metrics' gold labels, served with validation and test
+    windows): by default the positions of the separators themselves (:attr:`word_end_symbols`:
+    a space and an end of line; PTB's ``_`` and end of line), so a layer that fires on the
+    separator it has just read scores. With ``remove_separators`` the separators are taken out
+    of the text (words written back to back, as in Chinese or Japanese, so boundaries must be
+    discovered) and each word's last symbol is labelled instead (:func:`remove_word_separators`);
+    the labels are computed once and cached beside the symbol ids. Text given to the trained
+    model (``hmrnn sample --prime``, ``hmrnn predict``) loses its separators the same way.
+
     Args:
         batch_size: streams per batch (per device under DDP).
         seq_len: truncated-BPTT window length.
         eval_batch_size: streams for validation / test (default: ``batch_size``).
         cache_dir: where caches go (default: ``$HMRNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/hmrnn-lightning``,
             else ``~/.cache/hmrnn-lightning``).
+        remove_separators: take the word separators out of the text and label each word's last
+            symbol as a word end (sizes and splits count the text as written, separators included).
     """
 
     name = "chars"
@@ -57,9 +68,11 @@ class CharStreamDataModule(pl.LightningDataModule):
     add_unknown = True
 
     def __init__(
-        self, batch_size: int = 64, seq_len: int = 100, eval_batch_size: int | None = None, cache_dir: str | None = None
+        self, batch_size: int = 64, seq_len: int = 100, eval_batch_size: int | None = None, cache_dir: str | None = None,
+        remove_separators: bool = False,
     ) -> None:
         super().__init__()
+        self.remove_separators = bool(remove_separators)
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"{type(self).__name__}: batch_size and seq_len must be positive, got {batch_size}, {seq_len}")
         if eval_batch_size is not None and eval_batch_size <= 0:
@@ -100,13 +113,15 @@ class CharStreamDataModule(pl.LightningDataModule):
     def text_options(self) -> dict:
         """What :meth:`text_to_symbols` needs, beside the class, to read text as this datamodule
         reads its files (plain values: language-model checkpoints keep them)."""
-        return {}
+        return {"remove_separators": True} if self.remove_separators else {}
 
     @classmethod
-    def text_to_symbols(cls, text: str, **options) -> list[str]:
+    def text_to_symbols(cls, text: str, remove_separators: bool = False, **options) -> list[str]:
         """``text``, written as this corpus's files are written, as the symbols a model trained
-        on it reads: here each character is one symbol."""
-        return list(text)
+        on it reads: here each character is one symbol (without the separators, for a model
+        trained with ``remove_separators``)."""
+        symbols = list(text)
+        return remove_word_separators(symbols, cls.word_end_symbols)[0] if remove_separators else symbols
 
     @classmethod
     def text_format(cls, **options) -> str:
@@ -114,9 +129,13 @@ class CharStreamDataModule(pl.LightningDataModule):
         return "plain text, one symbol per character"
 
     # -- cache -----------------------------------------------------------------------------------------
+    def _entry_key(self) -> str:
+        """:meth:`cache_key` and the settings every datamodule shares that change the entry."""
+        return self.cache_key() + (":remove_separators" if self.remove_separators else "")
+
     @property
     def cache_path(self) -> Path:
-        digest = hashlib.sha1(self.cache_key().encode()).hexdigest()[:12]
+        digest = hashlib.sha1(self._entry_key().encode()).hexdigest()[:12]
         return cache_root(self.cache_dir) / f"{self.name}-{digest}"
 
     def _build_cache(self, replacing: int | None = None) -> None:
@@ -125,18 +144,26 @@ class CharStreamDataModule(pl.LightningDataModule):
         writable_parent(final)  # fail before the work, not after
         announce(self.describe(), final)
         splits = self.read_splits()
+        word_ends: dict[str, np.ndarray] = {}
+        if self.remove_separators:
+            for split in SPLITS:
+                if split in splits:
+                    splits[split], word_ends[split] = remove_word_separators(splits[split], self.word_end_symbols)
         for split in SPLITS:
             if split not in splits or len(splits[split]) == 0:
-                raise DataError(f"{type(self).__name__}: the {split} split is empty")
+                without = " without its separators" if self.remove_separators else ""
+                raise DataError(f"{type(self).__name__}: the {split} split{without} is empty")
         vocab = self.fixed_vocabulary() or Vocabulary.from_sequence(splits["train"], UNK if self.add_unknown else None)
         arrays = {s: vocab.encode(splits[s], split=s) for s in progress(SPLITS, f"encoding {self.name}", unit="split")}
 
         def fill(tmp: Path) -> None:
             for split, arr in arrays.items():
                 np.save(tmp / f"{split}.npy", arr)
+            for split, ends in word_ends.items():
+                np.save(tmp / f"{split}.word_ends.npy", ends)
             (tmp / "vocab.json").write_text(vocab.to_json())
             files = {f.name: file_record(f) for f in sorted(tmp.iterdir())}
-            meta = {"key": self.cache_key(), "lengths": {s: len(a) for s, a in arrays.items()}, "files": files}
+            meta = {"key": self._entry_key(), "lengths": {s: len(a) for s, a in arrays.items()}, "files": files}
             (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a whole copy
 
         publish_dir(final, fill, replacing)
@@ -192,7 +219,12 @@ class CharStreamDataModule(pl.LightningDataModule):
         return ["word"]
 
     def boundary_labels(self, split: str) -> torch.Tensor | None:
-        """``[N, levels]`` 0/1: known boundaries after each symbol of ``split`` (None if unknown)."""
+        """``[N, levels]`` 0/1: known boundaries after each symbol of ``split`` (None if unknown):
+        the separators, or with ``remove_separators`` each word's last symbol (see the class)."""
+        if self.remove_separators:
+            self._load()
+            ends = np.load(self.cache_path / f"{split}.word_ends.npy", mmap_mode="c")
+            return torch.from_numpy(ends).unsqueeze(-1)
         ids = self.split_ids(split)
         ends = [self.vocab.index[s] for s in self.word_end_symbols if s in self.vocab.index]
         if not ends:
@@ -249,6 +281,23 @@ class CharStreamDataModule(pl.LightningDataModule):
             f"({windows.data.shape[0]} per device x {world} device{'s' if world > 1 else ''}), "
             f"each {windows.data.shape[1]} symbols long; {len(windows)} windows of {self.seq_len} per epoch"
         )
+
+
+def remove_word_separators(symbols: Sequence[str], separators: Sequence[str]) -> tuple[Sequence[str], np.ndarray]:
+    """``(symbols without the separators, word ends)``: ``word_ends[k]`` is 1 when kept symbol
+    ``k`` is followed by a separator in the text as written, i.e. it ends a word (a run of
+    separators, such as ``_`` then an end of line, ends one word). The last symbol of the text is
+    not marked unless a separator follows it: where the text stops, the word may go on. Symbols
+    are single characters (as :class:`Vocabulary` encodes them); a ``str`` stays a ``str``.
+    """
+    text = symbols if isinstance(symbols, str) else "".join(symbols)
+    if len(text) != len(symbols):
+        raise DataError(f"remove_word_separators: symbols must be single characters ({len(symbols)} symbols make {len(text)} characters)")
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    is_sep = np.isin(codes, np.array([ord(c) for c in separators], dtype=np.uint32))
+    ends = np.append(is_sep[1:], False)[~is_sep].astype(np.uint8)
+    kept = codes[~is_sep].tobytes().decode("utf-32-le")
+    return (kept if isinstance(symbols, str) else list(kept)), ends
 
 
 def entry_problem(path: Path) -> str | None:

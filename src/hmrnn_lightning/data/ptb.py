@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from hmrnn_lightning.data.base import CharStreamDataModule, read_text_file
+from hmrnn_lightning.data.base import CharStreamDataModule, read_text_file, remove_word_separators
 
 EOL = "\n"
 
@@ -48,6 +48,8 @@ class PTBDataModule(CharStreamDataModule):
         seq_len: window length (the paper: 100).
         eval_batch_size: streams for validation / test.
         cache_dir: cache folder (default: the user's cache directory; ``data_dir`` may be read-only).
+        remove_separators: drop ``_`` and the end of line, so words (and sentences) run together,
+            and label each word's last character as a word end (the gold boundaries to discover).
     """
 
     name = "ptb"
@@ -62,22 +64,24 @@ class PTBDataModule(CharStreamDataModule):
         seq_len: int = 100,
         eval_batch_size: int | None = None,
         cache_dir: str | None = None,
+        remove_separators: bool = False,
     ) -> None:
-        super().__init__(batch_size, seq_len, eval_batch_size, cache_dir)
+        super().__init__(batch_size, seq_len, eval_batch_size, cache_dir, remove_separators)
         self.data_dir = Path(data_dir)
         self.source = source
 
     def text_options(self) -> dict:
-        return {"source": self.source}
+        return {"source": self.source, **super().text_options()}
 
     @classmethod
-    def text_to_symbols(cls, text: str, source: str = "char", **options) -> list[str]:
+    def text_to_symbols(cls, text: str, source: str = "char", remove_separators: bool = False, **options) -> list[str]:
         """As the files are read (:func:`ptb_char_symbols`, :func:`ptb_word_symbols`), except that a
-        last line without an end of line gets none, so a prime (``t h e _``) is not ended as a sentence."""
+        last line without an end of line gets none, so a prime (``t h e _``) is not ended as a
+        sentence; without ``_`` and ends of line for a model trained with ``remove_separators``."""
         out = (ptb_char_symbols if source == "char" else ptb_word_symbols)(text)
         if text.split("\n")[-1].strip():
             out.pop()
-        return out
+        return list(remove_word_separators(out, cls.word_end_symbols)[0]) if remove_separators else out
 
     @classmethod
     def text_format(cls, source: str = "char", **options) -> str:

@@ -83,6 +83,8 @@ class TextDataModule(CharStreamDataModule):
         seq_len: window length.
         eval_batch_size: streams for validation / test.
         cache_dir: cache folder.
+        remove_separators: drop spaces and ends of line, so words run together, and label each
+            word's last character as a word end (the gold boundaries to discover).
     """
 
     name = "text"
@@ -98,8 +100,9 @@ class TextDataModule(CharStreamDataModule):
         seq_len: int = 100,
         eval_batch_size: int | None = None,
         cache_dir: str | None = None,
+        remove_separators: bool = False,
     ) -> None:
-        super().__init__(batch_size, seq_len, eval_batch_size, cache_dir)
+        super().__init__(batch_size, seq_len, eval_batch_size, cache_dir, remove_separators)
         self.train_file, self.valid_file, self.test_file = train_file, valid_file, test_file
         self.split = list(split)
         if encoding != "bytes":
@@ -144,6 +147,8 @@ class Text8DataModule(CharStreamDataModule):
         eval_batch_size: streams for validation / test.
         cache_dir: cache folder.
         split_sizes: symbols in train / valid / test, taken in order from the start of the file.
+        remove_separators: drop the spaces, so words run together, and label each word's last
+            letter as a word end (``split_sizes`` count the text with its spaces).
     """
 
     name = "text8"
@@ -158,8 +163,9 @@ class Text8DataModule(CharStreamDataModule):
         eval_batch_size: int | None = None,
         cache_dir: str | None = None,
         split_sizes: list[int] = [90_000_000, 5_000_000, 5_000_000],  # noqa: B006 - shown as is by --help
+        remove_separators: bool = False,
     ) -> None:
-        super().__init__(batch_size, seq_len, eval_batch_size, cache_dir)
+        super().__init__(batch_size, seq_len, eval_batch_size, cache_dir, remove_separators)
         self.data_dir = Path(data_dir)
         self.hub_name = hub_name
         if len(split_sizes) != 3 or any(int(n) <= 0 for n in split_sizes):
@@ -214,6 +220,8 @@ class Enwik8DataModule(Text8DataModule):
         eval_batch_size: streams for validation / test.
         cache_dir: cache folder.
         split_sizes: bytes in train / valid / test, taken in order from the start of the file.
+        remove_separators: drop spaces and ends of line and label each word's last byte as a word
+            end (``split_sizes`` count the bytes as written).
     """
 
     name = "enwik8"
@@ -228,8 +236,9 @@ class Enwik8DataModule(Text8DataModule):
         eval_batch_size: int | None = None,
         cache_dir: str | None = None,
         split_sizes: list[int] = [90_000_000, 5_000_000, 5_000_000],  # noqa: B006
+        remove_separators: bool = False,
     ) -> None:
-        super().__init__(data_dir, hub_name, batch_size, seq_len, eval_batch_size, cache_dir, split_sizes)
+        super().__init__(data_dir, hub_name, batch_size, seq_len, eval_batch_size, cache_dir, split_sizes, remove_separators)
 
     def read_corpus(self):
         path = self.local_file()

@@ -17,7 +17,8 @@ Choices the measurement leaves open, made here:
 
 Where words are separated by a symbol (a space, PTB's ``_``), "this symbol ends a word" is
 a function of the current input, which every hidden state sees, so a probe near 1.0 is
-expected there; it tells most on text without separators (``SyntheticDataModule(spaces=False)``).
+expected there; it tells most on text without separators (``SyntheticDataModule(spaces=False)``,
+or any text datamodule with ``remove_separators``; ``hmrnn word-ends`` probes both models there).
 Hence a second probe per layer, fitted the same way, reads ``h_t`` to predict whether the
 *next* symbol ends a word: on text with separators that is whether the state knows a word
 is complete before the separator arrives, which the input cannot give away.

@@ -1,0 +1,72 @@
+"""hmrnn word-ends on two tiny checkpoints trained without separators."""
+
+import json
+
+import pytest
+import torch
+
+from hmrnn_lightning.cli import main
+from hmrnn_lightning.data.synthetic import generate_corpus
+from tests.commands.conftest import HM_STACK, LSTM_STACK, MODEL, TRAINER
+
+DATA = """
+data:
+  class_path: hmrnn_lightning.data.TextDataModule
+  init_args: {{train_file: {text}, remove_separators: true, batch_size: 4, seq_len: 20, cache_dir: {cache}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """``(hm.ckpt, lstm.ckpt, text file)``: two training steps each on synthetic words without spaces."""
+    from hmrnn_lightning.cli import HMRNNCLI
+
+    folder = tmp_path_factory.mktemp("word_ends")
+    text = folder / "words.txt"
+    text.write_text(generate_corpus(8000, seed=1).text)
+    data = DATA.format(text=text, cache=folder / "cache")
+    out = []
+    for name, stack in (("hm", HM_STACK), ("lstm", LSTM_STACK)):
+        config = folder / f"{name}.yaml"
+        config.write_text("seed_everything: 0" + MODEL.format(trainer=TRAINER.format(callbacks=""), stack=stack, data=data))
+        HMRNNCLI(args=["fit", "--config", str(config), f"--trainer.default_root_dir={folder / name}",
+                       "--trainer.max_steps=2", "--trainer.limit_val_batches=1"])
+        out.append(next((folder / name).rglob("last.ckpt")))
+    return out[0], out[1], text
+
+
+def test_word_ends_table_and_json(checkpoints, tmp_path, capsys):
+    hm, lstm, text = checkpoints
+    fit, test = tmp_path / "fit.txt", tmp_path / "test.txt"
+    fit.write_text(text.read_text()[:3000])
+    test.write_text(text.read_text()[3000:6000])
+    code = main(["word-ends", "--hm_ckpt", str(hm), "--lstm_ckpt", str(lstm), "--text", str(test), "--fit_text", str(fit),
+                 "--all_positions", "--out", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    expected_words = sum(w != "" for w in test.read_text().replace("\n", " ").split(" ")[:-1])
+    assert result["words"] == expected_words
+    assert result["symbols"] == len(test.read_text().replace(" ", "").replace("\n", ""))
+    assert len(result["hm"]) == 2 and len(result["baseline"]) == 2  # 3 layers, the top one without a detector
+    for hm_row, base_row in zip(result["hm"], result["baseline"]):
+        assert base_row["rate"] == pytest.approx(hm_row["rate"], abs=1 / result["symbols"])  # matched (all positions ranked)
+    assert [len(result["probe"][m]) for m in ("hm", "lstm")] == [3, 3]
+    assert "HM-LSTM z, layer 2" in printed and "LSTM surprisal ranks at layer 1's rate" in printed
+    assert "linear probe, LSTM layer 3" in printed and "best HM layer:" in printed
+
+
+def test_word_ends_refuses_models_trained_with_separators(checkpoints, tmp_path, capsys):
+    hm, lstm, text = checkpoints
+    ckpt = torch.load(lstm, weights_only=False)
+    ckpt["hmrnn_text"]["options"] = {}
+    spaced = tmp_path / "spaced.ckpt"
+    torch.save(ckpt, spaced)
+    with pytest.raises(SystemExit) as exc:
+        main(["word-ends", "--hm_ckpt", str(hm), "--lstm_ckpt", str(spaced), "--text", str(text)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "trained on text with separators" in err and "remove_separators true" in err
+    with pytest.raises(SystemExit):
+        main(["word-ends", "--hm_ckpt", str(lstm), "--lstm_ckpt", str(lstm), "--text", str(text)])
+    assert "has no boundary detectors" in capsys.readouterr().err

@@ -1,0 +1,43 @@
+"""The ablation overlays for the choices the paper leaves open: each changes one thing of the
+CPU config it names, and the stack it builds runs as the overlay says."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hmrnn_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = ROOT / "configs" / "cpu" / "ptb_hmlstm.yaml"
+
+
+def load(*configs):
+    """The trainer callbacks after overlaying ``configs`` in order (a list replaces a list)."""
+    callbacks = None
+    for cfg in configs:
+        callbacks = yaml.safe_load(cfg.read_text()).get("trainer", {}).get("callbacks", callbacks)
+    return {"callbacks": callbacks}
+
+
+def test_slope_overlay_changes_only_the_schedule():
+    overlay = ROOT / "configs" / "ablations" / "slope_paper_schedule.yaml"
+    assert overlay.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {overlay.relative_to(ROOT)}")
+    base, overlaid = load(CPU)["callbacks"], load(CPU, overlay)["callbacks"]
+    anneal = [cb for cb in overlaid if cb["class_path"].endswith(".SlopeAnnealing")]
+    assert anneal == [{"class_path": "hmrnn_lightning.callbacks.SlopeAnnealing",
+                       "init_args": {"a_max": 5.0, "rate": 0.04, "interval": "step", "steps_per_epoch": 1567}}]
+    rest = [cb for cb in base if not cb["class_path"].endswith(".SlopeAnnealing")]
+    assert [cb for cb in overlaid if cb not in anneal] == rest  # every other callback, settings included
+
+
+@pytest.mark.parametrize("overlay, setting", [("ln_summed.yaml", ("norm_placement", "summed")),
+                                              ("flush_without_recurrent.yaml", ("flush_recurrent", False))])
+def test_cell_overlays_set_one_option_of_the_cpu_stack(overlay, setting, capsys):
+    path = ROOT / "configs" / "ablations" / overlay
+    assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
+    assert main(["fit", "--config", str(CPU), "--config", str(path), "--print_config"]) == 0
+    stack = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["stack"]["init_args"]
+    assert stack[setting[0]] == setting[1] and stack["layer_norm"] is True
+    assert {k: v for k, v in stack.items() if k in ("norm_placement", "flush_recurrent") and k != setting[0]} in (
+        {"norm_placement": "bottom_up_and_cell"}, {"flush_recurrent": True})
