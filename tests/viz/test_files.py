@@ -61,7 +61,7 @@ def test_boundary_rows_line_up_with_the_heatmap_and_have_a_legend():
     assert black == (0.0, 0.0, 0.0)
     # the black cells of the image are exactly the boundaries
     img = ax_z.get_images()[0].get_array()
-    assert np.array_equal(np.asarray(img)[0] == 0, z[:, 0] == 1)
+    assert np.array_equal((np.asarray(img)[0] == 0).all(axis=-1), z[:, 0] == 1)  # RGB: black is (0, 0, 0)
 
 
 def test_strokes_carry_their_title(tmp_path):
