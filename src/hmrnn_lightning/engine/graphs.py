@@ -75,9 +75,6 @@ class CudaGraphs(Backend):
     def why_not(self, stack, device: torch.device | None = None) -> str | None:
         return self.inner.why_not(stack, device)
 
-    def forget(self) -> None:
-        self._captures.clear()
-
     def _store(self, plan: WindowPlan) -> dict:
         """The captures, dropped when the plan's tensors move (a graph reads its tensors at the
         addresses they had at capture); the first call also hooks the parameters' gradients."""

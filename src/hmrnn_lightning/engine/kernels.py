@@ -1,17 +1,12 @@
-"""The HM-LSTM step as Triton kernels: the pointwise part of one layer and step, one program per
-batch row, forward (:func:`step_forward`) and backward (:func:`step_backward`).
+"""The HM-LSTM step as Triton kernels, one program per batch row: :func:`step_forward` and
+:func:`step_backward` compute what :mod:`~hmrnn_lightning.engine.pointwise` does, plus the
+estimator (``MODE``: :mod:`~hmrnn_lightning.engine.plan`'s constants), the bottom-up term's layer
+norm and the rules of :mod:`~hmrnn_lightning.cells.operations` (COPY keeps ``z``; the top
+layer's ``z`` is the ``top_z`` given). A row is read as four ``H`` slices plus the logit; rows
+are ``ROW`` apart (:func:`~hmrnn_lightning.engine.plan.padded_row`), pad columns masked.
 
-They compute what :mod:`~hmrnn_lightning.engine.pointwise` computes, and also fold in the
-estimator (step, Bernoulli from given uniform noise, soft: the ``MODE`` switch,
-:mod:`~hmrnn_lightning.engine.plan`'s constants), the bottom-up term's layer norm and the rules
-of :mod:`~hmrnn_lightning.cells.operations` (COPY keeps ``z``; the top layer's ``z`` is the
-``top_z`` they are given). The pre-activation row is read as four ``H`` slices plus the boundary
-logit; rows are ``ROW`` apart (:func:`~hmrnn_lightning.engine.plan.padded_row`, a multiple of 8)
-and the pad columns are masked. ``BLOCK`` is ``H`` rounded up to a power of two.
-
-Launch them by keyword; a pointer that a switch turns off is passed as None. This module imports
-nothing but Triton, so ``bench/compile_kernels.py`` can load it by path into another Triton's
-environment. Triton reads ``TRITON_INTERPRET`` when this module is imported.
+Launch them by keyword; a pointer a switch turns off is None. This module imports only Triton,
+so ``bench/compile_kernels.py`` loads it by path under another Triton.
 """
 
 from __future__ import annotations
@@ -127,13 +122,12 @@ if triton is not None:
         BELOW_GATED: tl.constexpr, NORM_BELOW: tl.constexpr, NORM_CELL: tl.constexpr, TOP: tl.constexpr,
         MODE: tl.constexpr, WRITE_OWN: tl.constexpr, WRITE_UP: tl.constexpr, WRITE_DOWN: tl.constexpr,
     ):
-        """``s`` holds the merged product of the gated inputs (plus the bias unless ``HAS_BASE``,
-        when the kernel adds ``base``: the bias with ``base_stride`` 0, or one row per batch row).
-        ``below`` is the raw bottom-up product where it is a term of its own (``HAS_BELOW``, with
-        layer norm). ``s`` gets the full pre-activation; writes ``c``, ``h``, ``z``, ``e``, the
-        logit, and ``h`` into the inputs of the products that read it: its own next step's
-        (``own``), the layer below's next step's gated by ``z_below`` (``up``), and without layer
-        norm the layer above's this step's gated by the new ``z`` (``down``)."""
+        """``s`` holds the merged product (plus the bias unless ``HAS_BASE``: then the kernel adds
+        ``base``, the bias at ``base_stride`` 0 or one row per batch row); ``below`` the raw
+        bottom-up product (layer norm). Writes the full pre-activation into ``s``, ``c``, ``h``,
+        ``z``, ``e``, the logit, and ``h`` into the inputs of the products that read it next:
+        ``own`` (its next step), ``up`` (the layer below's next step, gated by ``z_below``) and
+        ``down`` (the layer above's bottom-up block without layer norm, gated by the new ``z``)."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < H
@@ -237,7 +231,10 @@ if triton is not None:
     def _gradients_in(h_ptr, dh_ptr, gh_ptr, drec_ptr, drec_stride, dxa_ptr, dxa_stride, dxb_ptr, dxb_stride, dz_ptr,
                       gz_ptr, z_ptr, row, offs, mask, zb, H: tl.constexpr, TOP: tl.constexpr, HAS_GH: tl.constexpr,
                       HAS_GZ: tl.constexpr, HAS_DREC: tl.constexpr, HAS_DXA: tl.constexpr, HAS_DXB: tl.constexpr):
-        """Everything that reached ``h_t`` and ``z_t``: ``(dh, dz, dz_below so far)``."""
+        """``(dh, dz, dz_below so far)``: the accumulators plus the outputs' gradients and the blocks
+        of the ungated products ``ds W`` that read ``h_t``: ``drec`` (its own next step's recurrent
+        term), ``dxa`` (the layer below's next top-down term, gated by ``z_below``), ``dxb`` (the
+        layer above's bottom-up term without layer norm, gated by this layer's ``z``)."""
         h_t = tl.load(h_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(dh_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GH:
@@ -270,14 +267,11 @@ if triton is not None:
         MODE: tl.constexpr, HAS_GH: tl.constexpr, HAS_GZ: tl.constexpr, HAS_GLOGIT: tl.constexpr,
         HAS_DREC: tl.constexpr, HAS_DXA: tl.constexpr, HAS_DXB: tl.constexpr,
     ):
-        """One layer and step backwards. ``dh``, ``dc``, ``dz`` are the accumulators of the
-        gradients reaching ``h``, ``c``, ``z``; ``gh``/``gz``/``glogit`` the outputs' gradients;
-        ``drec``, ``dxa``, ``dxb`` blocks of the ungated products ``ds W`` of the steps that read
-        ``h_t`` (its own next step's recurrent term; the layer below's next step's top-down term,
-        gated by ``z_below``; the layer above's bottom-up term without layer norm, gated by this
-        layer's ``z``). Overwrites ``s`` with ``ds``, ``below`` with its gated gradient, ``dh``
-        with COPY's part of ``dh_prev``, ``dc`` with ``dc_prev``, ``dz`` with ``dz_prev`` (less the
-        top-down gate's part, which the layer above adds), and adds ``dz_below`` into ``dzb``."""
+        """One layer and step backwards. ``dh``, ``dc``, ``dz`` accumulate the gradients reaching
+        ``h``, ``c``, ``z`` (:func:`_gradients_in` adds the rest); overwrites ``s`` with ``ds``,
+        ``below`` with its gated gradient, ``dh`` with COPY's part of ``dh_prev``, ``dc`` with
+        ``dc_prev``, ``dz`` with ``dz_prev`` (less the top-down gate's part, which the layer above
+        adds), and adds ``dz_below`` into ``dzb``."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < H

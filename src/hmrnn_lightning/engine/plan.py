@@ -1,10 +1,6 @@
 """What every backend reads: the weight layout (:class:`LayerWeights`, :class:`InputLayout`), the
-per-stack :class:`WindowPlan` and the saved-tensor contract (:class:`WindowCache`).
-
-The plan is built once per stack, device and product dtype (:meth:`WindowPlan.build`); it holds
-the parameters themselves (so gradients reach them), never a copy, and the settings the
-backends would otherwise read from the stack: sizes, which terms are normalised and each
-norm's own ``eps``, the product dtype, the kernels' estimator rule.
+:class:`WindowPlan` (built once per stack, device and product dtype; it holds the parameters
+themselves, never copies) and the saved-tensor contract (:class:`WindowCache`).
 """
 
 from __future__ import annotations
@@ -46,6 +42,11 @@ def layout_problem(cell: nn.Module) -> str | None:
     ):
         return "its layer norms need their affine weight and bias"
     return None
+
+
+def fast_path_problem(cells: nn.ModuleList) -> str | None:
+    """The first cell's :func:`layout_problem`, or None when every cell fits."""
+    return next((p for p in map(layout_problem, cells) if p is not None), None)
 
 
 def matmul_dtype(x: Tensor) -> torch.dtype | None:
@@ -147,18 +148,12 @@ def padded_row(hidden: int) -> int:
 
 @dataclass
 class WindowPlan:
-    """Everything a backend needs to run a stack's window, built once per stack, device and
-    product dtype by :meth:`build`.
-
-    Attributes:
-        layers: per layer its :class:`LayerWeights` (the parameters themselves).
-        sizes: hidden size per layer; ``layout`` the merged inputs' :class:`InputLayout`.
-        layer_norm: whether the bottom-up term and the cell are normalised (every layer alike).
-        below_eps, cell_eps: per layer, the ``eps`` of its bottom-up and cell norms (0 without).
-        estimator: the boundary estimator module (the CPU backend calls it).
-        product_dtype: the dtype matrix products run in (autocast's), None for the state dtype.
-        names: per layer the :meth:`LayerWeights.names`, the layout of the flat weight list.
-    """
+    """Everything a backend needs to run a stack's window, built by :meth:`build`: per layer its
+    :class:`LayerWeights` (the parameters themselves), hidden size, and each norm's own ``eps``
+    (``below_eps``, ``cell_eps``; 0 without layer norm); the merged inputs' :class:`InputLayout`;
+    whether the bottom-up term and the cell are normalised (every layer alike); the estimator
+    module (the CPU backend calls it); the product dtype (autocast's, None for the state dtype);
+    ``names``, the layout of the flat weight list."""
 
     layers: list[LayerWeights]
     sizes: list[int]
@@ -198,6 +193,11 @@ class WindowPlan:
             i += len(names)
         return out
 
+    def product_weights(self, layers: list[LayerWeights]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per layer the merged weight ``[4H + 1, K]`` and ``W_{l-1}`` ``[4H + 1, H_below]``, in the product dtype."""
+        cast = (lambda w: w.to(self.product_dtype)) if self.product_dtype else (lambda w: w)
+        return [cast(w.merged(self.layout.with_bottom_up[l])) for l, w in enumerate(layers)], [cast(w.bottom_up) for w in layers]
+
     def first_layer_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """The first layer's input as a window function takes it. Without layer norm its term
         ``W x``, one product over the window here, which autograd differentiates; with layer norm
@@ -231,25 +231,17 @@ def window_outputs(outs, layers: int) -> tuple[list[Tensor], Tensor, Tensor, lis
 
 @dataclass
 class WindowCache:
-    """The saved-tensor contract between a window's forward and backward pass, for both
-    backends: time-major, so each step's slice is contiguous and over the window a buffer is a
-    ``[T B, ...]`` view, the left factor of the weight gradients.
-
-    Attributes:
-        s: per layer ``[T, B, R]`` (``R`` = :func:`padded_row` on the Triton backend, ``4H + 1`` on
-            the CPU's): the pre-activations, overwritten in place by ``ds`` in the backward pass.
-            The gates are not kept: the backward takes them from ``s`` again.
-        inputs: per layer ``[T, B, K]``: the merged product's gated inputs ``a_t`` (:class:`InputLayout`).
-        below: per layer, with layer norm, ``[T, B, R]``: the bottom-up product before its norm,
-            overwritten by its gradient; None without layer norm.
-        c: per layer ``[T, B, H]``.
-        h: per layer ``[T, B, H]`` on the Triton backend; None on the CPU's, whose backward reads
-            the hidden outputs.
-        z: ``[T, L, B]`` on the Triton backend (the CPU's reads the boundaries output).
-        e: ``[T, L - 1, B]``: the estimator's decisions before COPY keeps ``z``.
-        x_in: the first layer's input (with layer norm; its weight gradient reads it).
-        graphs: on the CPU, ``(t, l) -> (logit leaf, e)``: each estimator call's own small graph,
-            differentiated per step so every estimator's gradient rule carries over.
+    """The saved-tensor contract between a window's forward and backward pass, for both backends;
+    time-major (each step's slice contiguous; over the window a ``[T B, ...]`` view, the left factor
+    of the weight gradients). Per layer: ``s`` ``[T, B, R]`` the pre-activations, overwritten by
+    ``ds`` in the backward (``R`` = :func:`padded_row` on the Triton backend, ``4H + 1`` on the
+    CPU's; the gates are taken from ``s`` again, not kept); ``inputs`` ``[T, B, K]`` the merged
+    product's gated inputs; ``below`` (layer norm) ``[T, B, R]`` the bottom-up product before its
+    norm, overwritten by its gradient; ``c`` ``[T, B, H]``; ``h`` ``[T, B, H]`` (Triton; the CPU
+    reads the hidden outputs). ``z`` ``[T, L, B]`` (Triton; the CPU reads the boundaries output);
+    ``e`` ``[T, L - 1, B]`` the estimator's decisions before COPY keeps ``z``; ``x_in`` the first
+    layer's input (layer norm); ``graphs`` (CPU) ``(t, l) -> (logit leaf, e)``, each estimator
+    call's own graph, differentiated per step so every estimator's gradient rule carries over.
     """
 
     s: list[Tensor]

@@ -1,20 +1,15 @@
-"""The pointwise part of the HM-LSTM step, forward and backward, in PyTorch: what one layer does
-at one step after the matrix products, once for the CPU backend (:mod:`~hmrnn_lightning.engine.sequence`).
-The Triton kernels (:mod:`~hmrnn_lightning.engine.kernels`) compute the same per row.
-
-Per row (``s`` is the pre-activation, ``4H + 1`` wide; ``z_prev = z^l_{t-1}``, ``z_below = z^{l-1}_t``,
-1 for the first layer)::
+"""The pointwise part of the HM-LSTM step in PyTorch, forward and backward (the CPU backend's;
+the Triton kernels compute the same per row). Per row, with ``s`` the ``4H + 1`` pre-activation,
+``z_prev = z^l_{t-1}`` and ``z_below = z^{l-1}_t``::
 
     f, i, o = sigm(s[:H]), sigm(s[H:2H]), sigm(s[2H:3H]);  g = tanh(s[3H:4H])
     u = (1 - z_prev) z_below        k = (1 - z_prev)(1 - z_below)      (FLUSH's weight is z_prev)
     c = (u f + k) c_prev + (u + z_prev) i g                            (eq. 2, regrouped)
     h = k h_prev + (1 - k) o tanh(N(c))                                (eq. 3; N: the cell's layer norm or identity)
 
-``z`` itself (COPY keeps it) is :func:`~hmrnn_lightning.cells.operations.carry_boundary`, applied by
-the caller. With binary weights COPY (``k = 1``) returns ``c_prev`` and ``h_prev`` bit for bit.
-
+``z`` (COPY keeps it) is :func:`~hmrnn_lightning.cells.operations.carry_boundary`, the caller's.
 :func:`pointwise_forward` and :func:`pointwise_backward` are self-contained (tensors in, tensors
-out, written in place where said) so that a fused implementation can replace them one for one.
+out or written in place) so that a fused implementation can replace them one for one.
 """
 
 from __future__ import annotations

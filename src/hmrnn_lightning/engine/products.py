@@ -1,11 +1,7 @@
-"""The matrix products of a window, once for both backends.
-
-Under autocast a product runs in the plan's product dtype (bf16 / fp16) and its result lands
-in fp32, the state dtype: on CUDA written straight into the fp32 buffer by ``torch.mm``'s
-``out_dtype`` (no rounding of the pre-activations to bf16 before the boundary threshold, no copy
-kernel after the product); on the CPU, whose ``mm`` has no ``out_dtype`` kernel (torch 2.13),
-computed in the product dtype and cast. Rows whose contribution is zero can be skipped
-(:func:`gated_addmm_`, :func:`rows_linear`): the CPU backend does, the GPU's stays dense.
+"""The matrix products of a window, once for both backends. Under autocast a product runs in
+the plan's product dtype and lands in fp32: on CUDA straight into the fp32 buffer through
+``torch.mm``'s ``out_dtype`` (no rounding before the boundary threshold, no copy kernel); on the
+CPU, whose ``mm`` has no ``out_dtype`` kernel (torch 2.13), in the product dtype, then cast.
 """
 
 from __future__ import annotations

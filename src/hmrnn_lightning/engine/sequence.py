@@ -27,11 +27,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from hmrnn_lightning.cells.operations import TOP_LAYER_Z, carry_boundary, select_operations
-from hmrnn_lightning.engine.backend import Backend, fast_path_problem
-from hmrnn_lightning.engine.plan import InputLayout, LayerWeights, WindowCache, WindowPlan, flatten_states, window_outputs
+from hmrnn_lightning.engine.backend import Backend, run_window
+from hmrnn_lightning.engine.plan import InputLayout, LayerWeights, WindowCache, WindowPlan, fast_path_problem
 from hmrnn_lightning.engine.pointwise import (
     gate_activations, layer_norm_rows, layer_norm_rows_backward, pointwise_backward, pointwise_forward, rowdot,
 )
@@ -52,7 +51,7 @@ class SequenceBackend(Backend):
     name = "sequence"
 
     def why_not(self, stack, device: torch.device | None = None) -> str | None:
-        problem = fast_path_problem(stack)
+        problem = fast_path_problem(stack.cells)
         if problem is not None:
             return problem
         if any(p.requires_grad for p in stack.estimator.parameters()):
@@ -72,24 +71,27 @@ class SequenceBackend(Backend):
 class _Options:
     """A window's per-call settings."""
 
+    plan: WindowPlan
     boundaries: Tensor | None  # [B, T, L - 1] oracle boundaries, or None
     skip_rows: bool  # SKIP_GATED_ROWS as it applies here
     skip_copy: bool  # a generation step: rows in COPY are not computed
 
 
 def _run(plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Tensor | None, skip_copy: bool):
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     skip = SKIP_GATED_ROWS if SKIP_GATED_ROWS is not None else x.device.type == "cpu"
-    opts = _Options(boundaries, skip, skip_copy and skip)
-    x_in = plan.first_layer_input(x, dtype)
-    flat_weights, flat_state = plan.flat_weights(), flatten_states(state)
-    tensors = [x_in, *flat_weights, *flat_state]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        outs = _Sequence.apply(plan, opts, *tensors)
-    else:
-        with torch.no_grad(), torch.autocast(x_in.device.type, enabled=False):  # the products cast themselves
-            outs, _ = _Forward(plan, opts, x_in, plan.unflatten_weights(flat_weights), flat_state, keep=False).run()
-    return window_outputs(outs, plan.num_layers)
+    return run_window(_forward, _backward, _Options(plan, boundaries, skip, skip_copy and skip), x, state)
+
+
+def _forward(opts: "_Options", x_in: Tensor, flat_weights: list[Tensor], flat_state: list[Tensor], keep: bool):
+    outs, cache = _Forward(opts.plan, opts, x_in, opts.plan.unflatten_weights(flat_weights), flat_state, keep).run()
+    if cache is not None:
+        cache.x_in = x_in if opts.plan.layer_norm else None
+    return outs, cache
+
+
+def _backward(opts: "_Options", cache: WindowCache, flat_weights, flat_state, hidden, z_all, grads):
+    layers = opts.plan.unflatten_weights(flat_weights)
+    return _Backward(opts.plan, opts, cache, layers, flat_state, hidden, z_all, grads).run()
 
 
 # --- the forward pass ---------------------------------------------------------------------------
@@ -149,9 +151,7 @@ class _Forward:
         B, T, _ = x_in.shape
         L, mm, new = plan.num_layers, plan.product_dtype, x_in.new_empty
         self.dtype, self.T = x_in.dtype, T
-        cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
-        self.w_merged = [cast(w.merged(plan.layout.with_bottom_up[l])) for l, w in enumerate(layers)]  # [4H + 1, K]
-        self.w_below = [cast(w.bottom_up) for w in layers]
+        self.w_merged, self.w_below = plan.product_weights(layers)
         slots = T if keep else 1  # inference keeps one slot, overwritten step by step
         self.S = [new(slots, B, 4 * H + 1) for H in plan.sizes]
         self.A = [new(slots, B, plan.layout.width[l]) for l in range(L)]
@@ -277,36 +277,6 @@ class _Forward:
 # --- the backward pass --------------------------------------------------------------------------
 
 
-class _Sequence(torch.autograd.Function):
-    """Inputs: the plan, the options, ``x_in`` (:class:`_Forward`), the plan's flat weights,
-    ``(h, c, z)`` per layer. Outputs: L hidden sequences, boundaries, logits, ``(h, c, z)`` per layer."""
-
-    @staticmethod
-    def forward(ctx, plan: WindowPlan, opts: _Options, x_in: Tensor, *rest: Tensor):  # type: ignore[override]
-        L, n = plan.num_layers, len(plan.flat_weights())
-        flat_weights, flat_state = list(rest[:n]), list(rest[n:])
-        with torch.autocast(x_in.device.type, enabled=False):
-            outs, cache = _Forward(plan, opts, x_in, plan.unflatten_weights(flat_weights), flat_state, keep=True).run()
-        cache.x_in = x_in if plan.layer_norm else None
-        ctx.plan, ctx.opts, ctx.cache, ctx.num_weights = plan, opts, cache, n
-        # without LN x_in is x_proj, [B, T, 4H + 1], which the backward does not read: keeping it
-        # raised the Text8 shape's peak from 4,025 to 4,305 MB
-        ctx.save_for_backward(*flat_weights, *flat_state, *outs[:L], outs[L])
-        return outs
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        plan, n, L = ctx.plan, ctx.num_weights, ctx.plan.num_layers
-        saved = ctx.saved_tensors
-        layers = plan.unflatten_weights(list(saved[:n]))
-        flat_state, hidden, z_all = saved[n : n + 3 * L], saved[n + 3 * L : n + 4 * L], saved[n + 4 * L]
-        with torch.autocast(z_all.device.type, enabled=False):
-            out = _Backward(plan, ctx.opts, ctx.cache, layers, flat_state, hidden, z_all, grads).run()
-        ctx.cache = None  # free the stored activations now, not when the graph goes
-        return (None, None, *out)
-
-
 def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
@@ -328,13 +298,12 @@ class _Backward:
     def __init__(self, plan: WindowPlan, opts: _Options, cache: WindowCache, layers, flat_state, hidden, z_all, grads):
         L = plan.num_layers
         B, T, _ = z_all.shape
-        mm = plan.product_dtype
         self.plan, self.opts, self.cache, self.layers, self.hidden, self.z_all = plan, opts, cache, layers, hidden, z_all
         self.T, self.B = T, B
-        cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
+        merged, below = plan.product_weights(layers)
         # [in, out] layouts: the inputs' gradients d @ W = linear(d, W^T), in the faster order
-        self.w_merged_t = [cast(w.merged(plan.layout.with_bottom_up[l])).t().contiguous() for l, w in enumerate(layers)]
-        self.w_below_t = [cast(w.bottom_up).t().contiguous() for w in layers] if plan.layer_norm else None
+        self.w_merged_t = [w.t().contiguous() for w in merged]
+        self.w_below_t = [w.t().contiguous() for w in below] if plan.layer_norm else None
         self.g_hidden = [_zero_if_none(grads[l], hidden[l]) for l in range(L)]
         self.g_z, self.g_logits = _zero_if_none(grads[L], z_all), grads[L + 1]
         g_final = grads[L + 2 :]
@@ -464,8 +433,7 @@ class _Backward:
                 g = d.get(name)  # the first layer's W without LN: autograd's, through x_in
                 flat.append(None if g is None else g.to(getattr(w, name).dtype))
         if plan.layer_norm:  # the gradient of the input, through the first layer's input term
-            w0 = self.layers[0].bottom_up
-            dx = matmul(cache.below[0].view(T * B, -1), w0.to(mm) if mm else w0, mm).view(T, B, -1).transpose(0, 1)
+            dx = matmul(cache.below[0].view(T * B, -1), self.layers[0].bottom_up, mm).view(T, B, -1).transpose(0, 1)
         else:  # the gradient of x_in = W x + b
             dx = cache.s[0].transpose(0, 1)
         d_state = [g for l in range(plan.num_layers) for g in (self.dh_next[l], self.dc_next[l], self.dz_next[l].squeeze(-1))]

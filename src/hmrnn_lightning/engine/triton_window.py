@@ -1,21 +1,16 @@
 """The GPU's backend: a window as matrix products and Triton kernels, dense and static.
 
 Per layer and step, forward: one product ``a_t [U_l; U_{l+1}; W_{l-1}]^T`` of the gated inputs
-``a_t = [h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1}, z^{l-1}_t h^{l-1}_t]`` (gating the rows equals gating
-the terms, which are linear), then one forward kernel (:mod:`~hmrnn_lightning.engine.kernels`)
-for everything pointwise, which also writes ``h``, gated, into the inputs of the products that
-read it next, so nothing runs between the products. With layer norm the bottom-up term is a
-second product, normalised inside the kernel. The first layer's input term is one product over
-the window. Backward, per layer and step: one kernel, then one product ``ds_t W_merged`` (two
-with layer norm) whose blocks are the inputs' gradients, ungated; the kernel of the layer and
-step that produced ``h`` (and knows it and its gate) applies both parts of a gated term's
-gradient, ``z (ds W)`` for ``h`` and ``<h, ds W>`` for ``z``. Weight gradients: one product per
-weight over the window from the kept inputs (:class:`~hmrnn_lightning.engine.plan.WindowCache`).
+``a_t = [h^l_{t-1}, z^l_{t-1} h^{l+1}_{t-1}, z^{l-1}_t h^{l-1}_t]`` (gating rows equals gating the
+linear terms); with layer norm the bottom-up term is a second product, normalised in the kernel;
+the first layer's input term is one product over the window. Then one kernel for everything
+pointwise, which also writes ``h``, gated, into the inputs of the products that read it next.
+Backward: one kernel, then one product ``ds_t W_merged`` (two with layer norm), kept ungated; a
+gated term ``z W h`` has gradients ``z (ds W)`` for ``h`` and ``<h, ds W>`` for ``z``, applied by
+the kernel that produced ``h``. Weight gradients: one product per weight over the window.
 
-Nothing is read back to the host inside a window, so the GPU never waits on the CPU and a
-window can be captured in a CUDA graph (:mod:`~hmrnn_lightning.engine.graphs`). Under autocast
-the products run in the plan's product dtype; states, ``s`` and the kernels are fp32, so the
-same code runs under Triton's interpreter on a CPU, where the tests run it.
+Nothing is read back to the host inside a window, so it can be captured in a CUDA graph. The
+kernels compute in fp32 whatever the product dtype, so the interpreter runs them on a CPU.
 """
 
 from __future__ import annotations
@@ -25,13 +20,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from hmrnn_lightning.cells.operations import TOP_LAYER_Z
 from hmrnn_lightning.engine import kernels as K
-from hmrnn_lightning.engine.backend import Backend, fast_path_problem
+from hmrnn_lightning.engine.backend import Backend, run_window
 from hmrnn_lightning.engine.plan import (
-    BERNOULLI, GIVEN, WindowCache, WindowPlan, flatten_states, kernel_mode, padded_row, window_outputs,
+    BERNOULLI, GIVEN, WindowCache, WindowPlan, fast_path_problem, kernel_mode, padded_row,
 )
 from hmrnn_lightning.engine.pointwise import rowdot
 from hmrnn_lightning.engine.products import accumulate, matmul
@@ -60,7 +54,7 @@ class TritonBackend(Backend):
     name = "triton"
 
     def why_not(self, stack, device: torch.device | None = None) -> str | None:
-        problem = fast_path_problem(stack)
+        problem = fast_path_problem(stack.cells)
         if problem is not None:
             return problem
         if kernel_mode(stack.estimator) is None:
@@ -81,16 +75,7 @@ class TritonBackend(Backend):
         elif mode == BERNOULLI:  # drawn here, on the device's generator: reproducible and capturable
             given = torch.rand(T, max(L - 1, 1), B, device=x.device, dtype=dtype)
         launch = _Launch(plan, mode, given, plan.estimator.slope.to(x.device, dtype))
-        x_in = plan.first_layer_input(x, dtype)
-        flat_weights = plan.flat_weights()
-        flat_state = [t.contiguous() for t in flatten_states(state)]
-        tensors = [x_in, *flat_weights, *flat_state]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            outs = _Window.apply(launch, *tensors)
-        else:
-            with torch.no_grad():
-                outs, _ = _forward(launch, x_in, flat_weights, flat_state, keep=False)
-        return window_outputs(outs, L)
+        return run_window(_forward, _backward, launch, x, state)
 
 
 class _Buffers:
@@ -129,14 +114,13 @@ def _forward(launch: _Launch, x_in: Tensor, flat_weights: list[Tensor], flat_sta
         buf.a[l][0, :, : plan.sizes[l]] = h0[l]
         if l + 1 < L:
             torch.mul(h0[l + 1], z0[l].unsqueeze(-1), out=buf.a[l][0, :, lay.above_block(l)])
-    cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
+    merged, below = plan.product_weights(layers)
+    w_merged, w_below = [w.t() for w in merged], [w.t() for w in below]  # [K, 4H + 1], [H_below, 4H + 1]
     base0 = None
     if plan.layer_norm:  # the first layer's input product over the window, into its padded rows
-        matmul(x_in.transpose(0, 1).reshape(T * B, -1), cast(layers[0].bottom_up).t(), mm, out=buf.below[0].flatten(0, 1))
+        matmul(x_in.transpose(0, 1).reshape(T * B, -1), w_below[0], mm, out=buf.below[0].flatten(0, 1))
     else:
         base0 = (x_in + layers[0].bias).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
-    w_merged = [cast(w.merged(lay.with_bottom_up[l])).t() for l, w in enumerate(layers)]  # [K, 4H + 1]
-    w_below = [cast(w.bottom_up).t() for w in layers]
     for t in range(T):
         for l in range(L):
             _forward_step(launch, buf, layers, w_merged[l], w_below[l], base0, h0, c0, z0, t, l, keep)
@@ -192,28 +176,6 @@ def _forward_step(launch: _Launch, buf: _Buffers, layers, w_merged: Tensor, w_be
     )
 
 
-class _Window(torch.autograd.Function):
-    """Inputs: the launch settings, ``x_in``, the plan's flat weights, ``(h, c, z)`` per layer.
-    Outputs: L hidden sequences, boundaries, logits, ``(h, c, z)`` per layer."""
-
-    @staticmethod
-    def forward(ctx, launch: _Launch, x_in: Tensor, *rest: Tensor):  # type: ignore[override]
-        n = len(launch.plan.flat_weights())
-        flat_weights, flat_state = list(rest[:n]), list(rest[n:])
-        with torch.autocast(x_in.device.type, enabled=False):
-            outs, cache = _forward(launch, x_in, flat_weights, flat_state, keep=True)
-        ctx.launch, ctx.cache, ctx.flat_weights, ctx.flat_state, ctx.x_shape = launch, cache, flat_weights, flat_state, x_in.shape
-        return outs
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads: Tensor):  # type: ignore[override]
-        with torch.autocast(ctx.flat_state[0].device.type, enabled=False):
-            out = _backward(ctx.launch, ctx.cache, ctx.flat_weights, ctx.flat_state, ctx.x_shape, grads)
-        ctx.cache = None  # free the stored activations now, not when the graph goes
-        return (None, *out)
-
-
 class _Accumulators:
     """What the backward pass carries from step to step: the gradients reaching ``h``, ``c`` and
     ``z`` of each layer (``dh``, ``dc``, ``dz``), per layer ``ds_t W_merged`` ``[B, K]`` (``da``,
@@ -238,20 +200,18 @@ class _Accumulators:
         self.bc = [torch.zeros_like(r) if r is not None else None for r in self.gc]
 
 
-def _backward(launch: _Launch, cache: WindowCache, flat_weights, flat_state, x_shape, grads):
+def _backward(launch: _Launch, cache: WindowCache, flat_weights, flat_state, hidden, z_all, grads):
     plan = launch.plan
     layers = plan.unflatten_weights(flat_weights)
     L, mm, lay = plan.num_layers, plan.product_dtype, plan.layout
-    B, T, _ = x_shape
-    cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
+    B, T, _ = z_all.shape
     g_hidden = [None if grads[l] is None else grads[l].transpose(0, 1).contiguous() for l in range(L)]
     g_z = None if grads[L] is None else grads[L].permute(1, 2, 0).contiguous()  # [T, L, B]
     g_logits = None if grads[L + 1] is None else grads[L + 1].permute(1, 2, 0).contiguous()  # [T, L - 1, B]
     acc = _Accumulators(plan, cache, flat_state, grads[L + 2 :], B)
     # built again rather than kept from the forward pass: kept, they would add about 50 MB a
     # layer to the peak at the Text8 shape; building them is one concatenation per layer
-    w_merged = [cast(w.merged(lay.with_bottom_up[l])) for l, w in enumerate(layers)]  # [4H + 1, K]
-    w_below = [cast(w.bottom_up) for w in layers]
+    w_merged, w_below = plan.product_weights(layers)  # [4H + 1, K], [4H + 1, H_below]
     for t in range(T - 1, -1, -1):
         for l in range(L - 1, -1, -1):
             _backward_step(launch, cache, acc, layers[l], flat_state, g_hidden[l], g_z, g_logits, t, l, T)
@@ -303,7 +263,6 @@ def _window_gradients(plan: WindowPlan, cache: WindowCache, acc: _Accumulators, 
     """The gradients of the window function's inputs: ``x_in``, the flat weights (one product
     per weight over the window), the initial state."""
     L, mm, lay = plan.num_layers, plan.product_dtype, plan.layout
-    cast = (lambda w: w.to(mm)) if mm else (lambda w: w)
     h0, z0 = flat_state[0::3], flat_state[2::3]
     # the initial state: step 0's recurrent and top-down terms read h_{-1}; the latter is gated by z^l_{-1}
     d_h0 = [acc.dh[l] + acc.da[l][:, : plan.sizes[l]] for l in range(L)]
@@ -314,11 +273,11 @@ def _window_gradients(plan: WindowPlan, cache: WindowCache, acc: _Accumulators, 
     flat = []
     for l, w in enumerate(layers):
         dS = cache.s[l].flatten(0, 1)
-        grads_l = w.split_merged(matmul(dS.t(), cast(cache.inputs[l].reshape(T * B, -1)), mm), lay.with_bottom_up[l])
+        grads_l = w.split_merged(matmul(dS.t(), cache.inputs[l].reshape(T * B, -1), mm), lay.with_bottom_up[l])
         grads_l["bias"] = dS.sum(0)
         if plan.layer_norm:
             below_in = cache.x_in.transpose(0, 1) if l == 0 else cache.h[l - 1]
-            grads_l["bottom_up"] = matmul(cache.below[l].flatten(0, 1).t(), cast(below_in.reshape(T * B, -1)), mm)
+            grads_l["bottom_up"] = matmul(cache.below[l].flatten(0, 1).t(), below_in.reshape(T * B, -1), mm)
             grads_l["below_gamma"], grads_l["below_beta"] = acc.gb[l].sum(0), acc.bb[l].sum(0)
             grads_l["cell_gamma"], grads_l["cell_beta"] = acc.gc[l].sum(0), acc.bc[l].sum(0)
         for name in plan.names[l]:
