@@ -187,7 +187,8 @@ class _Forward:
         final = []
         for l in range(L):
             state = (self.h[l], self.c[l], self.z[l])
-            final += state if l in self.untouched else [v.clone() for v in state]
+            # a generation step hands out views of its own buffers (as the hidden outputs are)
+            final += state if l in self.untouched or self.opts.skip_copy else [v.clone() for v in state]
         cache = None
         if self.keep:
             cache = WindowCache(s=self.S, inputs=self.A, below=self.R, c=self.C, e=self.e, graphs=self.graphs)
