@@ -2,6 +2,16 @@
 
     python bench/compile_kernels.py                    # H100 (sm_90a), PTB and Text8 widths
     python bench/compile_kernels.py --arch 80 --hidden 256 512 --out /tmp/kernels.jsonl
+    python bench/compile_kernels.py --also /tmp/triton36/bin/python   # and with another Triton
+
+The GPU machines may carry another Triton than this environment (torch 2.11 with Triton 3.6).
+The kernels' module (``engine/kernels.py``) imports only Triton and is loaded here by its path,
+so another Triton needs a virtual environment with that Triton alone, no torch::
+
+    python3 -m venv /tmp/triton36 && /tmp/triton36/bin/pip install triton==3.6.0
+
+``--also PYTHON`` runs this script again under each such interpreter, so one call reports every
+variant with every Triton (the ``triton`` field of each line).
 
 The tests run the kernels under Triton's interpreter, which executes the Python of a kernel on
 numpy and so never meets the compiler's rules (types fixed per variable, constexpr branches,
@@ -9,36 +19,67 @@ register pressure). This script compiles every variant the GPU path launches (fo
 backward; first, middle and top layer; with and without layer norm) for the given
 architecture and hidden sizes, then assembles each with the ptxas that ships with Triton and
 prints one JSON line per kernel: registers per thread and spilled bytes at the warps
-``hm_lstm_kernel.num_warps`` picks. Exit status 1 if any variant fails to compile.
+``kernels.num_warps`` picks. Exit status 1 if any variant fails to compile.
 ``TRITON_INTERPRET`` must be unset (the script unsets it for itself).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
+KERNELS = Path(__file__).resolve().parents[1] / "src" / "hmrnn_lightning" / "engine" / "kernels.py"
+
+#: Pointer arguments each variant passes as None (a switch turns them off), per kernel.
+UNUSED = {
+    "forward": lambda c: {"base_ptr": not c["HAS_BASE"], "below_ptr": not c["HAS_BELOW"],
+                          "gb_ptr": not c["NORM_BELOW"], "bb_ptr": not c["NORM_BELOW"], "zb_ptr": not c["BELOW_GATED"],
+                          "gc_ptr": not c["NORM_CELL"], "bc_ptr": not c["NORM_CELL"], "given_ptr": c["MODE"] not in (0, 2),
+                          "e_ptr": c["TOP"], "logit_ptr": c["TOP"], "own_ptr": not c["WRITE_OWN"],
+                          "up_ptr": not c["WRITE_UP"], "down_ptr": not c["WRITE_DOWN"]},
+    "backward": lambda c: {"below_ptr": not c["HAS_BELOW"], "gb_ptr": not c["HAS_BELOW"], "bb_ptr": not c["HAS_BELOW"],
+                           "dgb_ptr": not c["HAS_BELOW"], "dbb_ptr": not c["HAS_BELOW"], "zb_ptr": not c["BELOW_GATED"],
+                           "e_ptr": c["TOP"], "gc_ptr": not c["NORM_CELL"], "bc_ptr": not c["NORM_CELL"],
+                           "dgc_ptr": not c["NORM_CELL"], "dbc_ptr": not c["NORM_CELL"], "gh_ptr": not c["HAS_GH"],
+                           "gz_ptr": not c["HAS_GZ"], "glogit_ptr": not c["HAS_GLOGIT"], "dxa_ptr": not c["HAS_DXA"],
+                           "dxb_ptr": not c["HAS_DXB"], "dzb_ptr": not c["BELOW_GATED"]},
+}
+
+
+def load_kernels():
+    """``engine/kernels.py`` by its path: it needs Triton only, not torch or the package."""
+    spec = importlib.util.spec_from_file_location("hmrnn_kernels", KERNELS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def variants(hidden: int):
+    """Every variant the Triton backend launches: forward and backward; first, middle and top
+    layer; with and without layer norm; fp32 products (the bias in the product) and autocast
+    (the kernel adds the bias or the first layer's input rows: ``HAS_BASE``)."""
     for layer_norm in (False, True):
         for layer in ("first", "middle", "top"):
             first, top = layer == "first", layer == "top"
-            common = dict(H=hidden, HAS_BELOW=layer_norm or not first, BELOW_GATED=not first, NORM_BELOW=layer_norm,
-                          NORM_CELL=layer_norm, TOP=top)
-            common["HAS_BELOW"] = layer_norm  # without layer norm the bottom-up term is in the merged product
-            yield "forward", layer, layer_norm, dict(common, HAS_BASE=False, BASE_ROWS=False, MODE=1, WRITE_OWN=True,
-                                                     WRITE_UP=not first, WRITE_DOWN=not top and not layer_norm)
-            yield "backward", layer, layer_norm, dict(common, MODE=0 if top else 1, HAS_GH=True, HAS_GZ=not top,
-                                                      HAS_GLOGIT=False, HAS_DREC=True, HAS_DXA=not first,
-                                                      HAS_DXB=not top and not layer_norm)
+            common = dict(H=hidden, ROW=(4 * hidden + 8) // 8 * 8, BELOW_GATED=not first, NORM_CELL=layer_norm, TOP=top)
+            for has_base in (False, True):
+                yield "forward", layer, layer_norm, dict(
+                    common, HAS_BASE=has_base, HAS_BELOW=layer_norm, NORM_BELOW=layer_norm, MODE=1, WRITE_OWN=True,
+                    WRITE_UP=not first, WRITE_DOWN=not top and not layer_norm)
+            yield "backward", layer, layer_norm, dict(common, HAS_BELOW=layer_norm, MODE=0 if top else 1, HAS_GH=True,
+                                                      HAS_GZ=not top, HAS_GLOGIT=False, HAS_DREC=True,
+                                                      HAS_DXA=not first, HAS_DXB=not top and not layer_norm)
 
 
 def assemble(ptx: str, arch: str) -> dict:
@@ -71,14 +112,15 @@ def main() -> int:
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 1024], help="layer widths to compile for")
     p.add_argument("--no-assemble", action="store_true", help="stop at PTX (no ptxas)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.add_argument("--also", nargs="*", default=[], metavar="PYTHON",
+                   help="interpreters of other environments (each with its own Triton) to compile with as well")
     args = p.parse_args()
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from hmrnn_lightning.cells import hm_lstm_kernel as K
-
+    K = load_kernels()
     forward, backward = K.triton_kernels()
     capability = int(re.match(r"\d+", args.arch).group(0))
     target = GPUTarget("cuda", capability, 32)
@@ -86,13 +128,14 @@ def main() -> int:
     for hidden in args.hidden:
         for kind, layer, layer_norm, constants in variants(hidden):
             fn = forward if kind == "forward" else backward
-            constants = dict(constants, BLOCK=K.block_size(hidden))
+            unused = {name for name, off in UNUSED[kind](constants).items() if off}
+            constants = dict(constants, BLOCK=K.block_size(hidden), **{name: None for name in unused})
             names = [q.name for q in fn.params]
-            signature = {q.name: "constexpr" if q.is_constexpr else
-                         "fp32" if q.name == "eps" else "i32" if q.name.endswith("_stride") else "*fp32"
+            signature = {q.name: "constexpr" if q.is_constexpr or q.name in unused else
+                         "fp32" if q.name.endswith(("eps", "top_z")) else "i32" if q.name.endswith("_stride") else "*fp32"
                          for q in fn.params}
-            row = {"kernel": kind, "layer": layer, "layer_norm": layer_norm, "hidden": hidden, "arch": args.arch,
-                   "num_warps": K.num_warps(hidden), "triton": triton.__version__}
+            row = {"kernel": kind, "layer": layer, "layer_norm": layer_norm, "has_base": constants.get("HAS_BASE"),
+                   "hidden": hidden, "arch": args.arch, "num_warps": K.num_warps(hidden), "triton": triton.__version__}
             try:
                 source = ASTSource(fn=fn, signature=signature,
                                    constexprs={(names.index(k),): v for k, v in constants.items()})
@@ -108,6 +151,10 @@ def main() -> int:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
+    for python in args.also:  # the same variants with another Triton, in its own environment
+        command = [python, __file__, "--arch", args.arch, "--hidden", *map(str, args.hidden)]
+        command += (["--no-assemble"] if args.no_assemble else []) + (["--out", args.out] if args.out else [])
+        failed += subprocess.run(command).returncode != 0
     return 1 if failed else 0
 
 

@@ -20,6 +20,13 @@ Triton kernels, dense, what `impl="auto"` picks on a GPU; under TRITON_INTERPRET
 CPU, far too slowly to time); hm_triton_graph (hm_triton with each training window captured in a
 CUDA graph, `HMStack(cuda_graph=True)`).
 
+Precision (`--precision`, one or more): `fp32` is strict fp32 on both sides, TF32 off for the
+matrix products (`torch.backends.cuda.matmul.allow_tf32`) and for cuDNN (`torch.backends.cudnn.allow_tf32`,
+which PyTorch turns on by default, so an unqualified cuDNN "fp32" LSTM runs on TF32 tensor cores);
+`tf32` turns both on, for the HM-LSTM's products and cuDNN's LSTM alike; `bf16` is autocast. On
+CUDA the default is `fp32 tf32`, so fp32 is reported both ways; on a CPU the flags do nothing and
+the default is `fp32`. The table's precision column says which is which.
+
 `--profile FILE` runs one impl and shape under torch.profiler for two training steps after the
 warm-up and writes the table of where the time went (by CUDA / CPU time) to FILE.
 """
@@ -40,6 +47,7 @@ SHAPES = {  # the paper's: layers x hidden, embedding, batch, length, vocab, out
     "tiny": dict(layers=3, hidden=64, emb=16, batch=8, length=50, vocab=30, out_emb=64),
 }
 IMPLS = ("lstm", "hm_reference", "hm_sequence", "hm_triton", "hm_triton_graph")
+PRECISION_LABELS = {"fp32": "fp32 (strict, TF32 off)", "tf32": "fp32 (TF32 on)", "bf16": "bf16 autocast"}
 
 
 def build(impl: str, shape: dict, device: str, layer_norm: bool, boundary_bias: float | None = None):
@@ -109,6 +117,8 @@ def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, la
     y = torch.randint(0, V, (B, T), device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    # the same setting on both sides: strict fp32 unless tf32 was asked for (cuDNN's default is TF32 on)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for k in range(warmup + steps):
@@ -130,7 +140,8 @@ def measure(impl: str, shape_name: str, device: str, steps: int, warmup: int, la
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, KiB on Linux
     row = {
         "impl": impl, "shape": shape_name, "device": device, "layer_norm": layer_norm, "precision": precision,
-        "boundary_bias": boundary_bias, "batch": B, "length": T, "hidden": shape["hidden"], "layers": shape["layers"],
+        "precision_label": PRECISION_LABELS[precision], "boundary_bias": boundary_bias, "batch": B, "length": T,
+        "hidden": shape["hidden"], "layers": shape["layers"],
         "steps": steps, "chars_per_s": B * T * steps / elapsed, "peak_mem_mb": peak,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
     }
@@ -186,7 +197,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed training steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, cuDNN autotune)")
     p.add_argument("--layer-norm", action="store_true", help="LayerNorm HM-LSTM (nn.LSTM has none)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", nargs="+", default=None, choices=list(PRECISION_LABELS),
+                   help="one or more; default fp32 and tf32 on CUDA, fp32 on a CPU (see above)")
     p.add_argument("--boundary-bias", type=float, default=None,
                    help="set the boundary detectors' bias (e.g. -1: sparse boundaries, as after training); "
                         "the JSON line records the firing rates seen while sampling")
@@ -197,20 +209,23 @@ def main() -> None:
     args = p.parse_args()
     if args.single or args.profile:
         impl, shape = args.single.split(":") if args.single else (args.impls[0], args.shapes[0])
-        print(json.dumps(measure(impl, shape, args.device, args.steps, args.warmup, args.layer_norm, args.precision,
+        precision = (args.precision or ["fp32"])[0]
+        print(json.dumps(measure(impl, shape, args.device, args.steps, args.warmup, args.layer_norm, precision,
                                  args.boundary_bias, args.profile)))
         return
+    precisions = args.precision or (["fp32", "tf32"] if args.device == "cuda" else ["fp32"])
     rows = []
-    for shape in args.shapes:
+    for shape, precision in [(s, p) for s in args.shapes for p in precisions]:
         base = None
         for impl in args.impls:
             cmd = [sys.executable, __file__, "--single", f"{impl}:{shape}", "--device", args.device, "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
+                   str(args.steps), "--warmup", str(args.warmup), "--precision", precision]
             cmd += ["--layer-norm"] if args.layer_norm else []
             cmd += ["--boundary-bias", str(args.boundary_bias)] if args.boundary_bias is not None else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
             if proc.returncode != 0:
-                print(json.dumps({"impl": impl, "shape": shape, "device": args.device, "error": proc.stderr[-800:]}))
+                print(json.dumps({"impl": impl, "shape": shape, "device": args.device, "precision": precision,
+                                  "error": proc.stderr[-800:]}))
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             if impl == "lstm":
@@ -225,12 +240,12 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
-    print("\n| impl | shape | device | train chars/s | vs nn.LSTM | peak MB | vs nn.LSTM | sample chars/s (batch) "
+    print("\n| impl | shape | precision | device | train chars/s | vs nn.LSTM | peak MB | vs nn.LSTM | sample chars/s (batch) "
           "| vs nn.LSTM | sample chars/s (1) | vs nn.LSTM | boundary rate while sampling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
-        print(f"| {r['impl']} | {r['shape']} | {r['device_name']} | {r['chars_per_s']:,.0f} | {fmt(r['ratio_vs_lstm'], '.3f')} "
+        print(f"| {r['impl']} | {r['shape']} | {r['precision_label']} | {r['device_name']} | {r['chars_per_s']:,.0f} | {fmt(r['ratio_vs_lstm'], '.3f')} "
               f"| {r['peak_mem_mb']:,.0f} | {fmt(r['mem_ratio_vs_lstm'], '.2f')} | {r['sample_chars_per_s']:,.0f} "
               f"| {fmt(r['sample_ratio_vs_lstm'], '.3f')} | {r['sample1_chars_per_s']:,.0f} "
               f"| {fmt(r['sample1_ratio_vs_lstm'], '.3f')} | {r.get('sample_boundary_rate', '')} |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import subprocess
@@ -105,3 +106,91 @@ def write_iam_tree(root, n_lines=30, rng=None):
     (folder / "a01-000u-99.xml").write_text("<WhiteboardCaptureSession><StrokeSet></StrokeSet></WhiteboardCaptureSession>")
     (root / "splits").mkdir()
     return root
+
+# --- the fast paths against the reference loop (tests/engine) ---------------------------------
+
+
+def run_with_gradients(stack, head, x, y, state, seed, all_outputs=True):
+    """Loss with every output of the stack in it (hidden, boundaries, logits, final state),
+    so that every gradient path of the fast backward is exercised; returns the gradients of
+    the parameters, the input and the initial state."""
+    torch.manual_seed(seed)
+    x = x.clone().requires_grad_()
+    state = [type(s)(*(t.clone().requires_grad_() for t in s)) for s in state]
+    out = stack(x, state)
+    step_nll = head.nll(head(out.hidden), y)
+    loss = step_nll.mean()
+    aux = stack.estimator.auxiliary_loss(out, step_nll.detach())
+    if aux is not None:
+        loss = loss + aux
+    if all_outputs:
+        weights = torch.linspace(0.1, 1.0, out.boundaries.numel(), dtype=x.dtype).view_as(out.boundaries)
+        loss = loss + 0.1 * (weights * out.boundaries).sum() + 0.01 * out.boundary_logits.pow(2).mean()
+        loss = loss + sum(0.1 * (s.h.sum() + s.c.pow(2).mean() + s.z.sum()) for s in out.state)
+    stack.zero_grad()
+    head.zero_grad()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in stack.named_parameters() if p.grad is not None}
+    grads["input"] = x.grad.clone()
+    for l, s in enumerate(state):
+        for name, t in zip("hcz", s):
+            grads[f"state{l}.{name}"] = t.grad.clone()
+    return out, loss.detach(), grads
+
+
+def normwise(rel):
+    """|a - b|_max <= rel * |a|_max: for tensors whose entries span many magnitudes."""
+
+    def check(actual, expected, msg=None):
+        err = (actual - expected).abs().max().item()
+        assert err <= rel * expected.abs().max().item() + 1e-12, (msg, err, expected.abs().max().item())
+
+    return check
+
+
+def close(tol):
+    def check(actual, expected, msg=None):
+        torch.testing.assert_close(actual, expected, **tol, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+    return check
+
+
+def compare(estimator, layer_norm, dtype, check, device="cpu", impl="sequence", all_outputs=True, boundary_bias=0.0,
+            steps=30, reference_hook=None):
+    torch.manual_seed(0)
+    ref = HMStack(6, [16, 12, 10], estimator(slope=2.0), layer_norm=layer_norm, impl="reference")
+    with torch.no_grad():
+        for cell in ref.cells:
+            cell.bias[-1] = boundary_bias  # 0: layer 1 fires on about 40% of steps, layers 2-3 copy on 37% and 69%
+    head = SoftmaxHead([16, 12, 10], 9, 8)
+    ref, head = ref.to(device, dtype), head.to(device, dtype)
+    fast = copy.deepcopy(ref)
+    fast.impl = impl
+    assert fast.active_impl() == impl
+    x, y = torch.randn(5, steps, 6, dtype=dtype, device=device), torch.randint(0, 9, (5, steps), device=device)
+    state = [s.detach() for s in ref(torch.randn(5, 7, 6, dtype=dtype, device=device)).state]  # non-zero start, some z = 1
+    if reference_hook is not None:  # e.g. the Bernoulli draws of the fast path, replayed
+        with reference_hook():
+            a, la, ga = run_with_gradients(ref, head, x, y, state, seed=1, all_outputs=all_outputs)
+    else:
+        a, la, ga = run_with_gradients(ref, head, x, y, state, seed=1, all_outputs=all_outputs)
+    b, lb, gb = run_with_gradients(fast, head, x, y, state, seed=1, all_outputs=all_outputs)
+    if ref.estimator.discrete:
+        assert torch.equal(a.boundaries, b.boundaries)
+    else:
+        check(b.boundaries, a.boundaries, "boundaries")
+    assert 0 < a.boundaries[..., :2].mean() < 1
+    if boundary_bias == 0.0:
+        assert a.operations[..., 1:, 1].mean() > 0.1  # upper layers copy on some rows
+        assert a.operations[..., 0].mean() > 0.1 and a.operations[..., 2].mean() > 0.1  # and update, and flush
+    for l, (ha, hb) in enumerate(zip(a.hidden, b.hidden)):
+        check(hb, ha, f"h{l + 1}")
+    check(b.boundary_logits, a.boundary_logits, "boundary logits")
+    for l, (sa, sb) in enumerate(zip(a.state, b.state)):
+        for name, ta, tb in zip("hcz", sa, sb):
+            check(tb, ta, f"final state {name}{l + 1}")
+    check(b.operations, a.operations, "operations")
+    check(lb, la, "loss")
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        check(gb[name], ga[name], name)

@@ -27,7 +27,8 @@ def test_bench_writes_one_json_line_per_impl(tmp_path):
         assert r["chars_per_s"] > 0 and r["sample_chars_per_s"] > 0 and r["sample1_chars_per_s"] > 0
     assert rows[0]["ratio_vs_lstm"] == 1.0
     assert len(rows[1]["sample_boundary_rate"]) == 3 and rows[1]["sample_boundary_rate"][2] == 0.0  # top never fires
-    assert "| hm_sequence | tiny |" in proc.stdout  # the Markdown table
+    assert "| hm_sequence | tiny | fp32 (strict, TF32 off) |" in proc.stdout  # the Markdown table, precision named
+    assert all(r["precision"] == "fp32" for r in rows)
 
 
 def test_kernels_compile_for_a_gpu_without_one():
@@ -86,3 +87,5 @@ def test_gpu_smoke_accuracy_check_fails_on_a_wrong_path(monkeypatch, capsys):
     assert smoke.main(["accuracy", "--tiny", "--device", "cpu"]) == 1
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert rows and not any(r["ok"] for r in rows)
+
+    assert len(rows) == 18 and all(r["ptx_chars"] > 0 and "error" not in r for r in rows)

@@ -4,13 +4,8 @@ Where things live:
   * the UPDATE / COPY / FLUSH rule (eq. 2): :mod:`hmrnn_lightning.cells.operations`
   * pre-activation terms (eqs. 4-7) and the cell interface: :mod:`hmrnn_lightning.cells.base`
   * HM-LSTM layer: :mod:`hmrnn_lightning.cells.hm_lstm`; HM-RNN layer: :mod:`hmrnn_lightning.cells.hm_rnn`
-  * the time loop over a sequence: :mod:`hmrnn_lightning.cells.stack` (the reference);
-    fast paths behind it share the pointwise step of :mod:`hmrnn_lightning.cells.hm_lstm_kernel`
-    (PyTorch and Triton forms, the z-carry and top-layer rules, the per-layer weight layout):
-    :mod:`hmrnn_lightning.cells.sequence` (the CPU's: hand-written backward, closed rows skipped),
-    :mod:`hmrnn_lightning.cells.triton_window` (the GPU's: dense, Triton kernels),
-    :mod:`hmrnn_lightning.cells.cuda_graph` (capturing a training window on the GPU) and
-    :mod:`hmrnn_lightning.cells.generation` (one step for sampling on the CPU)
+  * the time loop over a sequence: :mod:`hmrnn_lightning.cells.stack` (the reference loop, and
+    the choice of a fast path); the fast paths themselves: :mod:`hmrnn_lightning.engine`
   * LSTM baselines: :mod:`hmrnn_lightning.cells.lstm`
 """
 

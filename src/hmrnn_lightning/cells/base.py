@@ -8,28 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from hmrnn_lightning.cells.operations import Operations
+from hmrnn_lightning.states import LayerState  # noqa: F401  (re-exported: the cells' state type)
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
     """fp16 / bf16 (autocast outputs) up to fp32; fp32 and fp64 unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-class LayerState(NamedTuple):
-    """State of one layer after a step.
-
-    Attributes:
-        h: hidden state ``[batch, hidden]``.
-        c: cell state ``[batch, hidden]`` (the HM-RNN, which has no cell, stores ``h`` here).
-        z: boundary state ``[batch]``.
-    """
-
-    h: Tensor
-    c: Tensor
-    z: Tensor
-
-    def detach(self) -> "LayerState":
-        return LayerState(self.h.detach(), self.c.detach(), self.z.detach())
 
 
 class CellStep(NamedTuple):

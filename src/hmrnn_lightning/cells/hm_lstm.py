@@ -108,7 +108,7 @@ def hm_lstm_update(
 ) -> tuple[Tensor, Tensor]:
     """Eqs. 2-3 for the LSTM: from the pre-activation ``s [batch, 4H + 1]`` and the operation
     weights (``[batch, 1]`` each) to the new ``(c, h)``: the specification, written apart
-    from the fast paths' :mod:`~hmrnn_lightning.cells.hm_lstm_kernel` so that it can test them."""
+    from the fast paths' :mod:`~hmrnn_lightning.engine.pointwise` so that it can test them."""
     H = c_prev.shape[-1]
     f = torch.sigmoid(s[:, :H])
     i = torch.sigmoid(s[:, H : 2 * H])

@@ -32,6 +32,10 @@ from torch import Tensor
 UPDATE, COPY, FLUSH = 0, 1, 2
 OPERATION_NAMES = ("update", "copy", "flush")
 
+#: The top layer has no boundary detector (paper, below eq. 7): its ``z`` is this constant, so
+#: it never flushes. Every path reads it from here (the Triton kernels take it as an argument).
+TOP_LAYER_Z = 0.0
+
 
 class Operations(NamedTuple):
     """Per-row weights of the three operations, each of shape ``[batch, 1]``."""
@@ -62,6 +66,13 @@ def select_operations(z_below: Tensor, z_prev: Tensor) -> Operations:
 def keep_if_copy(ops: Operations, old: Tensor, new: Tensor) -> Tensor:
     """``old`` where the layer copies, ``new`` where it updates or flushes (eq. 3)."""
     return ops.copy * old + (1.0 - ops.copy) * new
+
+
+def carry_boundary(copy: Tensor, z_prev: Tensor, estimate: Tensor) -> Tensor:
+    """``z = k z_prev + (1 - k) e``: in COPY (weight ``k``) the detector is not re-evaluated,
+    since nothing is recomputed, and ``z`` is kept (it is 0 there, as COPY needs ``z_prev = 0``);
+    elsewhere the estimator's decision ``e``. Shapes broadcast (``[batch]`` or ``[batch, 1]``)."""
+    return copy * z_prev + (1.0 - copy) * estimate
 
 
 def operations_from_boundaries(boundaries: Tensor, first_z: Tensor) -> Tensor:

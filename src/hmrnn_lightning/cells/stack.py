@@ -8,17 +8,17 @@ of one layer at a time, exactly the paper's equations.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from hmrnn_lightning.cells.base import HMCell, LayerState
-from hmrnn_lightning.cells.operations import keep_if_copy
+from hmrnn_lightning.cells.base import HMCell
+from hmrnn_lightning.cells.operations import TOP_LAYER_Z, carry_boundary
+from hmrnn_lightning.engine.paths import FastPaths
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 
-State = list[LayerState]
+from hmrnn_lightning.states import LayerState, StackOutput, State, detach_state  # noqa: F401  (re-exported)
 
 #: The values of :class:`HMStack`'s ``impl``.
 IMPLS = ("auto", "reference", "sequence", "triton")
@@ -29,32 +29,6 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, stacklevel=3)
-
-
-@dataclass
-class StackOutput:
-    """Everything a stack returns for a sequence.
-
-    Attributes:
-        hidden: per layer, ``h^l`` for every step, ``[batch, time, hidden_l]``.
-        boundaries: ``z^l_t`` for every layer, ``[batch, time, layers]``; the top layer has
-            no detector and its column is 0.
-        boundary_logits: ``z~^l_t`` before the estimator, ``[batch, time, layers - 1]``.
-        operations: weights of UPDATE, COPY, FLUSH, ``[batch, time, layers, 3]`` (one-hot
-            for binary boundaries).
-        state: the state after the last step, to initialise the next window.
-    """
-
-    hidden: list[Tensor]
-    boundaries: Tensor
-    boundary_logits: Tensor
-    operations: Tensor
-    state: State
-
-
-def detach_state(state: State) -> State:
-    """Cut the graph between truncated-BPTT windows."""
-    return [s.detach() for s in state]
 
 
 class RecurrentStack(nn.Module):
@@ -190,10 +164,10 @@ class HMStack(RecurrentStack):
             (eq. 5 as written); false drops it ("FLUSH completely erases all the previous states").
             An ablation: false runs on the reference loop.
         impl: ``reference`` (the readable loop below); ``sequence``
-            (:mod:`hmrnn_lightning.cells.sequence`: one autograd function over the whole
+            (:mod:`hmrnn_lightning.engine.sequence`: one autograd function over the whole
             sequence with a hand-written backward, skipping closed rows; the CPU's fast path;
             HM-LSTM with or without layer norm, estimators without trainable parameters);
-            ``triton`` (:mod:`hmrnn_lightning.cells.triton_window`: matrix products and
+            ``triton`` (:mod:`hmrnn_lightning.engine.triton_window`: matrix products and
             Triton kernels, dense, no host synchronisation; the GPU's fast path; HM-LSTM with
             the step, Bernoulli or soft estimator; on a CPU only under ``TRITON_INTERPRET=1``);
             or ``auto``: ``triton`` on a GPU where it applies, else ``sequence`` where it
@@ -202,7 +176,7 @@ class HMStack(RecurrentStack):
         compile: retired with the per-step path it compiled; accepted (and ignored, with a
             warning when true) so that configs and checkpoints written before 0.2.0 still load.
         cuda_graph: on the Triton path, capture each training window in a CUDA graph and replay
-            it (:mod:`hmrnn_lightning.cells.cuda_graph` says what that requires: fixed batch and
+            it (:mod:`hmrnn_lightning.engine.graphs` says what that requires: fixed batch and
             window length; other windows and evaluation run without a graph), and each
             sampling step (:meth:`step`, one graph per batch size).
     """
@@ -238,6 +212,7 @@ class HMStack(RecurrentStack):
             _warn_once("HMStack: compile=True is retired and ignored (the per-step path it compiled is gone; "
                        "on a GPU impl='triton' and cuda_graph=True are the fast path)")
         self.cuda_graph = cuda_graph
+        self._paths = FastPaths()  # backends, plans, captures: not state, so not in checkpoints
         # fail now, not at the first batch; a stack is built on the CPU and moved to the GPU
         # later, so the Triton path is checked as if for a GPU here, and for its device per call
         self.active_impl("cuda" if impl == "triton" else None)
@@ -247,39 +222,51 @@ class HMStack(RecurrentStack):
         are): ``triton``, ``sequence`` or ``reference``. Checked per call, because the
         estimator (or its mode: a Bernoulli estimator thresholds in eval) can change after
         construction."""
-        from hmrnn_lightning.cells import sequence, triton_window
-
         device = torch.device(device) if device is not None else next(self.parameters()).device
+        paths = self._paths
         if self.impl == "reference":
             return "reference"
+        sequence_problem = paths.sequence.why_not(self, device)
         if self.impl == "sequence":
-            if not sequence.supports(self):
+            if sequence_problem is not None:
                 raise ValueError(
                     "HMStack: impl='sequence' needs HM-LSTM cells and an estimator without trainable parameters "
-                    f"(cell={self.cell_name!r}, estimator={type(self.estimator).__name__}); use impl='auto'"
+                    f"({sequence_problem}: cell={self.cell_name!r}, estimator={type(self.estimator).__name__}); use impl='auto'"
                 )
             return "sequence"
+        fallback = "sequence" if sequence_problem is None else "reference"
         if self.impl == "triton":
-            reason = triton_window.why_not(self)
+            reason = paths.triton.why_not(self)
             if reason is not None:
                 raise ValueError(f"HMStack: impl='triton' cannot run this stack: {reason}; use impl='auto'")
-            if device.type != "cuda" and not triton_window.interpreting():
+            if paths.triton.why_not(self, device) is not None:
                 # a model trained with impl='triton' keeps it in its checkpoint; on a CPU (testing,
                 # sampling) it runs the CPU's path rather than fail
-                fallback = "sequence" if sequence.supports(self) else "reference"
                 _warn_once(f"HMStack: impl='triton' runs on CUDA tensors (on a CPU only under TRITON_INTERPRET=1); "
                            f"on {device.type} this stack runs impl='{fallback}'")
                 return fallback
             return "triton"
         if device.type == "cuda":
-            if triton_window.why_not(self) is None:
+            reason = paths.triton.why_not(self, device)
+            if reason is None:
                 return "triton"
-            if not triton_window.triton_available():
+            if "Triton is not installed" in reason:
                 _warn_once("HMStack: Triton is not installed, so the GPU runs the slower sequence path; "
                            "pip install 'hmrnn-lightning[gpu]'")
-        if sequence.supports(self):
-            return "sequence"
-        return "reference"
+        return fallback
+
+    def _fast_backend(self, x: Tensor):
+        """``(backend, plan)`` for ``x``, or None for the reference loop. The Triton backend's first
+        use on a device runs its self-check; if that fails, the sequence backend stands in."""
+        impl = self.active_impl(x.device)
+        if impl == "reference":
+            return None
+        plan = self._paths.plan(self.cells, self.estimator, x)
+        if impl == "triton" and self._paths.triton_problem(plan, x) is not None:
+            impl = "sequence" if self._paths.sequence.why_not(self) is None else "reference"
+            if impl == "reference":
+                return None
+        return self._paths.backend(impl, self.cuda_graph), plan
 
     def forward(self, x: Tensor, state: State | None = None, boundaries: Tensor | None = None) -> StackOutput:
         """Run the sequence.
@@ -296,21 +283,12 @@ class HMStack(RecurrentStack):
         L = self.num_layers
         if boundaries is not None and boundaries.shape != (B, T, L - 1):
             raise ValueError(f"HMStack: boundaries must have shape {(B, T, L - 1)}, got {tuple(boundaries.shape)}")
-        impl = self.active_impl(x.device)
-        if impl == "triton":
-            from hmrnn_lightning.cells import cuda_graph
-            from hmrnn_lightning.cells.triton_window import window_forward
-
-            result = None
-            if self.cuda_graph and cuda_graph.applies(self, x, boundaries):
-                result = cuda_graph.graphed_window(self, x, state)
-            return self._with_operations(state, *(result or window_forward(self, x, state, boundaries)))
-        if impl == "sequence":
-            from hmrnn_lightning.cells.sequence import sequence_forward
-
-            return self._with_operations(state, *sequence_forward(self, x, state, boundaries))
+        fast = self._fast_backend(x)
+        if fast is not None:
+            backend, plan = fast
+            return self._with_operations(state, *backend.window(plan, x, state, boundaries))
         ones = x.new_ones(B, dtype=self.state_dtype(x))
-        zeros = x.new_zeros(B, dtype=self.state_dtype(x))
+        top_z = x.new_full((B,), TOP_LAYER_Z, dtype=self.state_dtype(x))
         hidden: list[list[Tensor]] = [[] for _ in range(L)]
         zs, logits, ops_out = [], [], []
         for t in range(T):
@@ -322,10 +300,10 @@ class HMStack(RecurrentStack):
                 step = cell(h_below, z_below, state[l], h_above)
                 if l + 1 < L:
                     z_new = boundaries[:, t, l].to(ones.dtype) if boundaries is not None else self.estimator(step.boundary_logit)
-                    z = keep_if_copy(step.ops, state[l].z.unsqueeze(-1), z_new.unsqueeze(-1)).squeeze(-1)
+                    z = carry_boundary(step.ops.copy.squeeze(-1), state[l].z, z_new)
                     step_logits.append(step.boundary_logit)
                 else:
-                    z = zeros
+                    z = top_z
                 new_state.append(LayerState(step.h, step.c, z))
                 hidden[l].append(step.h)
                 step_z.append(z)
@@ -338,25 +316,16 @@ class HMStack(RecurrentStack):
         return self._pack(hidden, zs, logits, ops_out, state)
 
     def _step(self, x: Tensor, state: State | None) -> StackOutput:
-        """On the CPU's sequence path, rows whose layer is in COPY are not computed at all
-        (:mod:`hmrnn_lightning.cells.generation`); their boundary logits read NaN. Elsewhere
-        this is :meth:`forward` on a sequence of length 1 (on the GPU's Triton path: dense,
-        so sampling never waits on the host)."""
-        impl = self.active_impl(x.device)
-        if impl == "triton" and self.cuda_graph and x.is_cuda:
-            from hmrnn_lightning.cells import cuda_graph
-
-            state = self.check_input(x.unsqueeze(1), state)
-            result = cuda_graph.graphed_step(self, x, state)
-            if result is not None:
-                return self._with_operations(state, *result)
-        if impl != "sequence":
+        """The active backend's step: on the CPU's sequence backend, rows whose layer is in COPY
+        are not computed at all and their boundary logits read NaN; on the GPU's Triton backend
+        the window at ``T = 1``, dense, so sampling never waits on the host (captured in a CUDA
+        graph with ``cuda_graph``); else :meth:`forward` on a sequence of length 1."""
+        fast = self._fast_backend(x)
+        if fast is None:
             return super()._step(x, state)
-        from hmrnn_lightning.cells.generation import generation_step
-
+        backend, plan = fast
         state = self.check_input(x.unsqueeze(1), state)
-        hidden, zs, logits, new_state = generation_step(self, x, state)
-        return self._with_operations(state, [h.unsqueeze(1) for h in hidden], zs.unsqueeze(1), logits.unsqueeze(1), new_state)
+        return self._with_operations(state, *backend.step(plan, x, state))
 
     @staticmethod
     def _with_operations(start: State, hidden, boundaries: Tensor, logits: Tensor, state: State) -> StackOutput:
@@ -376,11 +345,6 @@ class HMStack(RecurrentStack):
             operations=torch.stack(ops_out, 1),
             state=state,
         )
-
-    def __getstate__(self):
-        """Copies and pickles leave out CUDA-graph captures (:mod:`~hmrnn_lightning.cells.cuda_graph`)."""
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: v for k, v in state.items() if k not in ("_cuda_graphs", "_grad_copy_hooks", "_generation_cache")}
 
     def extra_repr(self) -> str:
         return f"cell={self.cell_name!r}, impl={self.impl!r}" + (", cuda_graph=True" if self.cuda_graph else "")

@@ -7,13 +7,10 @@ through that decision (section 3.3).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from hmrnn_lightning.cells.stack import StackOutput
+from hmrnn_lightning.states import StackOutput
 
 
 def hard_sigmoid(x: Tensor, slope: Tensor | float) -> Tensor:
@@ -38,6 +35,12 @@ class BoundaryEstimator(nn.Module):
     #: True when ``forward`` returns exactly 0/1; soft estimators return values in [0, 1].
     discrete: bool = True
 
+    #: The rule of the GPU kernels this estimator's forward is (``"step"``, ``"bernoulli"`` or
+    #: ``"soft"``), or None: then the fast paths run the module itself (the CPU's) or do not run
+    #: it (the GPU kernels). Read from the class's own namespace by :meth:`active_kernel_mode`, so
+    #: a subclass, which may change the rule, declares it again or gets None.
+    kernel_mode: str | None = None
+
     def __init__(self, slope: float = 1.0) -> None:
         super().__init__()
         self.register_buffer("slope", torch.tensor(1.0, dtype=torch.float32))
@@ -55,11 +58,16 @@ class BoundaryEstimator(nn.Module):
         logit = logit.float() if logit.dtype in (torch.float16, torch.bfloat16) else logit
         return hard_sigmoid(logit, self.slope.to(logit.dtype))
 
+    def active_kernel_mode(self) -> str | None:
+        """The kernel rule for the module as it is now (:attr:`kernel_mode`, declared on this
+        very class; None when inherited)."""
+        return vars(type(self)).get("kernel_mode")
+
     def forward(self, logit: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Return the boundary state for ``logit`` (shape ``[batch]``)."""
         raise NotImplementedError
 
-    def auxiliary_loss(self, output: "StackOutput", step_loss: Tensor) -> Tensor | None:
+    def auxiliary_loss(self, output: StackOutput, step_loss: Tensor) -> Tensor | None:
         """Extra loss term to add to the task loss, or None.
 
         Args:

@@ -19,9 +19,16 @@ class BernoulliEstimator(BoundaryEstimator):
         sample_at_eval: keep sampling when the module is in eval mode.
     """
 
+    kernel_mode = "bernoulli"
+
     def __init__(self, slope: float = 1.0, sample_at_eval: bool = False) -> None:
         super().__init__(slope)
         self.sample_at_eval = sample_at_eval
+
+    def active_kernel_mode(self) -> str | None:
+        """Thresholds like the step estimator when it does not sample (eval mode)."""
+        mode = super().active_kernel_mode()
+        return "step" if mode == "bernoulli" and not (self.training or self.sample_at_eval) else mode
 
     def forward(self, logit: Tensor) -> Tensor:
         p = self.probability(logit)

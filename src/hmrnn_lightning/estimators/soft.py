@@ -17,6 +17,8 @@ class SoftEstimator(BoundaryEstimator):
         slope: initial slope ``a`` of the hard sigmoid.
     """
 
+    kernel_mode = "soft"
+
     discrete = False
 
     def forward(self, logit: Tensor) -> Tensor:

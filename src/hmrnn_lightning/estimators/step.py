@@ -17,6 +17,8 @@ class StepEstimator(BoundaryEstimator):
         slope: initial slope ``a`` of the hard sigmoid.
     """
 
+    kernel_mode = "step"
+
     def forward(self, logit: Tensor) -> Tensor:
         p = self.probability(logit)
         return straight_through(p > 0.5, p)

@@ -1,6 +1,6 @@
 """The CPU fast path (``sequence``: hand-written backward over the whole sequence) gives the
 reference loop's outputs, boundaries and gradients. The GPU path (``triton``) has its own
-tests in ``test_triton_window.py``, which reuse the helpers here."""
+tests in ``test_triton_window.py``; both use ``tests.helpers.compare``."""
 
 import copy
 
@@ -10,94 +10,9 @@ import torch
 from hmrnn_lightning import HMStack
 from hmrnn_lightning.estimators import BernoulliEstimator, ReinforceEstimator, SoftEstimator, StepEstimator
 from hmrnn_lightning.heads import SoftmaxHead
+from tests.helpers import close, compare, normwise, run_with_gradients
 
 ESTIMATORS = [StepEstimator, BernoulliEstimator, SoftEstimator, ReinforceEstimator]
-
-
-def run(stack, head, x, y, state, seed, all_outputs=True):
-    """Loss with every output of the stack in it (hidden, boundaries, logits, final state),
-    so that every gradient path of the fast backward is exercised; returns the gradients of
-    the parameters, the input and the initial state."""
-    torch.manual_seed(seed)
-    x = x.clone().requires_grad_()
-    state = [type(s)(*(t.clone().requires_grad_() for t in s)) for s in state]
-    out = stack(x, state)
-    step_nll = head.nll(head(out.hidden), y)
-    loss = step_nll.mean()
-    aux = stack.estimator.auxiliary_loss(out, step_nll.detach())
-    if aux is not None:
-        loss = loss + aux
-    if all_outputs:
-        weights = torch.linspace(0.1, 1.0, out.boundaries.numel(), dtype=x.dtype).view_as(out.boundaries)
-        loss = loss + 0.1 * (weights * out.boundaries).sum() + 0.01 * out.boundary_logits.pow(2).mean()
-        loss = loss + sum(0.1 * (s.h.sum() + s.c.pow(2).mean() + s.z.sum()) for s in out.state)
-    stack.zero_grad()
-    head.zero_grad()
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in stack.named_parameters() if p.grad is not None}
-    grads["input"] = x.grad.clone()
-    for l, s in enumerate(state):
-        for name, t in zip("hcz", s):
-            grads[f"state{l}.{name}"] = t.grad.clone()
-    return out, loss.detach(), grads
-
-
-def normwise(rel):
-    """|a - b|_max <= rel * |a|_max: for tensors whose entries span many magnitudes."""
-
-    def check(actual, expected, msg=None):
-        err = (actual - expected).abs().max().item()
-        assert err <= rel * expected.abs().max().item() + 1e-12, (msg, err, expected.abs().max().item())
-
-    return check
-
-
-def close(tol):
-    def check(actual, expected, msg=None):
-        torch.testing.assert_close(actual, expected, **tol, msg=(lambda m: f"{msg}: {m}") if msg else None)
-
-    return check
-
-
-def compare(estimator, layer_norm, dtype, check, device="cpu", impl="sequence", all_outputs=True, boundary_bias=0.0,
-            steps=30, reference_hook=None):
-    torch.manual_seed(0)
-    ref = HMStack(6, [16, 12, 10], estimator(slope=2.0), layer_norm=layer_norm, impl="reference")
-    with torch.no_grad():
-        for cell in ref.cells:
-            cell.bias[-1] = boundary_bias  # 0: layer 1 fires on about 40% of steps, layers 2-3 copy on 37% and 69%
-    head = SoftmaxHead([16, 12, 10], 9, 8)
-    ref, head = ref.to(device, dtype), head.to(device, dtype)
-    fast = copy.deepcopy(ref)
-    fast.impl = impl
-    assert fast.active_impl() == impl
-    x, y = torch.randn(5, steps, 6, dtype=dtype, device=device), torch.randint(0, 9, (5, steps), device=device)
-    state = [s.detach() for s in ref(torch.randn(5, 7, 6, dtype=dtype, device=device)).state]  # non-zero start, some z = 1
-    if reference_hook is not None:  # e.g. the Bernoulli draws of the fast path, replayed
-        with reference_hook():
-            a, la, ga = run(ref, head, x, y, state, seed=1, all_outputs=all_outputs)
-    else:
-        a, la, ga = run(ref, head, x, y, state, seed=1, all_outputs=all_outputs)
-    b, lb, gb = run(fast, head, x, y, state, seed=1, all_outputs=all_outputs)
-    if ref.estimator.discrete:
-        assert torch.equal(a.boundaries, b.boundaries)
-    else:
-        check(b.boundaries, a.boundaries, "boundaries")
-    assert 0 < a.boundaries[..., :2].mean() < 1
-    if boundary_bias == 0.0:
-        assert a.operations[..., 1:, 1].mean() > 0.1  # upper layers copy on some rows
-        assert a.operations[..., 0].mean() > 0.1 and a.operations[..., 2].mean() > 0.1  # and update, and flush
-    for l, (ha, hb) in enumerate(zip(a.hidden, b.hidden)):
-        check(hb, ha, f"h{l + 1}")
-    check(b.boundary_logits, a.boundary_logits, "boundary logits")
-    for l, (sa, sb) in enumerate(zip(a.state, b.state)):
-        for name, ta, tb in zip("hcz", sa, sb):
-            check(tb, ta, f"final state {name}{l + 1}")
-    check(b.operations, a.operations, "operations")
-    check(lb, la, "loss")
-    assert ga.keys() == gb.keys()
-    for name in ga:
-        check(gb[name], ga[name], name)
 
 
 FAST = [("sequence", False), ("sequence", True)]  # (impl, layer norm)
@@ -131,7 +46,7 @@ def test_sequence_with_the_task_loss_alone(estimator, layer_norm):
 @pytest.mark.parametrize("estimator", [StepEstimator, SoftEstimator], ids=lambda c: c.__name__)
 def test_sequence_without_row_skipping_equals_reference(estimator, layer_norm, monkeypatch):
     """The dense variant of the sequence path (what a GPU runs) on CPU."""
-    from hmrnn_lightning.cells import sequence
+    from hmrnn_lightning.engine import sequence
 
     monkeypatch.setattr(sequence, "SKIP_GATED_ROWS", False)
     compare(estimator, layer_norm, torch.float64, normwise(1e-9), impl="sequence")
@@ -181,8 +96,8 @@ def test_sequence_gradients_for_other_depths(sizes, layer_norm):
     x, y = torch.randn(3, 16, 4, dtype=torch.float64), torch.randint(0, 6, (3, 16))
     state = [s.detach() for s in ref(torch.randn(3, 5, 4, dtype=torch.float64)).state]
     every = len(sizes) > 1  # one layer has no boundary logits to put in the loss (their mean is NaN)
-    a, la, ga = run(ref, head, x, y, state, seed=1, all_outputs=every)
-    b, lb, gb = run(fast, head, x, y, state, seed=1, all_outputs=every)
+    a, la, ga = run_with_gradients(ref, head, x, y, state, seed=1, all_outputs=every)
+    b, lb, gb = run_with_gradients(fast, head, x, y, state, seed=1, all_outputs=every)
     assert torch.equal(a.boundaries, b.boundaries)
     if every:
         assert 0 < a.boundaries[..., 0].mean() < 1
@@ -244,12 +159,12 @@ def test_layer_norm_fp32_is_as_close_to_fp64_as_without_it(estimator):
     head = SoftmaxHead([16, 12, 10], 9, 8).double()
     x, y = torch.randn(5, 30, 6, dtype=torch.float64), torch.randint(0, 9, (5, 30))
     state = [s.detach() for s in exact(torch.randn(5, 7, 6, dtype=torch.float64)).state]
-    truth, _, g_truth = run(exact, head, x, y, state, seed=1)
+    truth, _, g_truth = run_with_gradients(exact, head, x, y, state, seed=1)
     for impl in ["reference", "sequence"]:
         stack = copy.deepcopy(exact).float()
         stack.impl = impl
         state32 = [type(s)(*(t.float() for t in s)) for s in state]
-        out, _, grads = run(stack, copy.deepcopy(head).float(), x.float(), y, state32, seed=1)
+        out, _, grads = run_with_gradients(stack, copy.deepcopy(head).float(), x.float(), y, state32, seed=1)
         if estimator.discrete:
             assert torch.equal(out.boundaries.double(), truth.boundaries), impl
         error = max(

@@ -1,5 +1,5 @@
 """The GPU path (``impl="triton"``: matrix products and the Triton kernels of
-``cells/hm_lstm_kernel.py``) gives the reference loop's outputs, boundaries, final state and
+``engine/kernels.py``) gives the reference loop's outputs, boundaries, final state and
 every gradient.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (``conftest.py`` sets
@@ -16,7 +16,7 @@ import torch
 
 from hmrnn_lightning import HMStack
 from hmrnn_lightning.estimators import BernoulliEstimator, ReinforceEstimator, SoftEstimator, StepEstimator
-from tests.cells.test_fast_paths import close, compare, normwise
+from tests.helpers import close, compare, normwise
 
 pytest.importorskip("triton")
 
@@ -167,7 +167,8 @@ def test_auto_and_explicit_choice(monkeypatch):
 
 
 def test_a_learnable_or_subclassed_estimator_is_not_taken_by_the_kernels():
-    from hmrnn_lightning.cells.hm_lstm_kernel import BERNOULLI, STEP, estimator_mode
+    from hmrnn_lightning.engine.plan import BERNOULLI, STEP
+    from hmrnn_lightning.engine.plan import kernel_mode as estimator_mode
 
     class Sharper(StepEstimator):
         def forward(self, logit):
