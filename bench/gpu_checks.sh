@@ -36,7 +36,7 @@ cat "$OUT/gpu.txt"
 
 run_tests() {
   HMRNN_TEST_CUDA=1 timeout 540 python3 -m pytest -q -p no:cacheprovider \
-    tests/cells/test_triton_window.py tests/cells/test_fast_paths.py -k "cuda or triton" 2>&1 | tee "$OUT/cuda_tests.log"
+    tests/engine/test_triton_window.py tests/engine/test_fast_paths.py -k "cuda or triton" 2>&1 | tee "$OUT/cuda_tests.log"
 }
 
 run_bench() {
