@@ -174,9 +174,10 @@ def cell_loop(s, x):
 def test_cell_options_run_on_the_reference_loop(options):
     s = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, impl="auto", **options)
     assert s.active_impl("cpu") == "reference"
-    from hmrnn_lightning.cells import sequence, triton_window
+    from hmrnn_lightning.engine.sequence import SequenceBackend
+    from hmrnn_lightning.engine.triton_window import TritonBackend
 
-    assert not sequence.supports(s) and triton_window.why_not(s) is not None
+    assert SequenceBackend().why_not(s) is not None and TritonBackend().why_not(s) is not None
     with pytest.raises(ValueError, match="impl='sequence' needs"):
         HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, impl="sequence", **options)
     x = torch.randn(B, T, D)
