@@ -46,6 +46,7 @@ class _Launch:
     mode: int
     given: Tensor | None
     slope: Tensor
+    kernels: tuple | None = None  # (step_forward, step_backward) launched alike; None: the Triton kernels
 
 
 class TritonBackend(Backend):
@@ -66,16 +67,22 @@ class TritonBackend(Backend):
         return None
 
     def window(self, plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        L = plan.num_layers
-        B, T, _ = x.shape
-        mode, given = kernel_mode(plan.estimator), None
-        if boundaries is not None:
-            mode, given = GIVEN, boundaries.to(dtype).permute(1, 2, 0).contiguous()
-        elif mode == BERNOULLI:  # drawn here, on the device's generator: reproducible and capturable
-            given = torch.rand(T, max(L - 1, 1), B, device=x.device, dtype=dtype)
-        launch = _Launch(plan, mode, given, plan.estimator.slope.to(x.device, dtype))
-        return run_window(_forward, _backward, launch, x, state)
+        return window(plan, x, state, boundaries)
+
+
+def window(plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Tensor | None, kernels: tuple | None = None):
+    """:meth:`TritonBackend.window`, with other kernels of the Triton kernels' launch contract
+    where given (:mod:`~hmrnn_lightning.engine.cpu_fused`'s, which run this loop on a CPU)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    L = plan.num_layers
+    B, T, _ = x.shape
+    mode, given = kernel_mode(plan.estimator), None
+    if boundaries is not None:
+        mode, given = GIVEN, boundaries.to(dtype).permute(1, 2, 0).contiguous()
+    elif mode == BERNOULLI:  # drawn here, on the device's generator: reproducible and capturable
+        given = torch.rand(T, max(L - 1, 1), B, device=x.device, dtype=dtype)
+    launch = _Launch(plan, mode, given, plan.estimator.slope.to(x.device, dtype), kernels)
+    return run_window(_forward, _backward, launch, x, state)
 
 
 class _Buffers:
@@ -154,7 +161,7 @@ def _forward_step(launch: _Launch, buf: _Buffers, layers, w_merged: Tensor, w_be
             matmul(buf.h[l - 1][t], w_below, mm, out=below)
     down = buf.a[l + 1][slot, :, lay.below_start[l + 1] :] if not top and lay.with_bottom_up[l + 1] else None
     up = buf.a[l - 1][nxt, :, lay.above_start[l - 1] :] if l > 0 and writes_next else None
-    K.step_forward[(s.shape[0],)](
+    (launch.kernels[0] if launch.kernels else K.step_forward)[(s.shape[0],)](
         s_ptr=s,  # [B, ROW]: the product in, the full pre-activation out
         base_ptr=base if mm is not None else None, base_stride=base.stride(0) if base.dim() == 2 else 0,  # [B or 1, 4H+1]
         below_ptr=below,  # [B, ROW]: the raw bottom-up product (layer norm)
@@ -232,7 +239,7 @@ def _backward_step(launch: _Launch, cache: WindowCache, acc: _Accumulators, w, f
     h0, c0, z0 = flat_state[0::3], flat_state[1::3], flat_state[2::3]
     has_dxb = not top and lay.with_bottom_up[l + 1]
     s = cache.s[l][t]
-    K.step_backward[(s.shape[0],)](
+    (launch.kernels[1] if launch.kernels else K.step_backward)[(s.shape[0],)](
         s_ptr=s,  # [B, ROW]: s in, ds out
         below_ptr=cache.below[l][t] if ln else None,  # [B, ROW]: the raw bottom-up product in, its gradient out
         gb_ptr=w.below_gamma, bb_ptr=w.below_beta, dgb_ptr=acc.gb[l], dbb_ptr=acc.bb[l],  # [4H + 1], [B, ROW]
