@@ -190,3 +190,29 @@ def test_a_keyword_the_port_does_not_know_raises():
     forward, _ = cpu_fused.kernels()
     with pytest.raises((TypeError, KeyError)):
         forward[(1,)](s_ptr=torch.zeros(1, 8), H=1, ROW=8, NEW_SWITCH=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturated_gates_stay_finite(dtype):
+    """Pre-activations far beyond exp's range (exp overflows to inf) give the saturated gates, not
+    NaN: with fast-math's finite-math assumption they did, and training's loss went NaN."""
+    forward, _ = cpu_fused.kernels()
+    B, H = 4, 16
+    row = 4 * H + 1
+    s = torch.tensor([-1000.0, 1000.0]).repeat(B * row // 2 + 1)[: B * row].view(B, row).to(dtype).contiguous()
+    s[:, 2 * H : 3 * H] = 1000.0  # the output gate open
+    expected_c = torch.sigmoid(s[:, H : 2 * H]) * torch.tanh(s[:, 3 * H : 4 * H])  # z_prev = 1: FLUSH
+    zeros = torch.zeros(B, H, dtype=dtype)
+    c, h, z = torch.empty(B, H, dtype=dtype), torch.empty(B, H, dtype=dtype), torch.empty(B, dtype=dtype)
+    nothing = dict.fromkeys(["base_ptr", "below_ptr", "gb_ptr", "bb_ptr", "zb_ptr", "gc_ptr", "bc_ptr", "given_ptr",
+                             "e_ptr", "logit_ptr", "own_ptr", "up_ptr", "down_ptr"])
+    forward[(B,)](
+        s_ptr=s, **nothing, base_stride=0, c_prev_ptr=zeros, h_prev_ptr=zeros, zp_ptr=torch.ones(B, dtype=dtype),
+        slope_ptr=torch.ones(1, dtype=dtype), c_ptr=c, h_ptr=h, z_ptr=z, own_stride=0, up_stride=0, down_stride=0,
+        below_eps=0.0, cell_eps=0.0, top_z=0.0, H=H, BLOCK=16, ROW=row, HAS_BASE=False, HAS_BELOW=False,
+        BELOW_GATED=False, NORM_BELOW=False, NORM_CELL=False, TOP=True, MODE=1, WRITE_OWN=False, WRITE_UP=False,
+        WRITE_DOWN=False, num_warps=4,
+    )
+    assert torch.isfinite(c).all() and torch.isfinite(h).all()
+    torch.testing.assert_close(c, expected_c)
+    torch.testing.assert_close(h, torch.tanh(expected_c))

@@ -64,7 +64,10 @@ _FLAG_BITS = {
 }
 # Fast-math for the vector exp (glibc declares it only under __FAST_MATH__); linked in a second
 # step without the flag, so that the library does not switch the process to flush denormals.
-_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "--param=vect-max-peeling-for-alignment=0", "-fPIC", "-std=c++17"]
+# -fno-finite-math-only: a saturated gate's exp overflows to inf (1 / (1 + inf) = 0), which
+# fast-math's finite-math assumption turned into NaN (training's loss went NaN at step 11 in
+# tests/models/test_language_model.py; test_cpu_fused's saturation test).
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp-simd", "--param=vect-max-peeling-for-alignment=0", "-fPIC", "-std=c++17"]
 
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 # The C functions' arguments after (rows, H, ROW, flags, mode), by the Triton kernels' keyword
