@@ -3,6 +3,7 @@
     python bench/throughput.py --device cpu --shapes ptb --steps 3 --warmup 1
     python bench/throughput.py --device cpu --shapes ptb --impls lstm hm_sequence --boundary-bias -1
     python bench/throughput.py --device cuda --shapes ptb text8 --out bench/results/h100.jsonl
+    OMP_NUM_THREADS=1 python bench/throughput.py --device cpu --shapes cpu --impls lstm hm_sequence --layer-norm
 
 Each measurement runs in its own subprocess (so peak memory is that run's alone) and prints one
 JSON line with keys impl, shape, device, chars_per_s, peak_mem_mb, ratio_vs_lstm (and more);
@@ -44,6 +45,8 @@ import time
 SHAPES = {  # the paper's: layers x hidden, embedding, batch, length, vocab, output embedding
     "ptb": dict(layers=3, hidden=512, emb=128, batch=64, length=100, vocab=50, out_emb=512),
     "text8": dict(layers=3, hidden=1024, emb=128, batch=128, length=100, vocab=27, out_emb=2048),
+    # configs/cpu/: the small LayerNorm HM-LSTM trained on a CPU
+    "cpu": dict(layers=3, hidden=128, emb=64, batch=32, length=100, vocab=50, out_emb=128),
     "tiny": dict(layers=3, hidden=64, emb=16, batch=8, length=50, vocab=30, out_emb=64),
 }
 IMPLS = ("lstm", "hm_reference", "hm_sequence", "hm_triton", "hm_triton_graph")

@@ -5,7 +5,8 @@ equations, the states and the reference loop (the test oracle).
   ``WindowPlan`` (each norm's own eps), the saved-tensor contract ``WindowCache``, and
   ``layout_problem``, the one check of which cells the fast paths run;
 * :mod:`.pointwise` (the step's pointwise part in PyTorch), :mod:`.products`, :mod:`.kernels` (Triton);
-* backends: :mod:`.sequence` (the CPU's; its ``step`` is generation), :mod:`.triton_window` (the
+* backends: :mod:`.sequence` (the CPU's; its ``step`` is generation; where it can, its window
+  runs :mod:`.triton_window`'s loop with :mod:`.cpu_fused`'s C++ step kernels), :mod:`.triton_window` (the
   GPU's), :mod:`.graphs` (CUDA-graph capture around a backend), :mod:`.self_check` (Triton's
   check on first use); :mod:`.paths`: a stack's backends and plans.
 

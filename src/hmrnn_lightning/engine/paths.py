@@ -17,6 +17,11 @@ from hmrnn_lightning.engine.sequence import SequenceBackend
 from hmrnn_lightning.engine.triton_window import TritonBackend
 
 
+#: The self-check's oracle: the sequence backend's own PyTorch loop, never the fused CPU kernels,
+#: which run the Triton backend's loop and so would agree with a fault in it.
+_ORACLE = SequenceBackend(fused=False)
+
+
 class FastPaths:
     """The backends a stack can run (``sequence``, ``triton``, and ``triton`` captured in CUDA
     graphs) and its plans."""
@@ -54,4 +59,4 @@ class FastPaths:
 
     def triton_problem(self, plan: WindowPlan, x: Tensor) -> str | None:
         """The Triton backend's self-check for ``x``'s device and dtype (:mod:`~hmrnn_lightning.engine.self_check`)."""
-        return triton_problem(self.triton, self.sequence, plan, x)
+        return triton_problem(self.triton, _ORACLE, plan, x)

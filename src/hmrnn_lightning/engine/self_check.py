@@ -4,7 +4,7 @@ The kernels are compiled by whatever Triton the machine has, for whatever GPU it
 run them only under Triton's interpreter. So the first time the Triton backend runs on a device
 (per device, state dtype, product dtype and layout), :func:`triton_problem` runs a tiny window
 (2 rows, 3 steps, the stack's own weights, given boundaries) through it and through the sequence
-backend and compares outputs and gradients. On a compile error or a mismatch it warns once,
+backend's PyTorch loop (not its fused CPU kernels, which share the Triton loop) and compares outputs and gradients. On a compile error or a mismatch it warns once,
 naming the reason, and the stack runs the sequence backend there for the rest of the process.
 The given boundaries keep the comparison free of threshold flips; the estimator's own rule is
 the one part of the kernels it leaves out. Its cost is one compilation of the kernels (which

@@ -1,6 +1,14 @@
 """The CPU's backend: one autograd function per window with the backward written by hand.
 
 (Also what a GPU runs without Triton, or with an estimator the kernels lack; there it is dense.)
+
+On a CPU with a C++ compiler, windows with the step or soft estimator (or given boundaries),
+no autocast and layers up to :data:`~hmrnn_lightning.engine.cpu_fused.MAX_HIDDEN` wide run
+instead as the Triton backend's loop with compiled step kernels
+(:mod:`~hmrnn_lightning.engine.cpu_fused`; its ``why_not`` says when not): at the CPU configs'
+size the loop below spends most of its time in the overhead of its small operations. The loop
+below runs the rest (Bernoulli draws, REINFORCE, plugins, autocast, wide layers) and
+generation steps.
 It has the Triton backend's structure (:mod:`~hmrnn_lightning.engine.triton_window` describes
 the products and the gradients of the gated terms), its saved tensors
 (:class:`~hmrnn_lightning.engine.plan.WindowCache`) and the pointwise step of
@@ -29,6 +37,7 @@ import torch
 from torch import Tensor
 
 from hmrnn_lightning.cells.operations import TOP_LAYER_Z, carry_boundary, select_operations
+from hmrnn_lightning.engine import cpu_fused, triton_window
 from hmrnn_lightning.engine.backend import Backend, run_window
 from hmrnn_lightning.engine.plan import InputLayout, LayerWeights, WindowCache, WindowPlan, fast_path_problem
 from hmrnn_lightning.engine.pointwise import (
@@ -50,6 +59,12 @@ class SequenceBackend(Backend):
 
     name = "sequence"
 
+    def __init__(self, fused: bool = True) -> None:
+        #: Whether windows may run through the fused CPU kernels; False always runs the PyTorch
+        #: loop, the Triton self-check's oracle (the fused kernels share the Triton window's loop,
+        #: so a fault in that loop would pass a check against them).
+        self.fused = fused
+
     def why_not(self, stack, device: torch.device | None = None) -> str | None:
         problem = fast_path_problem(stack.cells)
         if problem is not None:
@@ -59,6 +74,8 @@ class SequenceBackend(Backend):
         return None
 
     def window(self, plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
+        if self.fused and cpu_fused.why_not(plan, x, boundaries) is None:  # the same window, one C call per layer and step
+            return triton_window.window(plan, x, state, boundaries, kernels=cpu_fused.kernels())
         return _run(plan, x, state, boundaries, skip_copy=False)
 
     @torch.no_grad()

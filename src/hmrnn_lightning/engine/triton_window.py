@@ -28,7 +28,7 @@ from hmrnn_lightning.engine.plan import (
     BERNOULLI, GIVEN, WindowCache, WindowPlan, fast_path_problem, kernel_mode, padded_row,
 )
 from hmrnn_lightning.engine.pointwise import rowdot
-from hmrnn_lightning.engine.products import accumulate, matmul
+from hmrnn_lightning.engine.products import accumulate, affine, linear, matmul
 from hmrnn_lightning.states import LayerState
 
 
@@ -46,6 +46,7 @@ class _Launch:
     mode: int
     given: Tensor | None
     slope: Tensor
+    kernels: tuple | None = None  # (step_forward, step_backward) launched alike; None: the Triton kernels
 
 
 class TritonBackend(Backend):
@@ -66,16 +67,34 @@ class TritonBackend(Backend):
         return None
 
     def window(self, plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        L = plan.num_layers
-        B, T, _ = x.shape
-        mode, given = kernel_mode(plan.estimator), None
-        if boundaries is not None:
-            mode, given = GIVEN, boundaries.to(dtype).permute(1, 2, 0).contiguous()
-        elif mode == BERNOULLI:  # drawn here, on the device's generator: reproducible and capturable
-            given = torch.rand(T, max(L - 1, 1), B, device=x.device, dtype=dtype)
-        launch = _Launch(plan, mode, given, plan.estimator.slope.to(x.device, dtype))
-        return run_window(_forward, _backward, launch, x, state)
+        return window(plan, x, state, boundaries)
+
+
+def window(plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Tensor | None, kernels: tuple | None = None):
+    """:meth:`TritonBackend.window`, with other kernels of the Triton kernels' launch contract
+    where given (:mod:`~hmrnn_lightning.engine.cpu_fused`'s, which run this loop on a CPU)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    L = plan.num_layers
+    B, T, _ = x.shape
+    mode, given = kernel_mode(plan.estimator), None
+    if boundaries is not None:
+        mode, given = GIVEN, boundaries.to(dtype).permute(1, 2, 0).contiguous()
+    elif mode == BERNOULLI:  # drawn here, on the device's generator: reproducible and capturable
+        given = torch.rand(T, max(L - 1, 1), B, device=x.device, dtype=dtype)
+    launch = _Launch(plan, mode, given, plan.estimator.slope.to(x.device, dtype), kernels)
+    return run_window(_forward, _backward, launch, x, state)
+
+
+def _product(launch: _Launch, a: Tensor, w_t: Tensor, out: Tensor, base: Tensor | None = None) -> None:
+    """``out = base + a @ w_t``. With the fused CPU kernels (no autocast) computed as
+    ``(w_t^T a^T)^T`` and copied, the sequence loop's order: MKL rounds ``a @ w_t`` differently
+    with the rows' alignment, so a window split in two differed from one pass in the last bit
+    (tests/cells/test_stack.py::test_two_halves_equal_one_pass)."""
+    mm = launch.plan.product_dtype
+    if launch.kernels is None or mm is not None:
+        matmul(a, w_t, mm, out=out, base=base)
+    else:
+        out.copy_(linear(a, w_t.t(), None) if base is None else affine(base, a, w_t.t(), None))
 
 
 class _Buffers:
@@ -118,7 +137,7 @@ def _forward(launch: _Launch, x_in: Tensor, flat_weights: list[Tensor], flat_sta
     w_merged, w_below = [w.t() for w in merged], [w.t() for w in below]  # [K, 4H + 1], [H_below, 4H + 1]
     base0 = None
     if plan.layer_norm:  # the first layer's input product over the window, into its padded rows
-        matmul(x_in.transpose(0, 1).reshape(T * B, -1), w_below[0], mm, out=buf.below[0].flatten(0, 1))
+        _product(launch, x_in.transpose(0, 1).reshape(T * B, -1), w_below[0], buf.below[0].flatten(0, 1))
     else:
         base0 = (x_in + layers[0].bias).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
     for t in range(T):
@@ -146,15 +165,15 @@ def _forward_step(launch: _Launch, buf: _Buffers, layers, w_merged: Tensor, w_be
     s = buf.s[l][slot]
     base = base0[t] if base0 is not None and l == 0 else w.bias
     # fp32: the bias goes into the product; under autocast the kernel adds it
-    matmul(buf.a[l][slot], w_merged, mm, out=s, base=base if mm is None else None)
+    _product(launch, buf.a[l][slot], w_merged, s, base=base if mm is None else None)
     below = None
     if ln:
         below = buf.below[l][slot] if l > 0 else buf.below[0][t]
         if l > 0:
-            matmul(buf.h[l - 1][t], w_below, mm, out=below)
+            _product(launch, buf.h[l - 1][t], w_below, below)
     down = buf.a[l + 1][slot, :, lay.below_start[l + 1] :] if not top and lay.with_bottom_up[l + 1] else None
     up = buf.a[l - 1][nxt, :, lay.above_start[l - 1] :] if l > 0 and writes_next else None
-    K.step_forward[(s.shape[0],)](
+    (launch.kernels[0] if launch.kernels else K.step_forward)[(s.shape[0],)](
         s_ptr=s,  # [B, ROW]: the product in, the full pre-activation out
         base_ptr=base if mm is not None else None, base_stride=base.stride(0) if base.dim() == 2 else 0,  # [B or 1, 4H+1]
         below_ptr=below,  # [B, ROW]: the raw bottom-up product (layer norm)
@@ -232,7 +251,7 @@ def _backward_step(launch: _Launch, cache: WindowCache, acc: _Accumulators, w, f
     h0, c0, z0 = flat_state[0::3], flat_state[1::3], flat_state[2::3]
     has_dxb = not top and lay.with_bottom_up[l + 1]
     s = cache.s[l][t]
-    K.step_backward[(s.shape[0],)](
+    (launch.kernels[1] if launch.kernels else K.step_backward)[(s.shape[0],)](
         s_ptr=s,  # [B, ROW]: s in, ds out
         below_ptr=cache.below[l][t] if ln else None,  # [B, ROW]: the raw bottom-up product in, its gradient out
         gb_ptr=w.below_gamma, bb_ptr=w.below_beta, dgb_ptr=acc.gb[l], dbb_ptr=acc.bb[l],  # [4H + 1], [B, ROW]
