@@ -125,7 +125,7 @@ def _forward(launch: _Launch, x_in: Tensor, flat_weights: list[Tensor], flat_sta
     norm, the input ``[B, T, E]`` with it. Returns ``(flat outputs, WindowCache or None)``."""
     plan = launch.plan
     layers = plan.unflatten_weights(flat_weights)
-    L, mm, lay = plan.num_layers, plan.product_dtype, plan.layout
+    L, lay = plan.num_layers, plan.layout
     B, T, _ = x_in.shape
     buf = _Buffers(plan, x_in, T if keep else 1)
     h0, c0, z0 = flat_state[0::3], flat_state[1::3], flat_state[2::3]
