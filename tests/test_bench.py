@@ -64,7 +64,7 @@ def test_gpu_smoke_script_end_to_end_on_the_cpu(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert summary.count("exit 0") == 7, summary
     bench_rows = [json.loads(line) for line in (tmp_path / "throughput.jsonl").read_text().splitlines()]
-    assert len(bench_rows) == 8 and {r["impl"] for r in bench_rows} == {"lstm", "hm_triton"}
+    assert len(bench_rows) == 8 and {r["impl"] for r in bench_rows} == {"lstm", "hm_sequence"}
 
 
 def test_gpu_smoke_accuracy_check_fails_on_a_wrong_path(monkeypatch, capsys):
