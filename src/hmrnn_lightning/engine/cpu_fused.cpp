@@ -28,6 +28,18 @@ template <typename T> inline T sigm(T x) { return T(1) / (T(1) + std::exp(-x)); 
 template <typename T> inline T tanh_exp(T x) { return T(2) / (T(1) + std::exp(T(-2) * x)) - T(1); }
 
 // Layer-norm statistics of x[0:n]: (mean, 1/std) with the biased variance, as nn.LayerNorm.
+// A term of the layer above or below read h_t gated by a boundary: dh += gate * d, and the
+// gate's own gradient is h_t . d (returned).
+template <typename T> inline T add_gated_read(T* dh, const T* h_t, const T* d, T gate, int64_t H) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < H; ++j) {
+    dh[j] += gate * d[j];
+    acc += h_t[j] * d[j];
+  }
+  return acc;
+}
+
 template <typename T> inline void norm_stats(const T* x, int64_t n, T eps, T& mean, T& rstd) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
@@ -163,31 +175,14 @@ void step_backward(int64_t rows, int64_t H, int64_t ROW, int64_t flags, int64_t 
       for (int64_t j = 0; j < H; ++j) dh[j] += drec[j];
     }
     T dzb = 0;
-    if (flags & HAS_DXA) {  // the layer below's top-down term read h_t, gated by z_below
-      const T* dxa = dxa_ + row * dxa_stride;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t j = 0; j < H; ++j) {
-        dh[j] += zb * dxa[j];
-        acc += h_t[j] * dxa[j];
-      }
-      dzb += acc;
-    }
+    if (flags & HAS_DXA)  // the layer below's top-down term read h_t, gated by z_below
+      dzb += add_gated_read(dh, h_t, dxa_ + row * dxa_stride, zb, H);
     T dz = 0;
     if (!(flags & TOP)) {
       dz = dz_[row];
       if (flags & HAS_GZ) dz += gz_[row];
-      if (flags & HAS_DXB) {  // the layer above's bottom-up term read h_t, gated by this layer's z
-        const T z_t = z_[row];
-        const T* dxb = dxb_ + row * dxb_stride;
-        T acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < H; ++j) {
-          dh[j] += z_t * dxb[j];
-          acc += h_t[j] * dxb[j];
-        }
-        dz += acc;
-      }
+      if (flags & HAS_DXB)  // the layer above's bottom-up term read h_t, gated by this layer's z
+        dz += add_gated_read(dh, h_t, dxb_ + row * dxb_stride, z_[row], H);
     }
     T c_rstd = 0;
     if (flags & NORM_CELL) {
