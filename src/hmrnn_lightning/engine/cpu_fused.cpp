@@ -22,10 +22,14 @@ enum : int64_t {
 };
 enum : int64_t { GIVEN = 0, STEP = 1, BERNOULLI = 2, SOFT = 3 };  // engine/plan.py's modes
 
+// The exponent is clamped to [-80, 80] so that exp never overflows: the library is built with
+// fast-math's finite-math assumption, which glibc needs to declare its vector exp (libmvec; without
+// it every exp was a scalar call, 2-3x the kernels' time), and under which exp's inf would become
+// NaN. At |x| = 80 both are saturated in float and double (1 - sigm(80) = 1.8e-35).
 #pragma omp declare simd
-template <typename T> inline T sigm(T x) { return T(1) / (T(1) + std::exp(-x)); }
+template <typename T> inline T sigm(T x) { return T(1) / (T(1) + std::exp(std::fmin(std::fmax(-x, T(-80)), T(80)))); }
 #pragma omp declare simd
-template <typename T> inline T tanh_exp(T x) { return T(2) / (T(1) + std::exp(T(-2) * x)) - T(1); }
+template <typename T> inline T tanh_exp(T x) { return T(2) / (T(1) + std::exp(std::fmin(std::fmax(T(-2) * x, T(-80)), T(80)))) - T(1); }
 
 // Layer-norm statistics of x[0:n]: (mean, 1/std) with the biased variance, as nn.LayerNorm.
 // A term of the layer above or below read h_t gated by a boundary: dh += gate * d, and the
