@@ -141,11 +141,19 @@ class InputLayout:
         return slice(self.below_start[l], self.width[l])
 
 
+def padded(width: int) -> int:
+    """A buffer's row stride for rows ``width`` wide: rounded up to a multiple of 16, so every
+    leading dimension the products touch is aligned, and so is every step's slot of a window's
+    buffers (64 bytes in fp32, whatever the batch). A GPU's products want the aligned leading
+    dimensions; on the CPU, MKL's product rounds by its operands' alignment, and a window split
+    in two must equal one pass bit for bit. The pad columns are never read as data (the kernels
+    mask them, the products see ``[:, :width]`` views)."""
+    return (width + 15) // 16 * 16
+
+
 def padded_row(hidden: int) -> int:
-    """The row stride of the pre-activation buffers: ``4H + 1`` rounded up to a multiple of 8, so
-    every leading dimension the products touch is aligned (32 bytes in fp32); the pad columns
-    are never read as data (the kernels mask them, the products see ``[:, :4H + 1]`` views)."""
-    return (4 * hidden + 1 + 7) // 8 * 8
+    """The row stride of the pre-activation buffers (``4H + 1`` wide), :func:`padded`."""
+    return padded(4 * hidden + 1)
 
 
 @dataclass

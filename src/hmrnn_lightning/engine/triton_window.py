@@ -25,7 +25,7 @@ from hmrnn_lightning.cells.operations import TOP_LAYER_Z
 from hmrnn_lightning.engine import kernels as K
 from hmrnn_lightning.engine.backend import Backend, run_window
 from hmrnn_lightning.engine.plan import (
-    BERNOULLI, GIVEN, WindowCache, WindowPlan, fast_path_problem, kernel_mode, padded_row,
+    BERNOULLI, GIVEN, WindowCache, WindowPlan, fast_path_problem, kernel_mode, padded, padded_row,
 )
 from hmrnn_lightning.engine.pointwise import rowdot
 from hmrnn_lightning.engine.products import accumulate, affine, linear, matmul
@@ -85,16 +85,22 @@ def window(plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Ten
     return run_window(_forward, _backward, launch, x, state)
 
 
-def _product(launch: _Launch, a: Tensor, w_t: Tensor, out: Tensor, base: Tensor | None = None) -> None:
+def _product(launch: _Launch, a: Tensor, w_t: Tensor, out: Tensor, base: Tensor | None = None, aligned: bool = True) -> None:
     """``out = base + a @ w_t``. With the fused CPU kernels (no autocast) computed as
-    ``(w_t^T a^T)^T`` and copied, the sequence loop's order: MKL rounds ``a @ w_t`` differently
-    with the rows' alignment, so a window split in two differed from one pass in the last bit
+    ``(w_t^T a^T)^T``: straight into ``out`` (its transpose is a column-major matrix, which MKL
+    writes in place) where ``a``'s rows are :func:`padded` like ``out``'s, else into a new tensor
+    copied into ``out`` (10-15% of a window at 3 x 128, for all products). MKL rounds by the
+    operands' alignment, and a window split in two must equal one pass bit for bit
     (tests/cells/test_stack.py::test_two_halves_equal_one_pass)."""
     mm = launch.plan.product_dtype
     if launch.kernels is None or mm is not None:
         matmul(a, w_t, mm, out=out, base=base)
-    else:
+    elif not aligned:
         out.copy_(linear(a, w_t.t(), None) if base is None else affine(base, a, w_t.t(), None))
+    else:
+        torch.mm(w_t.t(), a.t(), out=out.t())
+        if base is not None:
+            out += base
 
 
 class _Buffers:
@@ -108,7 +114,7 @@ class _Buffers:
         lay = plan.layout
         self.rows = [padded_row(H) for H in plan.sizes]
         self.s = [new(slots, B, R)[..., : 4 * H + 1] for R, H in zip(self.rows, plan.sizes)]
-        self.a = [new(slots, B, lay.width[l]) for l in range(plan.num_layers)]
+        self.a = [new(slots, B, padded(lay.width[l]))[..., : lay.width[l]] for l in range(plan.num_layers)]
         self.c = [new(T, B, H) for H in plan.sizes]
         self.h = [new(T, B, H) for H in plan.sizes]
         self.z = x_in.new_zeros(T, plan.num_layers, B)
@@ -137,7 +143,7 @@ def _forward(launch: _Launch, x_in: Tensor, flat_weights: list[Tensor], flat_sta
     w_merged, w_below = [w.t() for w in merged], [w.t() for w in below]  # [K, 4H + 1], [H_below, 4H + 1]
     base0 = None
     if plan.layer_norm:  # the first layer's input product over the window, into its padded rows
-        _product(launch, x_in.transpose(0, 1).reshape(T * B, -1), w_below[0], buf.below[0].flatten(0, 1))
+        _product(launch, x_in.transpose(0, 1).reshape(T * B, -1), w_below[0], buf.below[0].flatten(0, 1), aligned=False)
     else:
         base0 = (x_in + layers[0].bias).transpose(0, 1).contiguous()  # [T, B, 4H + 1]
     for t in range(T):
@@ -164,18 +170,20 @@ def _forward_step(launch: _Launch, buf: _Buffers, layers, w_merged: Tensor, w_be
     writes_next = not keep or t + 1 < T
     s = buf.s[l][slot]
     base = base0[t] if base0 is not None and l == 0 else w.bias
-    # fp32: the bias goes into the product; under autocast the kernel adds it
-    _product(launch, buf.a[l][slot], w_merged, s, base=base if mm is None else None)
+    # the bias goes into the product on a GPU in fp32; the kernel adds it under autocast, and on
+    # the CPU (the base rows of the first layer without layer norm are not aligned)
+    kernel_base = mm is not None or launch.kernels is not None
+    _product(launch, buf.a[l][slot], w_merged, s, base=None if kernel_base else base)
     below = None
     if ln:
         below = buf.below[l][slot] if l > 0 else buf.below[0][t]
         if l > 0:
-            _product(launch, buf.h[l - 1][t], w_below, below)
+            _product(launch, buf.h[l - 1][t], w_below, below, aligned=False)  # h's slots are B H apart
     down = buf.a[l + 1][slot, :, lay.below_start[l + 1] :] if not top and lay.with_bottom_up[l + 1] else None
     up = buf.a[l - 1][nxt, :, lay.above_start[l - 1] :] if l > 0 and writes_next else None
     (launch.kernels[0] if launch.kernels else K.step_forward)[(s.shape[0],)](
         s_ptr=s,  # [B, ROW]: the product in, the full pre-activation out
-        base_ptr=base if mm is not None else None, base_stride=base.stride(0) if base.dim() == 2 else 0,  # [B or 1, 4H+1]
+        base_ptr=base if kernel_base else None, base_stride=base.stride(0) if base.dim() == 2 else 0,  # [B or 1, 4H+1]
         below_ptr=below,  # [B, ROW]: the raw bottom-up product (layer norm)
         gb_ptr=w.below_gamma, bb_ptr=w.below_beta,  # [4H + 1]
         c_prev_ptr=buf.c[l][t - 1] if t else c0[l], h_prev_ptr=buf.h[l][t - 1] if t else h0[l],  # [B, H]
@@ -185,11 +193,11 @@ def _forward_step(launch: _Launch, buf: _Buffers, layers, w_merged: Tensor, w_be
         slope_ptr=launch.slope,  # []
         c_ptr=buf.c[l][t], h_ptr=buf.h[l][t],  # [B, H] out
         z_ptr=buf.z[t, l], e_ptr=None if top else buf.e[t, l], logit_ptr=None if top else buf.logits[t, l],  # [B] out
-        own_ptr=buf.a[l][nxt] if writes_next else None, own_stride=lay.width[l],  # [B, K_l]
-        up_ptr=up, up_stride=lay.width[l - 1] if l > 0 else 0,  # [B, K_{l-1}] from the top-down block
-        down_ptr=down, down_stride=lay.width[l + 1] if not top else 0,  # [B, K_{l+1}] from the bottom-up block
+        own_ptr=buf.a[l][nxt] if writes_next else None, own_stride=buf.a[l].stride(1),  # [B, K_l]
+        up_ptr=up, up_stride=buf.a[l - 1].stride(1) if l > 0 else 0,  # [B, K_{l-1}] from the top-down block
+        down_ptr=down, down_stride=buf.a[l + 1].stride(1) if not top else 0,  # [B, K_{l+1}] from the bottom-up block
         below_eps=plan.below_eps[l], cell_eps=plan.cell_eps[l], top_z=TOP_LAYER_Z,
-        H=H, BLOCK=K.block_size(H), ROW=buf.rows[l], HAS_BASE=mm is not None, HAS_BELOW=below is not None,
+        H=H, BLOCK=K.block_size(H), ROW=buf.rows[l], HAS_BASE=kernel_base, HAS_BELOW=below is not None,
         BELOW_GATED=l > 0, NORM_BELOW=ln, NORM_CELL=ln, TOP=top, MODE=launch.mode, WRITE_OWN=writes_next,
         WRITE_UP=up is not None, WRITE_DOWN=down is not None, num_warps=K.num_warps(H),
     )
