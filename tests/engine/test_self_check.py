@@ -38,8 +38,11 @@ def test_self_check_falls_back_on_a_planted_mismatch(fresh_checks, monkeypatch):
     monkeypatch.setattr(triton_window, "TOP_LAYER_Z", 0.5)
     fast, cpu = stacks(layer_norm=True)
     x = torch.randn(3, 4, 5)
+    assert fast.active_impl("cpu") == "triton"
     with pytest.warns(UserWarning, match="self-check on cpu.*differs from the sequence path"):
         out = fast(x)
+    assert fast.active_impl("cpu") == "sequence"  # what runs now, as logs and `hmrnn` report it
+    assert stacks(layer_norm=False)[0].active_impl("cpu") == "triton"  # another layout: not checked yet
     torch.testing.assert_close(out.hidden[1], cpu(x).hidden[1], rtol=0, atol=0)
     out.hidden[1].sum().backward()  # the fallback trains
     key, = self_check.RESULTS

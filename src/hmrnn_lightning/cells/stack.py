@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from hmrnn_lightning.cells.base import HMCell
 from hmrnn_lightning.cells.operations import TOP_LAYER_Z, carry_boundary
+from hmrnn_lightning.engine import self_check
 from hmrnn_lightning.engine.paths import FastPaths
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 
@@ -245,15 +246,21 @@ class HMStack(RecurrentStack):
                 _warn_once(f"HMStack: impl='triton' runs on CUDA tensors (on a CPU only under TRITON_INTERPRET=1); "
                            f"on {device.type} this stack runs impl='{fallback}'")
                 return fallback
-            return "triton"
+            return self._unless_self_check_failed(device, fallback)
         if device.type == "cuda":
             reason = paths.triton.why_not(self, device)
             if reason is None:
-                return "triton"
+                return self._unless_self_check_failed(device, fallback)
             if "Triton is not installed" in reason:
                 _warn_once("HMStack: Triton is not installed, so the GPU runs the slower sequence path; "
                            "pip install 'hmrnn-lightning[gpu]'")
         return fallback
+
+    def _unless_self_check_failed(self, device: torch.device, fallback: str) -> str:
+        """``triton``, or ``fallback`` where the Triton backend failed its self-check on ``device``
+        for this stack's layout (:mod:`~hmrnn_lightning.engine.self_check`)."""
+        failed = self_check.failed_on(device, bool(self.layer_norm), tuple(self.hidden_sizes))
+        return "triton" if failed is None else fallback
 
     def _fast_backend(self, x: Tensor):
         """``(backend, plan)`` for ``x``, or None for the reference loop. The Triton backend's first

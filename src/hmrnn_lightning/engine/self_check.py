@@ -57,6 +57,17 @@ def _mismatch(a: list[Tensor], b: list[Tensor], tol: float) -> str | None:
     return None
 
 
+def failed_on(device: torch.device, layer_norm: bool, sizes: tuple[int, ...]) -> str | None:
+    """The reason of a failed check on ``device`` (without an index: any of its kind) for this
+    layout, in any dtype; None when none failed. What :meth:`HMStack.active_impl` reports by."""
+    for (where, _, _, ln, shape), reason in RESULTS.items():
+        checked = torch.device(where)
+        if reason is not None and (ln, shape) == (layer_norm, sizes) and checked.type == device.type and (
+                device.index is None or checked.index == device.index):
+            return reason
+    return None
+
+
 def triton_problem(triton: Backend, sequence: Backend, plan: WindowPlan, x: Tensor) -> str | None:
     """None when the Triton backend agrees with the sequence backend for ``x``'s device, dtype
     and ``plan``'s layout (checked once per process); else the reason, warned once."""
