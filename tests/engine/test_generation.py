@@ -1,9 +1,10 @@
-"""HMStack.step (one step for generation, skipping COPY rows) against forward()."""
+"""HMStack.step (one step for generation) against forward()."""
 
 import pytest
 import torch
 
 from hmrnn_lightning import HMStack
+from hmrnn_lightning.engine import cpu_fused
 from hmrnn_lightning.estimators import SoftEstimator, StepEstimator
 
 
@@ -52,8 +53,13 @@ def test_step_by_step_equals_the_whole_sequence(kwargs):
     assert torch.all(whole.operations[..., :-1, 1][~computed] == 1)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["pytorch-loop", "fused"])
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_copy_rows_are_not_touched(layer_norm):
+def test_copy_rows_keep_their_state(layer_norm, fused, monkeypatch):
+    """Rows in COPY keep h, c and z exactly. The PyTorch loop does not compute them at all (the
+    very same tensors come back, their logits read NaN); the fused kernels run every row densely
+    (COPY's weights are exactly 0 and 1) and report every logit."""
+    monkeypatch.setattr(cpu_fused, "ENABLED", fused)
     torch.manual_seed(0)
     stack = HMStack(4, [6, 5, 4], StepEstimator(), layer_norm=layer_norm).eval()
     state = [s for s in stack(torch.randn(3, 5, 4)).state]
@@ -63,8 +69,9 @@ def test_copy_rows_are_not_touched(layer_norm):
             cell.bias[-1] = -50.0  # layer 1 does not fire: layers 2 and 3 copy
     out = stack.step(torch.randn(3, 4), state)
     for l in (1, 2):
-        assert out.state[l].h is state[l].h and out.state[l].c is state[l].c  # the very same tensors
-    assert torch.isnan(out.boundary_logits[:, 0, 1]).all()
+        for new, old in ((out.state[l].h, state[l].h), (out.state[l].c, state[l].c), (out.state[l].z, state[l].z)):
+            assert new is old if not fused else torch.equal(new, old)
+    assert torch.isnan(out.boundary_logits[:, 0, 1]).all() != fused
     assert torch.equal(out.operations[:, 0, 1:, 1], torch.ones(3, 2))
 
 

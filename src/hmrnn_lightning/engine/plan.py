@@ -175,6 +175,7 @@ class WindowPlan:
     product_dtype: torch.dtype | None
     names: list[list[str]] = field(default_factory=list)
     identity: tuple = ()  # what the plan was built from (FastPaths rebuilds it when that changes)
+    _products: tuple | None = field(default=None, repr=False)  # product_weights' inference cache
 
     @classmethod
     def build(cls, cells: nn.ModuleList, estimator: nn.Module, product_dtype: torch.dtype | None) -> "WindowPlan":
@@ -204,9 +205,18 @@ class WindowPlan:
         return out
 
     def product_weights(self, layers: list[LayerWeights]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per layer the merged weight ``[4H + 1, K]`` and ``W_{l-1}`` ``[4H + 1, H_below]``, in the product dtype."""
+        """Per layer the merged weight ``[4H + 1, K]`` and ``W_{l-1}`` ``[4H + 1, H_below]``, in the
+        product dtype. Without gradients (sampling, one step per call) they are kept until a
+        weight changes (its address or version): building them was a third of a step's calls."""
+        key = None
+        if not torch.is_grad_enabled():
+            key = (self.product_dtype, *((t.data_ptr(), t._version) for w in layers for t in (w.recurrent, w.top_down, w.bottom_up) if t is not None))
+            if self._products is not None and self._products[0] == key:
+                return self._products[1]
         cast = (lambda w: w.to(self.product_dtype)) if self.product_dtype else (lambda w: w)
-        return [cast(w.merged(self.layout.with_bottom_up[l])) for l, w in enumerate(layers)], [cast(w.bottom_up) for w in layers]
+        products = [cast(w.merged(self.layout.with_bottom_up[l])) for l, w in enumerate(layers)], [cast(w.bottom_up) for w in layers]
+        self._products = None if key is None else (key, products)
+        return products
 
     def first_layer_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """The first layer's input as a window function takes it. Without layer norm its term
