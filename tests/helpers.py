@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -194,3 +195,28 @@ def compare(estimator, layer_norm, dtype, check, device="cpu", impl="sequence", 
     assert ga.keys() == gb.keys()
     for name in ga:
         check(gb[name], ga[name], name)
+
+
+def replay_bernoulli_draws(batch: int, layers: int, steps: int, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The kernel windows (Triton, and the fused CPU kernels) draw their Bernoulli noise as one
+    ``torch.rand(T, L - 1, B)`` after the run's seed; the reference calls ``torch.bernoulli`` per
+    step and layer. This makes the reference decide from the same uniform numbers: 1 where
+    ``u < p``. For :func:`compare`'s ``reference_hook`` (its runs seed 1)."""
+
+    @contextlib.contextmanager
+    def hook():
+        noise = torch.rand(steps, layers - 1, batch, generator=torch.Generator(device).manual_seed(1), device=device, dtype=dtype)
+        calls = iter(range(steps * (layers - 1)))
+
+        def bernoulli(p):
+            n = next(calls)
+            return (noise[n // (layers - 1), n % (layers - 1)].to(p.dtype) < p).to(p.dtype)
+
+        original = torch.bernoulli
+        torch.bernoulli = bernoulli
+        try:
+            yield
+        finally:
+            torch.bernoulli = original
+
+    return hook

@@ -1,5 +1,5 @@
 """The fused CPU kernels (``engine/cpu_fused``): the sequence path runs its window through them
-for the step and soft estimators, and gives the reference loop's outputs and gradients; where
+for the step, Bernoulli and soft estimators, and gives the reference loop's outputs and gradients; where
 they cannot run, the sequence path's PyTorch loop does, with the same results."""
 
 import copy
@@ -12,7 +12,7 @@ from hmrnn_lightning import HMStack
 from hmrnn_lightning.engine import cpu_fused
 from hmrnn_lightning.engine.plan import WindowPlan, matmul_dtype
 from hmrnn_lightning.estimators import BernoulliEstimator, ReinforceEstimator, SoftEstimator, StepEstimator
-from tests.helpers import close, compare, normwise
+from tests.helpers import close, compare, normwise, replay_bernoulli_draws
 
 pytestmark = pytest.mark.skipif(cpu_fused.kernels() is None, reason="no C++ compiler to build the kernels")
 
@@ -97,11 +97,11 @@ def test_inference_equals_reference(kernel_calls):
         torch.testing.assert_close(hb, ha, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("why", ["bernoulli", "reinforce", "autocast", "disabled"])
+@pytest.mark.parametrize("why", ["reinforce", "autocast", "disabled"])
 def test_what_keeps_the_pytorch_loop(why, monkeypatch):
-    """Bernoulli draws (the reference draws per step), estimators the kernels lack, and autocast
-    (the reference's rounding of the products) keep the PyTorch loop."""
-    estimator = {"bernoulli": BernoulliEstimator, "reinforce": ReinforceEstimator}.get(why, StepEstimator)
+    """Estimators the kernels lack, and autocast (the reference's rounding of the products) keep
+    the PyTorch loop."""
+    estimator = ReinforceEstimator if why == "reinforce" else StepEstimator
     stack = _stack(estimator, dtype=torch.float32)
     x = torch.randn(2, 3, 6)
     if why == "disabled":
@@ -109,6 +109,20 @@ def test_what_keeps_the_pytorch_loop(why, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=why == "autocast"):
         reason = _why_not(stack, x)
     assert reason is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_bernoulli_runs_fused_with_the_window_drawn_at_once(layer_norm, dtype):
+    """Bernoulli draws its noise for the whole window in one call, as on a GPU; with the
+    reference deciding from the same uniform numbers, outputs and gradients agree."""
+    if dtype == torch.float64:
+        check = normwise(1e-9)
+    else:  # as the fp32 tests of the other estimators
+        check = normwise(1e-5) if layer_norm else close(dict(rtol=1e-5, atol=1e-6))
+    assert _why_not(_stack(BernoulliEstimator, dtype=dtype), torch.randn(2, 3, 6, dtype=dtype)) is None
+    compare(BernoulliEstimator, layer_norm, dtype, check, impl="sequence",
+            reference_hook=replay_bernoulli_draws(5, 3, 30, dtype=dtype))
 
 
 def test_step_estimator_runs_fused():

@@ -7,7 +7,6 @@ Without a GPU the kernels run under Triton's interpreter on CPU tensors (``conft
 ``HMRNN_TEST_CUDA=1`` the same tests run on the GPU, and the bf16 ones too.
 """
 
-import contextlib
 import copy
 import os
 
@@ -16,7 +15,7 @@ import torch
 
 from hmrnn_lightning import HMStack
 from hmrnn_lightning.estimators import BernoulliEstimator, ReinforceEstimator, SoftEstimator, StepEstimator
-from tests.helpers import close, compare, normwise
+from tests.helpers import close, compare, normwise, replay_bernoulli_draws
 
 pytest.importorskip("triton")
 
@@ -35,37 +34,13 @@ def _exact_products():
     torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def replay_bernoulli_draws(batch: int, layers: int, steps: int = STEPS):
-    """The Triton path draws its Bernoulli noise as one ``torch.rand(T, L - 1, B)`` after the
-    run's seed; the reference calls ``torch.bernoulli`` per step and layer. This makes the
-    reference decide from the same uniform numbers: 1 where ``u < p``."""
-
-    @contextlib.contextmanager
-    def hook():
-        noise = torch.rand(steps, layers - 1, batch, generator=torch.Generator(DEVICE).manual_seed(1), device=DEVICE)
-        calls = iter(range(steps * (layers - 1)))
-
-        def bernoulli(p):
-            n = next(calls)
-            return (noise[n // (layers - 1), n % (layers - 1)].to(p.dtype) < p).to(p.dtype)
-
-        original = torch.bernoulli
-        torch.bernoulli = bernoulli
-        try:
-            yield
-        finally:
-            torch.bernoulli = original
-
-    return hook
-
-
 @pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
 @pytest.mark.parametrize("estimator", [StepEstimator, BernoulliEstimator, SoftEstimator], ids=lambda c: c.__name__)
 def test_triton_equals_reference_in_fp32(estimator, layer_norm):
     """Outputs, boundaries, final state and the gradients of every parameter, the input and the
     initial state, with UPDATE, COPY and FLUSH all occurring (``compare`` asserts that)."""
     check = normwise(1e-5) if layer_norm else close(dict(rtol=1e-5, atol=1e-6))
-    hook = replay_bernoulli_draws(5, 3) if estimator is BernoulliEstimator else None
+    hook = replay_bernoulli_draws(5, 3, STEPS, DEVICE) if estimator is BernoulliEstimator else None
     compare(estimator, layer_norm, torch.float32, check, device=DEVICE, impl="triton", steps=STEPS, reference_hook=hook)
 
 

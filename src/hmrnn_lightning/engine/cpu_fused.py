@@ -193,7 +193,7 @@ def why_not(plan, x: Tensor, boundaries: Tensor | None = None) -> str | None:
     decided by the estimator); else the reason. The sequence backend asks it per window."""
     if not ENABLED:
         return "cpu_fused.ENABLED is False"
-    from hmrnn_lightning.engine.plan import BERNOULLI, kernel_mode
+    from hmrnn_lightning.engine.plan import kernel_mode
 
     if x.device.type != "cpu":
         return "it runs on a CPU"
@@ -207,11 +207,10 @@ def why_not(plan, x: Tensor, boundaries: Tensor | None = None) -> str | None:
         return "it runs weights in the input's dtype"
     if max(plan.sizes) > MAX_HIDDEN:
         return f"layers wider than {MAX_HIDDEN} run faster with the sequence loop's row skipping"
-    mode = kernel_mode(plan.estimator)
-    if mode is None or (mode == BERNOULLI and boundaries is None):
-        # Bernoulli: the window draws its noise in one call, the reference per step, so the
-        # draws would differ from the reference's; the sequence loop keeps those
-        return f"it runs the step and soft estimators, not {type(plan.estimator).__name__} in this mode"
+    if kernel_mode(plan.estimator) is None:
+        # Bernoulli runs: its noise is drawn for the whole window in one call, as on a GPU (the
+        # reference draws per step, so the draws differ from the reference's, not their law)
+        return f"it runs the step, Bernoulli and soft estimators, not {type(plan.estimator).__name__}"
     if kernels() is None:
         return "the kernels could not be built (no C++ compiler?)"
     return None

@@ -2,13 +2,12 @@
 
 (Also what a GPU runs without Triton, or with an estimator the kernels lack; there it is dense.)
 
-On a CPU with a C++ compiler, windows and generation steps with the step or soft estimator
-(or given boundaries), no autocast and layers up to
+On a CPU with a C++ compiler, windows and generation steps with the step, Bernoulli or soft
+estimator (or given boundaries), no autocast and layers up to
 :data:`~hmrnn_lightning.engine.cpu_fused.MAX_HIDDEN` wide run instead as the Triton backend's
 loop with compiled step kernels (:mod:`~hmrnn_lightning.engine.cpu_fused`; its ``why_not`` says
 when not): at the CPU configs' size the loop below spends most of its time in the overhead of
-its small operations. The loop below runs the rest (Bernoulli draws, REINFORCE, plugins,
-autocast, wide layers).
+its small operations. The loop below runs the rest (REINFORCE, plugins, autocast, wide layers).
 It has the Triton backend's structure (:mod:`~hmrnn_lightning.engine.triton_window` describes
 the products and the gradients of the gated terms), its saved tensors
 (:class:`~hmrnn_lightning.engine.plan.WindowCache`) and the pointwise step of
