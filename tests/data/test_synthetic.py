@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from hmrnn_lightning.data import SyntheticDataModule, generate_corpus
 
@@ -66,8 +67,6 @@ def test_words_per_slot_fills_phrase_slots_from_a_choice():
 
 
 def test_words_per_slot_is_checked_and_leaves_the_default_cache_key():
-    import pytest
-
     with pytest.raises(ValueError, match="words_per_slot"):
         generate_corpus(1000, words_per_slot=0)
     assert "words_per_slot" not in SyntheticDataModule().cache_key()
