@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from hmrnn_lightning.data import SyntheticDataModule, generate_corpus
 
@@ -40,3 +41,33 @@ def test_datamodule_serves_three_levels(tmp_path):
 
 def torch_equal(a, b):
     return bool((a == b).all())
+
+
+def _phrases(corpus):
+    """The phrase strings of a corpus, cut at its phrase boundaries."""
+    ends = np.flatnonzero(corpus.boundaries["phrase"]) + 1
+    return [corpus.text[a:b] for a, b in zip(np.r_[0, ends[:-1]], ends)]
+
+
+def test_words_per_slot_fills_phrase_slots_from_a_choice():
+    fixed = generate_corpus(30000, seed=0, num_phrases=10)
+    slotted = generate_corpus(30000, seed=0, num_phrases=10, words_per_slot=3)
+    assert generate_corpus(5000, seed=2, words_per_slot=1).text == generate_corpus(5000, seed=2).text
+    # fixed phrases repeat as at most num_phrases strings (up to the sentence end's ".\n");
+    # with 3 words per slot the same 10 phrases show many more realisations, at most 3 ** 4 each
+    strip = lambda ps: {p.rstrip(".\n ") for p in ps}
+    assert len(strip(_phrases(fixed))) <= 10
+    assert 10 < len(strip(_phrases(slotted))) <= 10 * 3**4
+    # every realisation keeps its phrase's length in words (2 to 4), and the levels still nest
+    assert {len(p.split()) for p in strip(_phrases(slotted))} <= {2, 3, 4}
+    text = np.array(list(slotted.text))
+    word, phrase, sentence = (slotted.boundaries[k].astype(bool) for k in ("word", "phrase", "sentence"))
+    assert set(text[word]) == {" ", "\n"} and (text == " ").sum() + (text == "\n").sum() == word.sum()
+    assert np.all(word[phrase]) and np.all(phrase[sentence]) and set(text[sentence]) == {"\n"}
+
+
+def test_words_per_slot_is_checked_and_leaves_the_default_cache_key():
+    with pytest.raises(ValueError, match="words_per_slot"):
+        generate_corpus(1000, words_per_slot=0)
+    assert "words_per_slot" not in SyntheticDataModule().cache_key()
+    assert "words_per_slot" in SyntheticDataModule(words_per_slot=2).cache_key()

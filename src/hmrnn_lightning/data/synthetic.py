@@ -21,12 +21,15 @@ class SyntheticCorpus:
 
 def generate_corpus(
     num_chars: int, seed: int = 0, lexicon_size: int = 60, num_phrases: int = 40, spaces: bool = True,
-    alphabet: str = "abcdefghijklmnopqrstuvwxyz",
+    alphabet: str = "abcdefghijklmnopqrstuvwxyz", words_per_slot: int = 1,
 ) -> SyntheticCorpus:
     """Characters form words from a lexicon, words form phrases, phrases form sentences.
 
     * the lexicon holds ``lexicon_size`` distinct random words of 2-7 letters;
-    * a phrase is a fixed sequence of 2-4 lexicon words (``num_phrases`` of them);
+    * a phrase is a fixed sequence of 2-4 slots (``num_phrases`` of them); a slot holds
+      ``words_per_slot`` distinct lexicon words and each occurrence of the phrase draws one of
+      them uniformly. With the default 1 a phrase is a fixed word sequence, so only its first
+      word is uncertain; with more, every word end is followed by a real choice;
     * a sentence is 2-4 phrases drawn with Zipf-like frequencies (probability ~ 1/rank),
       followed by ``.`` and a newline.
 
@@ -46,6 +49,13 @@ def generate_corpus(
     word_p = 1.0 / np.arange(1, lexicon_size + 1)
     word_p /= word_p.sum()
     phrases = [list(rng.choice(lexicon_size, size=int(rng.integers(2, 5)), p=word_p)) for _ in range(num_phrases)]
+    if words_per_slot < 1 or words_per_slot > lexicon_size:
+        raise ValueError(f"words_per_slot must be between 1 and lexicon_size ({lexicon_size}), got {words_per_slot}")
+    # drawn after the phrases, and only when a slot has a choice, so that the default corpus is unchanged
+    slots = None
+    if words_per_slot > 1:
+        slots = [[[w] + [int(v) for v in rng.choice([u for u in range(lexicon_size) if u != w], size=words_per_slot - 1,
+                                                   replace=False)] for w in words] for words in phrases]
     phrase_p = 1.0 / np.arange(1, num_phrases + 1)
     phrase_p /= phrase_p.sum()
 
@@ -55,7 +65,7 @@ def generate_corpus(
     while length < num_chars:
         sentence = rng.choice(num_phrases, size=int(rng.integers(2, 5)), p=phrase_p)
         for pi, phrase in enumerate(sentence):
-            words = phrases[phrase]
+            words = phrases[phrase] if slots is None else [c[int(rng.integers(words_per_slot))] for c in slots[phrase]]
             for wi, w in enumerate(words):
                 last_of_sentence = pi == len(sentence) - 1 and wi == len(words) - 1
                 unit = lexicon[w] + (".\n" if last_of_sentence else (" " if spaces else ""))
@@ -85,6 +95,8 @@ class SyntheticDataModule(CharStreamDataModule):
         lexicon_size: distinct words.
         num_phrases: distinct phrases.
         spaces: separate words with spaces (False: boundaries must be discovered).
+        words_per_slot: lexicon words each position of a phrase chooses from, uniformly at
+            every occurrence (1: phrases are fixed word sequences).
         batch_size: streams per batch.
         seq_len: window length.
         eval_batch_size: streams for validation / test.
@@ -100,6 +112,7 @@ class SyntheticDataModule(CharStreamDataModule):
         lexicon_size: int = 60,
         num_phrases: int = 40,
         spaces: bool = True,
+        words_per_slot: int = 1,
         batch_size: int = 32,
         seq_len: int = 100,
         eval_batch_size: int | None = None,
@@ -107,6 +120,8 @@ class SyntheticDataModule(CharStreamDataModule):
     ) -> None:
         super().__init__(batch_size, seq_len, eval_batch_size, cache_dir)
         self.settings = dict(num_chars=num_chars, seed=seed, lexicon_size=lexicon_size, num_phrases=num_phrases, spaces=spaces)
+        if words_per_slot != 1:  # absent by default, so that the default's cache key is unchanged
+            self.settings["words_per_slot"] = words_per_slot
         self._corpus: SyntheticCorpus | None = None
 
     @property
