@@ -133,3 +133,16 @@ def test_layer_markdown_mean_and_spread_per_layer():
     assert md[2] == "| hm | l1 | 0.500 ± 0.000 | 0.300 ± 0.000 |"
     assert md[3] == "| hm | l2 (best) | 0.200 ± 0.000 | 0.800 ± 0.141 |"
     assert len(md) == 4  # no top layer, no LSTM rows
+
+
+def test_tables_with_a_collapsed_layer(tmp_path):
+    """A run whose layer collapsed has ``collapsed_at`` (``l2@305``) beside ``collapsed``: a
+    column named exactly, not a prefix of it (the study's compare crashed writing its tables)."""
+    from hmrnn_lightning.commands.compare import write_tables
+
+    run = {"label": "hm", "params": 100, "steps": 4, "test/bpc": 2.0, "chars_per_s": 5000.0}
+    rows = [{**run, "seed": 0, "collapsed": 1, "collapsed_at": "l2@305"}, {**run, "seed": 1, "collapsed": 0, "collapsed_at": ""}]
+    write_tables(tmp_path, rows)
+    md = (tmp_path / "compare.md").read_text().splitlines()
+    assert md[0].endswith("| collapsed layers per seed |") and md[2].endswith("| 1, 0 |")
+    assert "collapsed_at_mean" not in next(csv.reader((tmp_path / "compare.csv").open()))

@@ -199,3 +199,43 @@ def test_learning_rate_drops_after_patience_stale_validations(every):
     if every == "steps":  # ten steps of an epoch of 199: no epoch ever ended
         assert trainer.global_step == 10 and trainer.num_training_batches == 199
     assert rates.rates == pytest.approx([1e-6, 1e-6, 1e-7, 1e-7, 1e-8], rel=1e-6)
+
+
+def test_boundary_rate_target_pulls_a_dead_layer_back():
+    """A layer that never fires (its logits far below 0, where the straight-through gradient is
+    zero) is pulled up by the rate target: training on the penalty alone raises its firing rate."""
+    torch.manual_seed(0)
+    model = tiny_model(boundary_rate_target=[0.5, None], boundary_rate_weight=10.0)
+    with torch.no_grad():
+        model.stack.cells[0].bias[-1] = -20.0  # layer 1 dead
+    x = torch.randint(0, 11, (4, 30))
+    rate = lambda: model(x)[1].boundaries[..., 0].mean().item()  # noqa: E731
+    assert rate() == 0.0
+    optimizer = torch.optim.SGD([model.stack.cells[0].bias], lr=0.1)
+    penalties = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        penalty = model.rate_penalty(model(x)[1].boundary_logits)
+        penalty.backward()
+        optimizer.step()
+        penalties.append(penalty.item())
+    assert penalties[0] == pytest.approx(10 * 0.5**2)  # rate 0 against 0.5
+    assert rate() > 0.05 and min(penalties[-10:]) < penalties[0] / 2
+
+
+def test_boundary_rate_target_is_checked_and_added_to_the_loss():
+    with pytest.raises(ValueError, match="2 boundary layers"):
+        tiny_model(boundary_rate_target=[0.2])
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        tiny_model(boundary_rate_target=[0.2, 1.5])
+    free = tiny_model(boundary_rate_target=[None, None])
+    assert free.rate_penalty(free(torch.randint(0, 11, (2, 5)))[1].boundary_logits) is None
+    batch = next(iter(loader(torch.randint(0, 11, (401,)), 4, 10)))
+    torch.manual_seed(0)
+    plain = tiny_model().training_step(batch, 0)["loss"]
+    torch.manual_seed(0)
+    model = tiny_model(boundary_rate_target=[0.9, 0.9], boundary_rate_weight=2.0)
+    loss = model.training_step(batch, 0)["loss"]
+    assert loss.item() > plain.item()
+    _, out = model(batch[0])
+    assert model.rate_penalty(out.boundary_logits).item() > 0

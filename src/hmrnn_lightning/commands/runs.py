@@ -485,9 +485,11 @@ def csv_text(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -
 
 
 def metric_columns(rows: list[dict[str, Any]], prefixes: Sequence[str]) -> list[str]:
-    """Columns present in any row that start with one of ``prefixes``, in the prefixes' order."""
+    """Columns present in any row named by ``prefixes``, in their order: a name ending in ``/``
+    is a prefix (``test/boundary_rate/`` -> one column per layer), any other name is exact
+    (``collapsed`` is not ``collapsed_at``, whose ``l2@305`` is no number)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    return list(dict.fromkeys(k for p in prefixes for k in keys if k.startswith(p)))
+    return list(dict.fromkeys(k for p in prefixes for k in keys if k == p or (p.endswith("/") and k.startswith(p))))
 
 
 def informative(column: str, rows: list[dict[str, Any]]) -> bool:

@@ -51,6 +51,17 @@ class HMRNNLanguageModel(pl.LightningModule):
         vocab: the symbols, stored in checkpoints so a model can be used without its data.
         boundary_tolerance: boundary F1 is logged exact and, when this is > 0, also allowing
             this many steps of offset (``boundary_f1_tol1/...``).
+        boundary_rate_target: per boundary layer (bottom first) a firing rate to pull it
+            towards, or None to leave a layer free; None (the default, and the paper: "we do not
+            pose any constraint on the number of boundaries") adds nothing. Not in the paper: a
+            research option against dead levels (a layer firing on almost every step or almost
+            none, where the estimator's gradient is zero: it flows only where ``|a z~| < 1``).
+            The penalty is ``boundary_rate_weight * sum_l (rate_l - target_l)^2``, ``rate_l`` the
+            share of the window's steps whose logit is above 0 (where the detector fires), with
+            a straight-through gradient of 1 for each logit's step: a sigmoid of the logit would
+            vanish on saturated logits as the estimator's gradient does. Logged as
+            ``train/rate_penalty``.
+        boundary_rate_weight: the penalty's weight against the next-symbol NLL (nats).
     """
 
     def __init__(
@@ -65,6 +76,8 @@ class HMRNNLanguageModel(pl.LightningModule):
         grad_clip_norm: float | None = 1.0,
         vocab: list[str] | None = None,
         boundary_tolerance: int = 1,
+        boundary_rate_target: list[float | None] | None = None,
+        boundary_rate_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if vocab_size <= 0:
@@ -95,6 +108,30 @@ class HMRNNLanguageModel(pl.LightningModule):
         self._carried: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self._f1: dict[str, list[tuple[str, BoundaryF1]]] = {}
         self._separator_rates: dict[str, SeparatorRates | None] = {}
+        self._check_rate_target(boundary_rate_target, boundary_rate_weight)
+
+    def _check_rate_target(self, target: list[float | None] | None, weight: float) -> None:
+        if target is None:
+            return
+        layers = self.stack.num_layers - 1 if self.estimator is not None else 0
+        if len(target) != layers:
+            raise ValueError(f"HMRNNLanguageModel: boundary_rate_target has {len(target)} entries, the stack has "
+                             f"{layers} boundary layer{'s' if layers != 1 else ''} (one entry each, null to leave one free)")
+        if any(r is not None and not 0.0 < r < 1.0 for r in target) or weight < 0:
+            raise ValueError(f"HMRNNLanguageModel: boundary_rate_target needs rates strictly between 0 and 1 and "
+                             f"boundary_rate_weight >= 0, got {target} and {weight}")
+
+    def rate_penalty(self, boundary_logits: Tensor) -> Tensor | None:
+        """The ``boundary_rate_target`` penalty for a window's logits ``[B, T, L - 1]`` (None without one)."""
+        target = self.hparams.get("boundary_rate_target")
+        if target is None:
+            return None
+        logits = boundary_logits.float()
+        hard = (logits > 0).float().mean(dim=(0, 1))
+        soft = logits.mean(dim=(0, 1))
+        rate = hard + (soft - soft.detach())  # the firing rate, with the gradient of the mean logit
+        terms = [(rate[l] - r) ** 2 for l, r in enumerate(target) if r is not None]
+        return self.hparams.boundary_rate_weight * torch.stack(terms).sum() if terms else None
 
     # -- model ---------------------------------------------------------------------------
     @property
@@ -190,6 +227,10 @@ class HMRNNLanguageModel(pl.LightningModule):
                 total = total + aux
                 self.log("train/aux_loss", aux, batch_size=step_nll.shape[0])
             self.log("train/slope", self.estimator.slope, batch_size=step_nll.shape[0])
+            penalty = self.rate_penalty(out.boundary_logits)
+            if penalty is not None:
+                total = total + penalty
+                self.log("train/rate_penalty", penalty, batch_size=step_nll.shape[0])
         B = step_nll.shape[0]
         self.log("train/bpc", loss / math.log(2.0), prog_bar=True, batch_size=B)
         if not self.has_boundaries:
