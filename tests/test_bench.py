@@ -31,6 +31,23 @@ def test_bench_writes_one_json_line_per_impl(tmp_path):
     assert all(r["precision"] == "fp32" for r in rows)
 
 
+@pytest.mark.parametrize("mode", [[], ["--kernel-calls", "--layer-norm"]], ids=["paths", "kernel-calls"])
+def test_cpu_window_bench_prints_its_line(mode):
+    from hmrnn_lightning.engine import cpu_fused
+
+    if cpu_fused.kernels() is None:
+        pytest.skip("no C++ compiler to build the fused kernels")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "cpu_window.py"), "--hidden", "8", "--batch", "2", "--length", "5",
+         "--repeats", "1", *mode], capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if mode:
+        assert "forward: 15 calls" in proc.stdout and "backward: 15 calls" in proc.stdout  # 3 layers x 5 steps
+    else:
+        assert "fused [" in proc.stdout and "PyTorch loop [" in proc.stdout
+
+
 def test_kernels_compile_for_a_gpu_without_one():
     """The interpreter never meets Triton's compiler; this compiles every kernel variant the GPU
     path launches to PTX for an H100, in a subprocess without TRITON_INTERPRET."""
