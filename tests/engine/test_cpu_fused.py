@@ -22,9 +22,9 @@ def _stack(estimator=StepEstimator, layer_norm=False, dtype=torch.float64) -> HM
     return HMStack(6, [16, 12, 10], estimator(), layer_norm=layer_norm, impl="sequence").to(dtype)
 
 
-def _why_not(stack, x, boundaries=None):
+def _why_not(stack, x):
     """``cpu_fused.why_not`` for the plan the stack would build for ``x``."""
-    return cpu_fused.why_not(WindowPlan.build(stack.cells, stack.estimator, matmul_dtype(x)), x, boundaries)
+    return cpu_fused.why_not(WindowPlan.build(stack.cells, stack.estimator, matmul_dtype(x)), x)
 
 
 @pytest.fixture

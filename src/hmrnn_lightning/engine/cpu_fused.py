@@ -189,10 +189,10 @@ def kernels() -> tuple[_Launcher, _Launcher] | None:
     return _Launcher(lib, "step_forward", _FORWARD), _Launcher(lib, "step_backward", _BACKWARD)
 
 
-def why_not(plan, x: Tensor, boundaries: Tensor | None = None) -> str | None:
+def why_not(plan, x: Tensor) -> str | None:
     """None when the fused CPU kernels can run the window of ``plan``
-    (:class:`~hmrnn_lightning.engine.plan.WindowPlan`) on ``x`` (with ``boundaries`` given, or
-    decided by the estimator); else the reason. The sequence backend asks it per window."""
+    (:class:`~hmrnn_lightning.engine.plan.WindowPlan`) on ``x``; else the reason. The sequence
+    backend asks it per window and per generation step."""
     if not ENABLED:
         return "cpu_fused.ENABLED is False"
     from hmrnn_lightning.engine.plan import kernel_mode
@@ -210,7 +210,7 @@ def why_not(plan, x: Tensor, boundaries: Tensor | None = None) -> str | None:
     if max(plan.sizes) > MAX_HIDDEN:
         return f"layers wider than {MAX_HIDDEN} run faster with the sequence loop's row skipping"
     if kernel_mode(plan.estimator) is None:
-        # Bernoulli runs: its noise is drawn for the whole window in one call, as on a GPU (the
+        # (Bernoulli's noise is drawn for the whole window in one call, as on a GPU: the
         # reference draws per step, so the draws differ from the reference's, not their law)
         return f"it runs the step, Bernoulli and soft estimators, not {type(plan.estimator).__name__}"
     if kernels() is None:

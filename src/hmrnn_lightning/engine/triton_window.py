@@ -28,7 +28,7 @@ from hmrnn_lightning.engine.plan import (
     BERNOULLI, GIVEN, WindowCache, WindowPlan, fast_path_problem, kernel_mode, padded, padded_row,
 )
 from hmrnn_lightning.engine.pointwise import rowdot
-from hmrnn_lightning.engine.products import accumulate, affine, linear, matmul
+from hmrnn_lightning.engine.products import accumulate, linear, matmul
 from hmrnn_lightning.states import LayerState
 
 
@@ -86,21 +86,22 @@ def window(plan: WindowPlan, x: Tensor, state: list[LayerState], boundaries: Ten
 
 
 def _product(launch: _Launch, a: Tensor, w_t: Tensor, out: Tensor, base: Tensor | None = None, aligned: bool = True) -> None:
-    """``out = base + a @ w_t``. With the fused CPU kernels (no autocast) computed as
-    ``(w_t^T a^T)^T``: straight into ``out`` (its transpose is a column-major matrix, which MKL
-    writes in place) where ``a``'s rows are :func:`padded` like ``out``'s, else into a new tensor
-    copied into ``out`` (10-15% of a window at 3 x 128, for all products). MKL rounds by the
-    operands' alignment, and a window split in two must equal one pass bit for bit
+    """``out = base + a @ w_t``. With the fused CPU kernels (no autocast) there is no ``base``
+    (the kernel adds it) and the product is computed as ``(w_t^T a^T)^T``: straight into ``out``
+    (its transpose is a column-major matrix, which MKL writes in place) where ``a``'s rows are
+    :func:`padded` like ``out``'s, else into a new tensor copied into ``out`` (10-15% of a
+    window at 3 x 128, for all products). MKL rounds by the operands' alignment, and a window
+    split in two must equal one pass bit for bit
     (tests/cells/test_stack.py::test_two_halves_equal_one_pass)."""
     mm = launch.plan.product_dtype
     if launch.kernels is None or mm is not None:
         matmul(a, w_t, mm, out=out, base=base)
-    elif not aligned:
-        out.copy_(linear(a, w_t.t(), None) if base is None else affine(base, a, w_t.t(), None))
-    else:
+        return
+    assert base is None, "the fused CPU kernels add the base themselves"
+    if aligned:
         torch.mm(w_t.t(), a.t(), out=out.t())
-        if base is not None:
-            out += base
+    else:
+        out.copy_(linear(a, w_t.t(), None))
 
 
 class _Buffers:
