@@ -43,10 +43,13 @@ def test_cell_overlays_set_one_option_of_the_cpu_stack(overlay, setting, capsys)
         {"norm_placement": "bottom_up_and_cell"}, {"flush_recurrent": True})
 
 
-def test_rate_target_overlay_sets_the_model_option(capsys):
-    path = ROOT / "configs" / "ablations" / "rate_target.yaml"
+def test_the_cpu_config_has_a_rate_target_and_its_overlay_removes_it(capsys):
+    assert main(["fit", "--config", str(CPU), "--print_config"]) == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert model["boundary_rate_target"] == [None, 0.18] and model["boundary_rate_weight"] == 0.1
+    path = ROOT / "configs" / "ablations" / "no_rate_target.yaml"
     assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
     assert main(["fit", "--config", str(CPU), "--config", str(path), "--print_config"]) == 0
     model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
-    assert model["boundary_rate_target"] == [None, 0.18] and model["boundary_rate_weight"] == 0.1
+    assert model["boundary_rate_target"] is None and model["boundary_rate_weight"] == 0.0
     assert model["stack"]["init_args"]["hidden_sizes"] == [128, 128, 128]  # the rest is the base's

@@ -146,3 +146,35 @@ def test_tables_with_a_collapsed_layer(tmp_path):
     md = (tmp_path / "compare.md").read_text().splitlines()
     assert md[0].endswith("| collapsed layers per seed |") and md[2].endswith("| 1, 0 |")
     assert "collapsed_at_mean" not in next(csv.reader((tmp_path / "compare.csv").open()))
+
+
+@pytest.mark.slow
+def test_compare_side_by_side_runs_each_model_in_its_own_pinned_process(tiny_configs, tmp_path, capsys):
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    hm, lstm = tiny_configs
+    out = tmp_path / "sbs"
+    code = main(["compare", "--hm", str(hm), "--baseline", str(lstm), "--seeds", "3", "--max_steps", "4",
+                 "--val_every", "2", "--out", str(out), "--side_by_side", str(cores[0]), str(cores[1])])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"hm_lstm seed 3 on core {cores[0]}" in printed and f"ln_lstm seed 3 on core {cores[1]}" in printed
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert [(r["label"], r["seed"]) for r in runs] == [("hm_lstm", "3"), ("ln_lstm", "3")]
+    for r in runs:
+        assert 0 < float(r["test/bpc"]) < 10 and r["equal_steps"] == "4" and 0 < float(r["test_bpc_equal_steps"]) < 10
+        assert "hmrnn: run" in (out / f"{r['label']}-seed3" / "log.txt").read_text()  # each child's own output
+    assert runs[1]["probe_f1/l1_word"] != "" and runs[0]["probe_f1/l1_word"] == ""  # the baseline is probed, as in series
+    assert [c["step"] for c in csv.DictReader((out / "curves.csv").open())] == ["2", "4", "2", "4"]
+
+
+def test_compare_side_by_side_needs_two_cores_of_this_machine(tiny_configs, tmp_path, capsys):
+    hm, lstm = tiny_configs
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--hm", str(hm), "--baseline", str(lstm), "--max_steps", "2", "--out", str(tmp_path / "x"),
+              "--side_by_side", "0", "0"])
+    assert exc.value.code == 2
+    assert "--side_by_side needs two different cores" in capsys.readouterr().err

@@ -15,6 +15,10 @@ Choices made here (the issue leaves them open):
 * **Order.** Seeds are the outer loop (``hm seed 0, lstm seed 0, hm seed 1, ...``), so an
   interrupted series still holds complete pairs.
 * **Spread.** Mean and sample standard deviation over seeds.
+* **Side by side.** With ``--side_by_side A B`` the two models of a seed train at the same time,
+  each in its own process with one thread pinned to its own CPU core (``A`` for the HM-LSTM,
+  ``B`` for the baseline), so both see the same machine and their seconds compare; otherwise they
+  run one after the other in this process, with the threads torch chooses.
 * **Equal steps and equal time.** The HM-LSTM takes fewer steps per second than the LSTM, so a
   common wall-clock budget confounds the two. Every validation of every run is recorded
   (``OUT/curves.csv``: step, seconds, validation BPC; drawn in ``OUT/curves.png``, BPC against
@@ -30,8 +34,11 @@ Choices made here (the issue leaves them open):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +79,10 @@ def parser() -> argparse.ArgumentParser:
                    "shorter than an epoch, or there is no best checkpoint to test")
     p.add_argument("--no_match", action="store_true", help="keep the baseline's width from its config")
     p.add_argument("--probe_max_fit", type=int, default=40_000, help="most validation positions the probe fits on")
+    p.add_argument("--side_by_side", nargs=2, type=int, default=None, metavar=("CORE_HM", "CORE_BASELINE"),
+                   help="train the two models of each seed at the same time, each in its own process with one thread "
+                   "pinned to its own CPU core (e.g. 0 1), so that their seconds compare; each run's output goes to "
+                   "OUT/<run>/log.txt")
     p.add_argument("--out", default="runs/compare", help="output folder")
     p.add_argument("--full_table", action="store_true", help="compare.md (and the printout) with every column of compare.csv")
     return p
@@ -107,24 +118,92 @@ def cmd_compare(argv: list[str]) -> int:
     for seed in args.seeds:
         specs.append(RunSpec(args.names[0], hm_configs, seed, budget + extra))
         specs.append(RunSpec(args.names[1], base_configs, seed, budget + extra + width_args))  # the matched width wins
+    if args.side_by_side is not None:
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        bad = [c for c in args.side_by_side if c not in cores]
+        if bad or args.side_by_side[0] == args.side_by_side[1]:
+            fail(f"--side_by_side needs two different cores of this machine's {sorted(cores)}, got {args.side_by_side}")
     rows: list[dict[str, Any]] = []
     curves: list[dict[str, Any]] = []
-    pair: list[tuple[RunSpec, dict[str, Any], ValidationCurve]] = []
-    for k, spec in enumerate(specs, 1):
-        probe = (lambda cli, ckpt: probe_hidden_states(cli, args.probe_max_fit, spec.seed)) if spec.label == args.names[1] else None
-        curve = ValidationCurve(out / spec.name / "curve")
-        row = run_one(spec, out, k, len(specs), after_test=probe, callbacks=[curve])
-        rows.append(row)
-        pair.append((spec, row, curve))
-        curves += [{"label": spec.label, "seed": spec.seed, "step": st, "seconds": round(sec, 3), "val_bpc": v}
-                   for st, sec, v, _ in curve.records]
-        if len(pair) == 2:  # both models of a seed have run
-            equal_budget(pair, out)
+    for k in range(0, len(specs), 2):
+        if args.side_by_side is not None:
+            pair = run_pair_side_by_side(specs[k:k + 2], out, k, len(specs), args.side_by_side, args.probe_max_fit)
+        else:
             pair = []
+            for n, spec in enumerate(specs[k:k + 2]):
+                probe = (lambda cli, ckpt, seed=spec.seed: probe_hidden_states(cli, args.probe_max_fit, seed)) if n == 1 else None
+                curve = ValidationCurve(out / spec.name / "curve")
+                pair.append((spec, run_one(spec, out, k + n + 1, len(specs), after_test=probe, callbacks=[curve]), curve))
+        equal_budget(pair, out)
+        for spec, row, curve in pair:
+            rows.append(row)
+            curves += [{"label": spec.label, "seed": spec.seed, "step": st, "seconds": round(sec, 3), "val_bpc": v}
+                       for st, sec, v, _ in curve.records]
         write_tables(out, rows, args.full_table)
         write_curves(out, curves)
     print((out / "compare.md").read_text(), end="")
     print(f"hmrnn: wrote {out / 'compare.csv'}, {out / 'compare.md'} and {out / 'runs.csv'}")
+    return 0
+
+
+def run_pair_side_by_side(pair: list[RunSpec], out: Path, done: int, total: int, cores: list[int],
+                          probe_max_fit: int) -> list[tuple[RunSpec, dict[str, Any], ValidationCurve]]:
+    """Run the two specs of a seed at the same time, each as ``run_job`` in a child process with one
+    thread on its own core; return what the sequential loop would have. A child that fails stops
+    the series with the path of its log (the other child is stopped too)."""
+    jobs = []
+    try:
+        for n, (spec, core) in enumerate(zip(pair, cores)):
+            run_dir = out / spec.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            job = {"label": spec.label, "configs": spec.configs, "seed": spec.seed, "args": spec.args, "out": str(out),
+                   "index": done + n + 1, "total": total, "probe_max_fit": probe_max_fit if n == 1 else None}
+            atomic_write(run_dir / "job.json", json.dumps(job))
+            (run_dir / "result.json").unlink(missing_ok=True)
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            log = open(run_dir / "log.txt", "w")
+            child = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from hmrnn_lightning.commands.compare import run_job; "
+                 "sys.exit(run_job(sys.argv[1]))", str(run_dir / "job.json")],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=(lambda c=core: os.sched_setaffinity(0, {c})) if hasattr(os, "sched_setaffinity") else None)
+            log.close()
+            jobs.append((spec, child, run_dir))
+            print(f"hmrnn: run {done + n + 1}/{total}: {spec.label} seed {spec.seed} on core {core} "
+                  f"(log: {run_dir / 'log.txt'})", flush=True)
+        results = []
+        for spec, child, run_dir in jobs:
+            code = child.wait()
+            if code != 0 or not (run_dir / "result.json").is_file():
+                fail(f"{spec.name} failed (exit code {code}); see {run_dir / 'log.txt'}")
+            result = json.loads((run_dir / "result.json").read_text())
+            curve = ValidationCurve(run_dir / "curve")
+            curve.records = [tuple(r) for r in result["records"]]
+            results.append((spec, result["row"], curve))
+        return results
+    finally:
+        for _, child, _ in jobs:
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+
+
+def run_job(path: str) -> int:
+    """One run of a side-by-side pair, in its own process: ``run_one`` on the job file that
+    :func:`run_pair_side_by_side` wrote, then ``result.json`` (the row and the validation
+    records) beside it."""
+    import torch
+
+    torch.set_num_threads(1)
+    job = json.loads(Path(path).read_text())
+    spec = RunSpec(job["label"], job["configs"], job["seed"], job["args"])
+    out = Path(job["out"])
+    curve = ValidationCurve(out / spec.name / "curve")
+    probe = None
+    if job["probe_max_fit"] is not None:
+        probe = lambda cli, ckpt: probe_hidden_states(cli, job["probe_max_fit"], spec.seed)  # noqa: E731
+    row = run_one(spec, out, job["index"], job["total"], after_test=probe, callbacks=[curve])
+    atomic_write(out / spec.name / "result.json", json.dumps({"row": row, "records": curve.records}))
     return 0
 
 
