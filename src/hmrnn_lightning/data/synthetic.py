@@ -97,6 +97,9 @@ class SyntheticDataModule(CharStreamDataModule):
         spaces: separate words with spaces (False: boundaries must be discovered).
         words_per_slot: lexicon words each position of a phrase chooses from, uniformly at
             every occurrence (1: phrases are fixed word sequences).
+        alphabet: the letters words are spelt with. With few letters many words share
+            their first letters, so a word is known only near its end (with the 26 letters
+            of the default, its first one or two letters name it).
         batch_size: streams per batch.
         seq_len: window length.
         eval_batch_size: streams for validation / test.
@@ -113,6 +116,7 @@ class SyntheticDataModule(CharStreamDataModule):
         num_phrases: int = 40,
         spaces: bool = True,
         words_per_slot: int = 1,
+        alphabet: str = "abcdefghijklmnopqrstuvwxyz",
         batch_size: int = 32,
         seq_len: int = 100,
         eval_batch_size: int | None = None,
@@ -122,6 +126,10 @@ class SyntheticDataModule(CharStreamDataModule):
         self.settings = dict(num_chars=num_chars, seed=seed, lexicon_size=lexicon_size, num_phrases=num_phrases, spaces=spaces)
         if words_per_slot != 1:  # absent by default, so that the default's cache key is unchanged
             self.settings["words_per_slot"] = words_per_slot
+        if alphabet != "abcdefghijklmnopqrstuvwxyz":
+            if len(set(alphabet)) != len(alphabet) or not alphabet or any(not ch.isalpha() for ch in alphabet):
+                raise ValueError(f"alphabet must be distinct letters, got {alphabet!r}")
+            self.settings["alphabet"] = alphabet
         self._corpus: SyntheticCorpus | None = None
 
     @property
