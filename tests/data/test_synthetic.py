@@ -71,3 +71,13 @@ def test_words_per_slot_is_checked_and_leaves_the_default_cache_key():
         generate_corpus(1000, words_per_slot=0)
     assert "words_per_slot" not in SyntheticDataModule().cache_key()
     assert "words_per_slot" in SyntheticDataModule(words_per_slot=2).cache_key()
+
+
+def test_alphabet_spells_the_words_and_is_checked():
+    dm = SyntheticDataModule(num_chars=5000, alphabet="abcd")
+    assert set(dm.corpus.text) <= set("abcd .\n") and "alphabet" in dm.cache_key()
+    assert "alphabet" not in SyntheticDataModule().cache_key()  # the default corpus keeps its cache
+    assert SyntheticDataModule(num_chars=5000).corpus.text == generate_corpus(5000).text
+    for bad in ("", "aab", "ab1"):
+        with pytest.raises(ValueError, match="alphabet must be distinct letters"):
+            SyntheticDataModule(alphabet=bad)
