@@ -178,8 +178,9 @@ def _forward_step(launch: _Launch, buf: _Buffers, layers, w_merged: Tensor, w_be
     below = None
     if ln:
         below = buf.below[l][slot] if l > 0 else buf.below[0][t]
-        if l > 0:
-            _product(launch, buf.h[l - 1][t], w_below, below, aligned=False)  # h's slots are B H apart
+        if l > 0:  # h's rows (and so its slots) are aligned like a's padded rows when H is a multiple of 16
+            h_below = buf.h[l - 1][t]
+            _product(launch, h_below, w_below, below, aligned=h_below.shape[1] % 16 == 0)
     down = buf.a[l + 1][slot, :, lay.below_start[l + 1] :] if not top and lay.with_bottom_up[l + 1] else None
     up = buf.a[l - 1][nxt, :, lay.above_start[l - 1] :] if l > 0 and writes_next else None
     (launch.kernels[0] if launch.kernels else K.step_forward)[(s.shape[0],)](
