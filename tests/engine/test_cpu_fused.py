@@ -230,3 +230,21 @@ def test_saturated_gates_stay_finite(dtype):
     assert torch.isfinite(c).all() and torch.isfinite(h).all()
     torch.testing.assert_close(c, expected_c)
     torch.testing.assert_close(h, torch.tanh(expected_c))
+
+
+@pytest.mark.parametrize("hidden", [[16, 16, 16], [16, 12, 10]], ids=["rows_aligned", "rows_unaligned"])
+def test_two_halves_equal_one_pass_in_fp32_with_layer_norm(hidden, kernel_calls):
+    """MKL rounds by its operands' alignment: the bottom-up product reads ``h``'s rows in place
+    only where they are 64-byte aligned (H a multiple of 16), so a window split in two still
+    equals one pass bit for bit."""
+    torch.manual_seed(0)
+    s = HMStack(6, hidden, StepEstimator(), layer_norm=True, impl="sequence")
+    x = torch.randn(3, 14, 6)
+    with torch.no_grad():
+        whole = s(x)
+        first = s(x[:, :7])
+        second = s(x[:, 7:], first.state)
+    assert kernel_calls
+    for l in range(3):
+        assert torch.equal(torch.cat([first.hidden[l], second.hidden[l]], 1), whole.hidden[l])
+    assert torch.equal(torch.cat([first.boundaries, second.boundaries], 1), whole.boundaries)

@@ -138,7 +138,9 @@ def _library() -> ctypes.CDLL | None:
 class _Launcher:
     """A C step function launched as :mod:`~hmrnn_lightning.engine.kernels` launches the Triton
     kernel: ``kernel[(rows,)](**arguments, **switches)``, all by keyword. Each argument goes to
-    its place in the C signature (tensors as their data pointers, None as a null pointer); the
+    its place in the C signature (tensors as their data pointers, None as a null pointer, an
+    ``int`` as an address already, from :meth:`~hmrnn_lightning.engine.triton_window._Launch.at`,
+    a slice of a tensor the window allocated, or checked, in the kernels' dtype); the
     boolean switches become bits of ``flags``; ``BLOCK`` and ``num_warps`` are ignored. A keyword
     the C function lacks, or a missing one, raises: the Triton kernel grew an argument that the
     port must learn too."""
@@ -171,7 +173,7 @@ class _Launcher:
         values = [kwargs[name] for name in self._order]  # a missing one raises KeyError
         for i in self._pointers:
             value = values[i]
-            if value is not None:
+            if value is not None and not isinstance(value, int):
                 if value.dtype != dtype or not value.is_cpu:
                     raise TypeError(f"{self._order[i]}: a {value.dtype} tensor on {value.device}, "
                                     f"the kernel runs {dtype} on the CPU")

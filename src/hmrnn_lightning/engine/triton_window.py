@@ -37,6 +37,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_ALL = slice(None)
+
+
+def _from(start: int) -> slice:
+    return slice(start, None)
+
+
 @dataclass
 class _Launch:
     """A window's per-call settings: the kernels' estimator rule, ``given`` boundaries or noise
@@ -47,6 +54,18 @@ class _Launch:
     given: Tensor | None
     slope: Tensor
     kernels: tuple | None = None  # (step_forward, step_backward) launched alike; None: the Triton kernels
+
+    def at(self, tensor: Tensor | None, *index: int | slice):
+        """A kernel argument: ``tensor[index]`` (ints, and ``slice(start, None)``); for the fused
+        CPU kernels, which take addresses, that slice's address instead (Python arithmetic: a view
+        costs 1.3 us, and the 50 or so a layer and step were 9% of a window at 3 x 128). None
+        stays None."""
+        if tensor is None or self.kernels is None:
+            return None if tensor is None else tensor[index]
+        stride, offset = tensor.stride(), 0
+        for k, i in enumerate(index):  # a loop, not sum() over a generator: 0.5 us against 0.9
+            offset += (i if i.__class__ is int else (i.start or 0)) * stride[k]
+        return tensor.data_ptr() + offset * tensor.element_size()
 
 
 class TritonBackend(Backend):
@@ -178,23 +197,26 @@ def _forward_step(launch: _Launch, buf: _Buffers, layers, w_merged: Tensor, w_be
     below = None
     if ln:
         below = buf.below[l][slot] if l > 0 else buf.below[0][t]
-        if l > 0:
-            _product(launch, buf.h[l - 1][t], w_below, below, aligned=False)  # h's slots are B H apart
-    down = buf.a[l + 1][slot, :, lay.below_start[l + 1] :] if not top and lay.with_bottom_up[l + 1] else None
-    up = buf.a[l - 1][nxt, :, lay.above_start[l - 1] :] if l > 0 and writes_next else None
+        if l > 0:  # h's rows (and so its slots) are aligned like a's padded rows when H is a multiple of 16
+            h_below = buf.h[l - 1][t]
+            _product(launch, h_below, w_below, below, aligned=h_below.shape[1] % 16 == 0)
+    at = launch.at
+    down = at(buf.a[l + 1], slot, _ALL, _from(lay.below_start[l + 1])) if not top and lay.with_bottom_up[l + 1] else None
+    up = at(buf.a[l - 1], nxt, _ALL, _from(lay.above_start[l - 1])) if l > 0 and writes_next else None
     (launch.kernels[0] if launch.kernels else K.step_forward)[(s.shape[0],)](
         s_ptr=s,  # [B, ROW]: the product in, the full pre-activation out
         base_ptr=base if kernel_base else None, base_stride=base.stride(0) if base.dim() == 2 else 0,  # [B or 1, 4H+1]
         below_ptr=below,  # [B, ROW]: the raw bottom-up product (layer norm)
         gb_ptr=w.below_gamma, bb_ptr=w.below_beta,  # [4H + 1]
-        c_prev_ptr=buf.c[l][t - 1] if t else c0[l], h_prev_ptr=buf.h[l][t - 1] if t else h0[l],  # [B, H]
-        zp_ptr=buf.z[t - 1, l] if t else z0[l], zb_ptr=buf.z[t, l - 1] if l > 0 else None,  # [B]
+        c_prev_ptr=at(buf.c[l], t - 1) if t else c0[l], h_prev_ptr=at(buf.h[l], t - 1) if t else h0[l],  # [B, H]
+        zp_ptr=at(buf.z, t - 1, l) if t else z0[l], zb_ptr=at(buf.z, t, l - 1) if l > 0 else None,  # [B]
         gc_ptr=w.cell_gamma, bc_ptr=w.cell_beta,  # [H]
-        given_ptr=launch.given[t, l] if launch.given is not None and not top else None,  # [B]
+        given_ptr=at(launch.given, t, l) if not top else None,  # [B]
         slope_ptr=launch.slope,  # []
-        c_ptr=buf.c[l][t], h_ptr=buf.h[l][t],  # [B, H] out
-        z_ptr=buf.z[t, l], e_ptr=None if top else buf.e[t, l], logit_ptr=None if top else buf.logits[t, l],  # [B] out
-        own_ptr=buf.a[l][nxt] if writes_next else None, own_stride=buf.a[l].stride(1),  # [B, K_l]
+        c_ptr=at(buf.c[l], t), h_ptr=at(buf.h[l], t),  # [B, H] out
+        z_ptr=at(buf.z, t, l), e_ptr=None if top else at(buf.e, t, l),  # [B] out
+        logit_ptr=None if top else at(buf.logits, t, l),  # [B] out
+        own_ptr=at(buf.a[l], nxt) if writes_next else None, own_stride=buf.a[l].stride(1),  # [B, K_l]
         up_ptr=up, up_stride=buf.a[l - 1].stride(1) if l > 0 else 0,  # [B, K_{l-1}] from the top-down block
         down_ptr=down, down_stride=buf.a[l + 1].stride(1) if not top else 0,  # [B, K_{l+1}] from the bottom-up block
         below_eps=plan.below_eps[l], cell_eps=plan.cell_eps[l], top_z=TOP_LAYER_Z,
@@ -259,26 +281,26 @@ def _backward_step(launch: _Launch, cache: WindowCache, acc: _Accumulators, w, f
     top = l + 1 == L
     h0, c0, z0 = flat_state[0::3], flat_state[1::3], flat_state[2::3]
     has_dxb = not top and lay.with_bottom_up[l + 1]
-    s = cache.s[l][t]
+    s, at = cache.s[l][t], launch.at
     (launch.kernels[1] if launch.kernels else K.step_backward)[(s.shape[0],)](
         s_ptr=s,  # [B, ROW]: s in, ds out
-        below_ptr=cache.below[l][t] if ln else None,  # [B, ROW]: the raw bottom-up product in, its gradient out
+        below_ptr=at(cache.below[l], t) if ln else None,  # [B, ROW]: the raw bottom-up product in, its gradient out
         gb_ptr=w.below_gamma, bb_ptr=w.below_beta, dgb_ptr=acc.gb[l], dbb_ptr=acc.bb[l],  # [4H + 1], [B, ROW]
-        c_ptr=cache.c[l][t], c_prev_ptr=cache.c[l][t - 1] if t else c0[l],  # [B, H]
-        h_prev_ptr=cache.h[l][t - 1] if t else h0[l], h_ptr=cache.h[l][t],  # [B, H]
-        zp_ptr=cache.z[t - 1, l] if t else z0[l], zb_ptr=cache.z[t, l - 1] if l > 0 else None,  # [B]
-        e_ptr=None if top else cache.e[t, l], slope_ptr=launch.slope,  # [B], []
+        c_ptr=at(cache.c[l], t), c_prev_ptr=at(cache.c[l], t - 1) if t else c0[l],  # [B, H]
+        h_prev_ptr=at(cache.h[l], t - 1) if t else h0[l], h_ptr=at(cache.h[l], t),  # [B, H]
+        zp_ptr=at(cache.z, t - 1, l) if t else z0[l], zb_ptr=at(cache.z, t, l - 1) if l > 0 else None,  # [B]
+        e_ptr=None if top else at(cache.e, t, l), slope_ptr=launch.slope,  # [B], []
         gc_ptr=w.cell_gamma, bc_ptr=w.cell_beta, dgc_ptr=acc.gc[l], dbc_ptr=acc.bc[l],  # [H], [B, H]
-        gh_ptr=g_hidden[t] if g_hidden is not None else None,  # [B, H]
+        gh_ptr=at(g_hidden, t),  # [B, H]
         dh_ptr=acc.dh[l], dc_ptr=acc.dc[l], dz_ptr=acc.dz[l],  # [B, H], [B, H], [B]
-        gz_ptr=g_z[t, l] if g_z is not None and not top else None,  # [B]
-        glogit_ptr=g_logits[t, l] if g_logits is not None and not top else None,  # [B]
+        gz_ptr=at(g_z, t, l) if not top else None,  # [B]
+        glogit_ptr=at(g_logits, t, l) if not top else None,  # [B]
         drec_ptr=acc.da[l], drec_stride=lay.width[l],  # [B, K_l] from column 0
-        dxa_ptr=acc.da[l - 1][:, lay.above_start[l - 1] :] if l > 0 else None,  # [B, K_{l-1}]
+        dxa_ptr=at(acc.da[l - 1], _ALL, _from(lay.above_start[l - 1])) if l > 0 else None,  # [B, K_{l-1}]
         dxa_stride=lay.width[l - 1] if l > 0 else 0,
-        dxb_ptr=acc.da[l + 1][:, lay.below_start[l + 1] :] if has_dxb else None,  # [B, K_{l+1}]
+        dxb_ptr=at(acc.da[l + 1], _ALL, _from(lay.below_start[l + 1])) if has_dxb else None,  # [B, K_{l+1}]
         dxb_stride=lay.width[l + 1] if has_dxb else 0,
-        dzb_ptr=acc.dz[l - 1] if l > 0 else None, z_ptr=cache.z[t, l],  # [B], [B]
+        dzb_ptr=acc.dz[l - 1] if l > 0 else None, z_ptr=at(cache.z, t, l),  # [B], [B]
         below_eps=plan.below_eps[l], cell_eps=plan.cell_eps[l],
         H=H, BLOCK=K.block_size(H), ROW=s.stride(0), HAS_BELOW=ln, BELOW_GATED=l > 0, NORM_CELL=ln, TOP=top,
         MODE=launch.mode if not top else GIVEN, HAS_GH=g_hidden is not None,
