@@ -21,7 +21,7 @@ import time
 import torch
 
 from hmrnn_lightning import HMStack, StepEstimator
-from hmrnn_lightning.engine import cpu_fused
+from hmrnn_lightning.engine import cpu_fused, triton_window
 
 
 def build(args) -> tuple[HMStack, torch.Tensor]:
@@ -59,6 +59,11 @@ def kernel_calls(args) -> None:
     stack, x = build(args)
     launchers = dict(zip(("forward", "backward"), cpu_fused.kernels()))
     recorded: dict[str, list] = {name: [] for name in launchers}
+    # a window hands the kernels addresses of its buffers, which are freed when it ends; views
+    # keep them alive for the replay below (the launcher then reads each view's address, a
+    # little more Python per call than in a window)
+    at = triton_window._Launch.at
+    triton_window._Launch.at = lambda self, tensor, *index: None if tensor is None else tensor[index]
     originals = {}
     for name, launcher in launchers.items():
         originals[name] = launcher._launch
@@ -68,7 +73,10 @@ def kernel_calls(args) -> None:
             return _launch(rows, **kwargs)
 
         launcher._launch = record
-    window(stack, x)
+    try:
+        window(stack, x)
+    finally:
+        triton_window._Launch.at = at
     for name, launcher in launchers.items():
         launcher._launch = originals[name]
         calls = recorded[name]
