@@ -129,11 +129,8 @@ def cmd_compare(argv: list[str]) -> int:
         if args.side_by_side is not None:
             pair = run_pair_side_by_side(specs[k:k + 2], out, k, len(specs), args.side_by_side, args.probe_max_fit)
         else:
-            pair = []
-            for n, spec in enumerate(specs[k:k + 2]):
-                probe = (lambda cli, ckpt, seed=spec.seed: probe_hidden_states(cli, args.probe_max_fit, seed)) if n == 1 else None
-                curve = ValidationCurve(out / spec.name / "curve")
-                pair.append((spec, run_one(spec, out, k + n + 1, len(specs), after_test=probe, callbacks=[curve]), curve))
+            pair = [(spec, *fit_with_curve(spec, out, k + n + 1, len(specs), args.probe_max_fit if n == 1 else None))
+                    for n, spec in enumerate(specs[k:k + 2])]
         equal_budget(pair, out)
         for spec, row, curve in pair:
             rows.append(row)
@@ -198,13 +195,21 @@ def run_job(path: str) -> int:
     job = json.loads(Path(path).read_text())
     spec = RunSpec(job["label"], job["configs"], job["seed"], job["args"])
     out = Path(job["out"])
-    curve = ValidationCurve(out / spec.name / "curve")
-    probe = None
-    if job["probe_max_fit"] is not None:
-        probe = lambda cli, ckpt: probe_hidden_states(cli, job["probe_max_fit"], spec.seed)  # noqa: E731
-    row = run_one(spec, out, job["index"], job["total"], after_test=probe, callbacks=[curve])
+    row, curve = fit_with_curve(spec, out, job["index"], job["total"], job["probe_max_fit"])
     atomic_write(out / spec.name / "result.json", json.dumps({"row": row, "records": curve.records}))
     return 0
+
+
+def fit_with_curve(spec: RunSpec, out: Path, index: int, total: int,
+                   probe_max_fit: int | None) -> tuple[dict[str, Any], ValidationCurve]:
+    """``run_one`` with a :class:`ValidationCurve` keeping the weights of every validation under
+    ``OUT/<run>/curve``, and with ``probe_max_fit`` (the baseline's runs) the probe of its states;
+    in this process or in a side-by-side child alike."""
+    curve = ValidationCurve(out / spec.name / "curve")
+    probe = None
+    if probe_max_fit is not None:
+        probe = lambda cli, ckpt: probe_hidden_states(cli, probe_max_fit, spec.seed)  # noqa: E731
+    return run_one(spec, out, index, total, after_test=probe, callbacks=[curve]), curve
 
 
 def equal_budget(pair: list[tuple[RunSpec, dict[str, Any], ValidationCurve]], out: Path) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 from hmrnn_lightning.data.base import CharStreamDataModule
 
 LEVELS = ("word", "phrase", "sentence")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"  # the default alphabet
 
 
 @dataclass
@@ -21,7 +22,7 @@ class SyntheticCorpus:
 
 def generate_corpus(
     num_chars: int, seed: int = 0, lexicon_size: int = 60, num_phrases: int = 40, spaces: bool = True,
-    alphabet: str = "abcdefghijklmnopqrstuvwxyz", words_per_slot: int = 1,
+    alphabet: str = LETTERS, words_per_slot: int = 1,
 ) -> SyntheticCorpus:
     """Characters form words from a lexicon, words form phrases, phrases form sentences.
 
@@ -116,7 +117,7 @@ class SyntheticDataModule(CharStreamDataModule):
         num_phrases: int = 40,
         spaces: bool = True,
         words_per_slot: int = 1,
-        alphabet: str = "abcdefghijklmnopqrstuvwxyz",
+        alphabet: str = LETTERS,
         batch_size: int = 32,
         seq_len: int = 100,
         eval_batch_size: int | None = None,
@@ -126,7 +127,7 @@ class SyntheticDataModule(CharStreamDataModule):
         self.settings = dict(num_chars=num_chars, seed=seed, lexicon_size=lexicon_size, num_phrases=num_phrases, spaces=spaces)
         if words_per_slot != 1:  # absent by default, so that the default's cache key is unchanged
             self.settings["words_per_slot"] = words_per_slot
-        if alphabet != "abcdefghijklmnopqrstuvwxyz":
+        if alphabet != LETTERS:  # absent by default, as words_per_slot is
             if len(set(alphabet)) != len(alphabet) or not alphabet or any(not ch.isalpha() for ch in alphabet):
                 raise ValueError(f"alphabet must be distinct letters, got {alphabet!r}")
             self.settings["alphabet"] = alphabet

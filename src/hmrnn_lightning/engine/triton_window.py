@@ -57,9 +57,9 @@ class _Launch:
 
     def at(self, tensor: Tensor | None, *index: int | slice):
         """A kernel argument: ``tensor[index]`` (ints, and ``slice(start, None)``); for the fused
-        CPU kernels, which take addresses, that slice's address instead (Python arithmetic: a view
-        costs 1.3 us, and the 50 or so a layer and step were 9% of a window at 3 x 128). None
-        stays None."""
+        CPU kernels, which take addresses, that slice's address instead (Python arithmetic: 0.49 us
+        against 1.76 us for a view; a profiled window at 3 x 128 made 10,588 views, 5% of its
+        time, and makes 1,917 now). None stays None."""
         if tensor is None or self.kernels is None:
             return None if tensor is None else tensor[index]
         stride, offset = tensor.stride(), 0
