@@ -158,13 +158,12 @@ def run_pair_side_by_side(pair: list[RunSpec], out: Path, done: int, total: int,
             atomic_write(run_dir / "job.json", json.dumps(job))
             (run_dir / "result.json").unlink(missing_ok=True)
             env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            log = open(run_dir / "log.txt", "w")
-            child = subprocess.Popen(
-                [sys.executable, "-c", "import sys; from hmrnn_lightning.commands.compare import run_job; "
-                 "sys.exit(run_job(sys.argv[1]))", str(run_dir / "job.json")],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
-                preexec_fn=(lambda c=core: os.sched_setaffinity(0, {c})) if hasattr(os, "sched_setaffinity") else None)
-            log.close()
+            with open(run_dir / "log.txt", "w") as log:  # the child keeps its own copy of the file
+                child = subprocess.Popen(
+                    [sys.executable, "-c", "import sys; from hmrnn_lightning.commands.compare import run_job; "
+                     "sys.exit(run_job(sys.argv[1]))", str(run_dir / "job.json")],
+                    stdout=log, stderr=subprocess.STDOUT, env=env,
+                    preexec_fn=(lambda c=core: os.sched_setaffinity(0, {c})) if hasattr(os, "sched_setaffinity") else None)
             jobs.append((spec, child, run_dir))
             print(f"hmrnn: run {done + n + 1}/{total}: {spec.label} seed {spec.seed} on core {core} "
                   f"(log: {run_dir / 'log.txt'})", flush=True)
