@@ -40,3 +40,39 @@ def default_callbacks(module) -> list:
     if trainer is not None and trainer.loggers:
         wanted.append(LearningRateMonitor)
     return [cls() for cls in wanted if not any(isinstance(cb, cls) for cb in present)]
+
+
+def check_rate_target(owner: str, target: list[float | None] | None, weight: float, boundary_layers: int) -> None:
+    """Raise one clear error when ``boundary_rate_target`` does not fit the stack (one entry per
+    boundary layer, rates strictly between 0 and 1, a weight of at least 0)."""
+    if target is None:
+        return
+    if len(target) != boundary_layers:
+        raise ValueError(f"{owner}: boundary_rate_target has {len(target)} entries, the stack has {boundary_layers} "
+                         f"boundary layer{'s' if boundary_layers != 1 else ''} (one entry each, null to leave one free)")
+    if any(r is not None and not 0.0 < r < 1.0 for r in target) or weight < 0:
+        raise ValueError(f"{owner}: boundary_rate_target needs rates strictly between 0 and 1 and "
+                         f"boundary_rate_weight >= 0, got {target} and {weight}")
+
+
+def rate_penalty(boundary_logits, target: list[float | None] | None, weight: float, mask=None):
+    """``weight * sum_l (rate_l - target_l)^2`` over a window's logits ``[B, T, L - 1]`` (None
+    without a target, or with every entry None). ``rate_l`` is the share of the steps (those where
+    ``mask`` ``[B, T]`` is true, when given) whose logit is above 0, with a straight-through
+    gradient of 1 for each logit's step: a sigmoid of the logit would vanish on saturated logits,
+    as the estimator's gradient does."""
+    import torch
+
+    if target is None or all(r is None for r in target):
+        return None
+    logits = boundary_logits.float()
+    if mask is None:
+        hard, soft = (logits > 0).float().mean(dim=(0, 1)), logits.mean(dim=(0, 1))
+    else:
+        w = mask.float().unsqueeze(-1)
+        n = w.sum().clamp_min(1.0)
+        # padded steps carry logits too; NaN (rows a step skipped) would poison the sum, so zero them
+        logits = torch.where(w > 0, logits, torch.zeros_like(logits))
+        hard, soft = ((logits > 0).float() * w).sum(dim=(0, 1)) / n, (logits * w).sum(dim=(0, 1)) / n
+    rate = hard + (soft - soft.detach())
+    return weight * torch.stack([(rate[l] - r) ** 2 for l, r in enumerate(target) if r is not None]).sum()

@@ -12,7 +12,9 @@ from torch import Tensor
 
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput
 from hmrnn_lightning.heads.mdn import MixtureDensityHead
-from hmrnn_lightning.models.common import announce_stack_path, clip_gradients_by_default, default_callbacks
+from hmrnn_lightning.models.common import (
+    announce_stack_path, check_rate_target, clip_gradients_by_default, default_callbacks, rate_penalty,
+)
 from hmrnn_lightning.metrics import BoundaryStatistics, SequenceLogLikelihood
 
 StackFactory = Callable[[int], RecurrentStack]
@@ -36,6 +38,12 @@ class HandwritingModel(pl.LightningModule):
         grad_clip_norm: clip the global gradient norm (None: no clipping).
         stats: ``{"mean": [mx, my], "std": [sx, sy]}`` of training offsets (linked from the data by
             the CLI); stored in checkpoints and used to draw samples in real units.
+        boundary_rate_target: per boundary layer (bottom first) a firing rate to pull it towards,
+            or None to leave a layer free; None (the default, and the paper) adds nothing. Not in
+            the paper; as :class:`~hmrnn_lightning.models.HMRNNLanguageModel`'s option, with the
+            rate counted over the lines' real steps (padding left out). Logged as
+            ``train/rate_penalty``.
+        boundary_rate_weight: the penalty's weight against the per-step NLL (nats).
     """
 
     def __init__(
@@ -45,6 +53,8 @@ class HandwritingModel(pl.LightningModule):
         lr: float = 0.0003,
         grad_clip_norm: float | None = 1.0,
         stats: dict[str, list[float]] | None = None,
+        boundary_rate_target: list[float | None] | None = None,
+        boundary_rate_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -57,6 +67,8 @@ class HandwritingModel(pl.LightningModule):
         self.val_ll, self.test_ll = SequenceLogLikelihood(), SequenceLogLikelihood()
         self.val_ll_raw, self.test_ll_raw = SequenceLogLikelihood(), SequenceLogLikelihood()
         self.val_boundaries, self.test_boundaries = BoundaryStatistics(L), BoundaryStatistics(L)
+        boundary_layers = L - 1 if self.estimator is not None else 0
+        check_rate_target(type(self).__name__, boundary_rate_target, boundary_rate_weight, boundary_layers)
 
     @property
     def estimator(self):
@@ -86,6 +98,11 @@ class HandwritingModel(pl.LightningModule):
             if aux is not None:
                 total = total + aux
             self.log("train/slope", self.estimator.slope, batch_size=inputs.shape[0])
+            penalty = rate_penalty(out.boundary_logits, self.hparams.get("boundary_rate_target"),
+                                   self.hparams.boundary_rate_weight, mask)
+            if penalty is not None:
+                total = total + penalty
+                self.log("train/rate_penalty", penalty, batch_size=inputs.shape[0])
         self.log("train/nll_per_step", loss, prog_bar=True, batch_size=inputs.shape[0])
         self.log("train/loglik", (ll * mask).sum() / inputs.shape[0], batch_size=inputs.shape[0])
         return total

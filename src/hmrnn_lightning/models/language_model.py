@@ -13,7 +13,9 @@ from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
 from hmrnn_lightning.estimators.base import BoundaryEstimator
 from hmrnn_lightning.heads.base import Head
-from hmrnn_lightning.models.common import announce_stack_path, clip_gradients_by_default, default_callbacks
+from hmrnn_lightning.models.common import (
+    announce_stack_path, check_rate_target, clip_gradients_by_default, default_callbacks, rate_penalty,
+)
 from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics, SeparatorRates
 
 StackFactory = Callable[[int], RecurrentStack]
@@ -108,30 +110,12 @@ class HMRNNLanguageModel(pl.LightningModule):
         self._carried: dict[str, State | None] = {"train": None, "val": None, "test": None}
         self._f1: dict[str, list[tuple[str, BoundaryF1]]] = {}
         self._separator_rates: dict[str, SeparatorRates | None] = {}
-        self._check_rate_target(boundary_rate_target, boundary_rate_weight)
-
-    def _check_rate_target(self, target: list[float | None] | None, weight: float) -> None:
-        if target is None:
-            return
-        layers = self.stack.num_layers - 1 if self.estimator is not None else 0
-        if len(target) != layers:
-            raise ValueError(f"HMRNNLanguageModel: boundary_rate_target has {len(target)} entries, the stack has "
-                             f"{layers} boundary layer{'s' if layers != 1 else ''} (one entry each, null to leave one free)")
-        if any(r is not None and not 0.0 < r < 1.0 for r in target) or weight < 0:
-            raise ValueError(f"HMRNNLanguageModel: boundary_rate_target needs rates strictly between 0 and 1 and "
-                             f"boundary_rate_weight >= 0, got {target} and {weight}")
+        boundary_layers = self.stack.num_layers - 1 if self.estimator is not None else 0
+        check_rate_target(type(self).__name__, boundary_rate_target, boundary_rate_weight, boundary_layers)
 
     def rate_penalty(self, boundary_logits: Tensor) -> Tensor | None:
         """The ``boundary_rate_target`` penalty for a window's logits ``[B, T, L - 1]`` (None without one)."""
-        target = self.hparams.get("boundary_rate_target")
-        if target is None:
-            return None
-        logits = boundary_logits.float()
-        hard = (logits > 0).float().mean(dim=(0, 1))
-        soft = logits.mean(dim=(0, 1))
-        rate = hard + (soft - soft.detach())  # the firing rate, with the gradient of the mean logit
-        terms = [(rate[l] - r) ** 2 for l, r in enumerate(target) if r is not None]
-        return self.hparams.boundary_rate_weight * torch.stack(terms).sum() if terms else None
+        return rate_penalty(boundary_logits, self.hparams.get("boundary_rate_target"), self.hparams.boundary_rate_weight)
 
     # -- model ---------------------------------------------------------------------------
     @property

@@ -1,0 +1,67 @@
+"""The pieces both LightningModules share: the boundary-rate target's check and penalty."""
+
+import functools
+
+import pytest
+import torch
+
+from hmrnn_lightning import HMStack, StepEstimator
+from hmrnn_lightning.heads import MixtureDensityHead
+from hmrnn_lightning.models import HandwritingModel
+from hmrnn_lightning.models.common import check_rate_target, rate_penalty
+
+
+def test_rate_penalty_counts_only_the_masked_steps():
+    logits = torch.tensor([[[1.0], [1.0], [-1.0], [-1.0]]])  # [B=1, T=4, 1]: fires on 2 of 4 steps
+    assert rate_penalty(logits, [0.5], 1.0).item() == pytest.approx(0.0)
+    mask = torch.tensor([[True, True, False, False]])  # the last two steps are padding
+    assert rate_penalty(logits, [0.5], 1.0, mask).item() == pytest.approx(0.25)  # rate 1 against 0.5
+    logits[0, 3, 0] = float("nan")  # a padded step's NaN does not reach the penalty
+    assert rate_penalty(logits, [0.5], 2.0, mask).item() == pytest.approx(0.5)
+    assert rate_penalty(logits, [None], 1.0, mask) is None and rate_penalty(logits, None, 1.0) is None
+
+
+def test_rate_penalty_gradient_reaches_saturated_logits():
+    logits = torch.full((2, 3, 1), -30.0, requires_grad=True)  # never fires
+    rate_penalty(logits, [0.5], 1.0).backward()
+    assert (logits.grad < 0).all()  # descending the penalty raises every logit
+
+
+def test_check_rate_target_names_the_owner_and_the_problem():
+    check_rate_target("M", None, 1.0, 2)
+    with pytest.raises(ValueError, match="M: boundary_rate_target has 1 entries, the stack has 2 boundary layers"):
+        check_rate_target("M", [0.1], 1.0, 2)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        check_rate_target("M", [0.0], 1.0, 1)
+    with pytest.raises(ValueError, match="boundary_rate_weight >= 0"):
+        check_rate_target("M", [0.2], -1.0, 1)
+
+
+def handwriting_model(**kwargs) -> HandwritingModel:
+    return HandwritingModel(
+        stack=functools.partial(HMStack, hidden_sizes=[8, 8], estimator=StepEstimator()),
+        head=functools.partial(MixtureDensityHead, num_components=2, embed_dim=8), **kwargs,
+    )
+
+
+def test_handwriting_model_takes_a_rate_target():
+    with pytest.raises(ValueError, match="HandwritingModel: boundary_rate_target has 2 entries"):
+        handwriting_model(boundary_rate_target=[0.1, 0.1])
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(3, 12, 3), torch.randn(3, 12, 3)
+    targets[..., 2] = (targets[..., 2] > 0).float()
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[0, 6:] = False
+    losses = {}
+    for target in (None, [0.999]):
+        torch.manual_seed(1)
+        model = handwriting_model(boundary_rate_target=target, boundary_rate_weight=5.0)
+        logged = {}
+        model.log = lambda name, value, **k: logged.__setitem__(name, value)  # noqa: B023
+        losses[str(target)] = model.training_step((inputs, targets, mask), 0).item()
+        _, out = model(inputs)
+        if target is not None:
+            expected = rate_penalty(out.boundary_logits, target, 5.0, mask).item()
+            assert logged["train/rate_penalty"].item() == pytest.approx(expected)
+            assert losses[str(target)] == pytest.approx(losses["None"] + expected, rel=1e-5)
+    assert losses["[0.999]"] > losses["None"]
