@@ -1,6 +1,6 @@
 import torch
 
-from hmrnn_lightning.metrics import BoundaryF1
+from hmrnn_lightning.metrics import BoundaryF1, EndNeighbourRates
 
 
 def test_oracle_scores_one_and_shifted_oracle_needs_tolerance():
@@ -92,3 +92,27 @@ def test_tolerance_matches_brute_force_on_random_sequences():
                 best = r
                 break
         assert matched_pairs(pred, true, 1) == best, (pred, true)
+
+
+def test_end_neighbour_rates_tell_late_from_early():
+    # word ends at 2 and 5 of one window; layer 1 fires one symbol late, layer 2 one early
+    ends = torch.zeros(1, 8, 2)
+    ends[0, [2, 5], 0] = 1.0
+    ends[0, 7, 1] = 1.0  # another level: not read
+    z = torch.zeros(1, 8, 3)
+    z[0, [3, 6], 0] = 1.0
+    z[0, [1, 4], 1] = 1.0
+    m = EndNeighbourRates(num_layers=2, level=0)
+    m.update(z, ends)
+    out = {k: v.item() for k, v in m.compute().items()}
+    assert out == {"boundary_rate_before_end/l1": 0.0, "boundary_rate_after_end/l1": 1.0,
+                   "boundary_rate_before_end/l2": 1.0, "boundary_rate_after_end/l2": 0.0}
+    # an end on a window's first step has no symbol before it there (and the last none after)
+    m.reset()
+    edge = torch.zeros(1, 4, 1)
+    edge[0, 0, 0] = edge[0, 3, 0] = 1.0
+    m.update(torch.ones(1, 4, 3), edge)
+    out = {k: v.item() for k, v in m.compute().items()}
+    assert out == {"boundary_rate_before_end/l1": 1.0, "boundary_rate_after_end/l1": 1.0,
+                   "boundary_rate_before_end/l2": 1.0, "boundary_rate_after_end/l2": 1.0}
+    assert (m.n_before.item(), m.n_after.item()) == (1.0, 1.0)

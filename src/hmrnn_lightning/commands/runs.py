@@ -511,6 +511,9 @@ LAYER_FIGURES = (
     ("rate", "boundary_rate/l{k}"),
     ("on sep", "boundary_rate_sep/l{k}"),
     ("on other", "boundary_rate_other/l{k}"),
+    # the symbols just before and just after each word end: which side a layer fires on
+    ("before end", "boundary_rate_before_end/l{k}"),
+    ("after end", "boundary_rate_after_end/l{k}"),
     ("P", "boundary_precision/l{k}_word"),
     ("R", "boundary_recall/l{k}_word"),
     ("F1", "boundary_f1/l{k}_word"),

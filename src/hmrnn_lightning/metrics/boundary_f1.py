@@ -79,3 +79,47 @@ class BoundaryF1(Metric):
                 out[f"boundary_recall/{tag}"] = recall[l, k].float()
                 out[f"boundary_f1/{tag}"] = f1[l, k].float()
         return out
+
+
+class EndNeighbourRates(Metric):
+    """How often each layer fires on the symbol just before, and just after, each known word end.
+
+    Exact F1 and F1 within one step cannot tell a detector that fires one symbol late (on the
+    first letter after a space: "after it sees a space", as the paper describes its Figure 3)
+    from one that fires one symbol early, or from one that fires around every end. These two
+    rates can. ``compute()`` returns ``boundary_rate_before_end/l{k}`` and
+    ``boundary_rate_after_end/l{k}`` (layers numbered from 1). Windows are read on their own: an
+    end at a window's first (last) step has no symbol before (after) it there and is not counted.
+
+    Args:
+        num_layers: layers with a boundary detector.
+        level: which column of the known boundaries holds the word ends.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_layers: int, level: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_layers, self.level = num_layers, level
+        for name in ("fired_before", "fired_after"):
+            self.add_state(name, default=torch.zeros(num_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("n_before", "n_after"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, z: Tensor, targets: Tensor) -> None:
+        """Args: ``z [batch, time, >= num_layers]`` (binarised at 0.5), ``targets [batch, time, levels]``."""
+        fired = (z[..., : self.num_layers].detach() > 0.5).double()
+        ends = (targets[..., self.level] > 0.5).double().unsqueeze(-1)
+        self.fired_before += (fired[:, :-1] * ends[:, 1:]).sum((0, 1))
+        self.n_before += ends[:, 1:].sum()
+        self.fired_after += (fired[:, 1:] * ends[:, :-1]).sum((0, 1))
+        self.n_after += ends[:, :-1].sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        out = {}
+        for l in range(self.num_layers):
+            if self.n_before > 0:
+                out[f"boundary_rate_before_end/l{l + 1}"] = (self.fired_before[l] / self.n_before).float()
+            if self.n_after > 0:
+                out[f"boundary_rate_after_end/l{l + 1}"] = (self.fired_after[l] / self.n_after).float()
+        return out

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from hmrnn_lightning.cells.base import LayerState
 from hmrnn_lightning.cells.stack import RecurrentStack, StackOutput, State, detach_state
@@ -16,7 +17,7 @@ from hmrnn_lightning.heads.base import Head
 from hmrnn_lightning.models.common import (
     announce_stack_path, check_rate_target, clip_gradients_by_default, default_callbacks, rate_penalty,
 )
-from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics, SeparatorRates
+from hmrnn_lightning.metrics import BitsPerCharacter, BoundaryF1, BoundaryStatistics, EndNeighbourRates, SeparatorRates
 
 StackFactory = Callable[[int], RecurrentStack]
 HeadFactory = Callable[[list[int], int], Head]
@@ -108,7 +109,7 @@ class HMRNNLanguageModel(pl.LightningModule):
         self.train_bpc, self.val_bpc, self.test_bpc = BitsPerCharacter(), BitsPerCharacter(), BitsPerCharacter()
         self.val_boundaries, self.test_boundaries = BoundaryStatistics(L), BoundaryStatistics(L)
         self._carried: dict[str, State | None] = {"train": None, "val": None, "test": None}
-        self._f1: dict[str, list[tuple[str, BoundaryF1]]] = {}
+        self._f1: dict[str, list[tuple[str, Metric]]] = {}
         self._separator_rates: dict[str, SeparatorRates | None] = {}
         boundary_layers = self.stack.num_layers - 1 if self.estimator is not None else 0
         check_rate_target(type(self).__name__, boundary_rate_target, boundary_rate_weight, boundary_layers)
@@ -169,11 +170,13 @@ class HMRNNLanguageModel(pl.LightningModule):
         self._carried[stage] = detach_state(out.state)
         return self.head.nll(logits, targets), out, (rest[0] if rest else None)
 
-    def _boundary_f1(self, stage: str, labels: Tensor) -> list[tuple[str, BoundaryF1]]:
+    def _boundary_f1(self, stage: str, labels: Tensor) -> list[tuple[str, Metric]]:
         """Created on the first batch with known boundaries, named after the datamodule's levels:
         exact positions, and (when ``boundary_tolerance`` > 0) within that many steps, logged
         with a ``_tol{k}`` suffix. A layer that fires on the symbol after each word end (as the
-        paper's Figure 3 shows) scores near 0 exactly and near 1 with tolerance 1."""
+        paper's Figure 3 shows) scores near 0 exactly and near 1 with tolerance 1; the rates on
+        the symbols before and after each word end (:class:`EndNeighbourRates`, the ``word``
+        level or the first) say which side it is."""
         metrics = self._f1.get(stage)
         if metrics is None:
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -185,6 +188,8 @@ class HMRNNLanguageModel(pl.LightningModule):
                 ("" if tol == 0 else f"_tol{tol}", BoundaryF1(self.stack.num_layers - 1, levels, tol).to(labels.device))
                 for tol in tolerances
             ]
+            word = levels.index("word") if "word" in levels else 0
+            metrics.append(("", EndNeighbourRates(self.stack.num_layers - 1, word).to(labels.device)))
             self._f1[stage] = metrics
         return metrics
 
