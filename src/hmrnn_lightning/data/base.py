@@ -100,11 +100,6 @@ class CharStreamDataModule(pl.LightningDataModule):
         """Identifies the source data and settings; a change makes a new cache."""
         return self.name
 
-    def __str__(self) -> str:
-        # Lightning's own __str__ builds every dataloader (reading and caching the data) and fails
-        # on loaders that are not DataLoaders; jsonargparse formats datamodules into messages
-        return f"{type(self).__name__}(batch_size={self.batch_size}, seq_len={self.seq_len})"
-
     def describe(self) -> str:
         """What is being prepared, for the line printed while the cache is built."""
         return f"the {self.name} corpus"
@@ -270,7 +265,8 @@ class CharStreamDataModule(pl.LightningDataModule):
         return self._loader("test", self.eval_batch_size, drop_last=False, labels=True)
 
     def __str__(self) -> str:
-        # Lightning's own __str__ builds every loader and expects DataLoaders; say what it is instead
+        # Lightning's own __str__ builds every loader (reading and caching the data) and expects
+        # DataLoaders; jsonargparse formats datamodules into messages, so say what it is instead
         return f"{type(self).__name__}(batch_size={self.batch_size}, seq_len={self.seq_len}, cache={self.cache_path})"
 
     def log_layout(self, windows: StreamWindows) -> None:

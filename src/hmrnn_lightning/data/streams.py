@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
