@@ -54,6 +54,8 @@ def test_word_ends_table_and_json(checkpoints, tmp_path, capsys):
     assert [len(result["probe"][m]) for m in ("hm", "lstm")] == [3, 3]
     assert "HM-LSTM z, layer 2" in printed and "LSTM surprisal ranks at layer 1's rate" in printed
     assert "linear probe, LSTM layer 3" in printed and "best HM layer:" in printed
+    assert "HM-LSTM z, layer 1 read 1 later" in printed and "layer 2 fires on the symbols around" in printed
+    assert len(result["hm_next"]) == 2 and set(result["offsets"][0]) == {"-2", "-1", "0", "+1", "+2"}
 
 
 def test_word_ends_refuses_models_trained_with_separators(checkpoints, tmp_path, capsys):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hmrnn_lightning.metrics.word_ends import (
-    TextPass, compare_word_ends, fire_at_rate, local_peaks, read_text, score, stream_windows,
+    TextPass, compare_word_ends, fire_at_rate, local_peaks, offset_rates, one_symbol_later, read_text, score, stream_windows,
 )
 from tests.helpers import tiny_model
 
@@ -60,6 +60,13 @@ def test_compare_reports_f1_at_matched_rates():
     shifted = TextPass([], torch.roll(z, -1, 0), torch.zeros(n), torch.zeros(n))
     late = compare_word_ends(shifted, lstm, labels)["hm"][0]
     assert late["f1"] == 0.0 and late["f1_tol1"] == pytest.approx(1.0, abs=0.02)
+    # read one symbol later, a layer that fires on each next word's first symbol is exact
+    after = TextPass([], torch.roll(z, 1, 0), torch.zeros(n), torch.zeros(n))
+    later = compare_word_ends(after, lstm, labels)
+    assert later["hm"][0]["f1"] == 0.0 and later["hm_next"][0]["f1"] == 1.0
+    assert later["baseline_next"][0]["rate"] == pytest.approx(later["hm_next"][0]["rate"])
+    assert later["offsets"][0]["+1"] == 1.0 and later["offsets"][0]["0"] == 0.0
+    assert out["offsets"][0]["0"] == 1.0 and out["offsets"][1]["0"] == pytest.approx(0.5, abs=0.03)
     curve = out["pr_curve"]
     assert [p["target_rate"] for p in curve] == sorted(p["target_rate"] for p in curve)
     with pytest.raises(ValueError, match="baseline must be one of"):
@@ -89,3 +96,12 @@ def test_stream_windows_cover_the_text_once():
     assert torch.equal(torch.cat([w[0][0] for w in windows]), ids[:-1])
     assert torch.equal(torch.cat([w[1][0] for w in windows]), ids[1:])
     assert torch.equal(torch.cat([w[2][0, :, 0] for w in windows]), labels[:-1])
+
+
+def test_offset_rates_and_the_later_reading_at_the_edges():
+    labels = torch.tensor([0.0, 1, 0, 0, 1])  # word ends at 1 and 4 (the last symbol)
+    z = torch.tensor([[1.0], [0], [1], [0], [0]])
+    rows = offset_rates(z, labels, (-1, 0, 1))
+    # -1: positions 0 and 3 -> 0.5; 0: positions 1 and 4 -> 0; +1: position 2 only (5 is outside) -> 1
+    assert rows == [{"-1": 0.5, "0": 0.0, "+1": 1.0}]
+    assert one_symbol_later(z).squeeze(1).tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]

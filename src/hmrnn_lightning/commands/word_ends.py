@@ -33,7 +33,10 @@ def parser() -> argparse.ArgumentParser:
         "and a linear probe on both models' hidden states. Both checkpoints must come from "
         "`hmrnn fit` with --data.init_args.remove_separators true; give the text WITH its separators "
         "(written as the training files are): they mark the gold word ends and are removed before the "
-        "models read it. F1 pairs predictions with word ends one-to-one (exact, and within one step).",
+        "models read it. F1 pairs predictions with word ends one-to-one (exact, and within one step). "
+        "Surprisal sees the next symbol and z does not, so each layer is also scored 'read 1 later' (its z on "
+        "the next word's first symbol taken as the end of the word before); --baseline entropy is the causal "
+        "baseline. The last lines give each layer's firing rate just before, on and just after word ends.",
     )
     p.add_argument("--hm_ckpt", required=True, help="HM-LSTM checkpoint (a stack with boundary detectors)")
     p.add_argument("--lstm_ckpt", required=True, help="LSTM checkpoint: the baseline's surprisal and the second probe")
@@ -41,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fit_text", default=None,
                    help="text the probes are fitted on, with separators (e.g. ptb.char.valid.txt); without it no probe")
     p.add_argument("--baseline", choices=("surprisal", "entropy"), default="surprisal",
-                   help="LSTM score: surprisal of the next symbol, or entropy of the next-symbol distribution")
+                   help="LSTM score: surprisal of the next symbol (sees that symbol), or entropy of the next-symbol "
+                   "distribution (sees only the past, as z does)")
     p.add_argument("--all_positions", action="store_true",
                    help="rank every position by the score, not only its local peaks")
     p.add_argument("--max_symbols", type=int, default=None,
@@ -159,13 +163,23 @@ def table(result: dict) -> str:
         f"(rate {result['gold_rate']:.3f})",
         f"{'detector':<40}{'rate':>7}{'prec':>7}{'recall':>7}{'F1':>7}{'F1 ±1':>7}",
     ]
-    for l, (hm, base) in enumerate(zip(result["hm"], result["baseline"]), start=1):
-        for label, row in ((f"HM-LSTM z, layer {l}", hm), (f"{name} at layer {l}'s rate", base)):
-            lines.append(f"{label:<40}{row['rate']:7.3f}{row['precision']:7.3f}{row['recall']:7.3f}{row['f1']:7.3f}"
-                         f"{row['f1_tol1']:7.3f}")
+    readings = [("", "hm", "baseline")]
+    if "hm_next" in result:
+        readings.append((" read 1 later", "hm_next", "baseline_next"))
+    for suffix, hm_key, base_key in readings:
+        for l, (hm, base) in enumerate(zip(result[hm_key], result[base_key]), start=1):
+            for label, row in ((f"HM-LSTM z, layer {l}{suffix}", hm), (f"{name} at layer {l}'s rate", base)):
+                lines.append(f"{label:<40}{row['rate']:7.3f}{row['precision']:7.3f}{row['recall']:7.3f}"
+                             f"{row['f1']:7.3f}{row['f1_tol1']:7.3f}")
     best = max(range(len(result["hm"])), key=lambda k: result["hm"][k]["f1"])
     hm, base = result["hm"][best], result["baseline"][best]
     lines.append(f"best HM layer: {best + 1}, F1 {hm['f1']:.3f} against {base['f1']:.3f} for the {name} at rate {base['rate']:.3f}")
+    if "hm_next" in result:
+        lines.append("('read 1 later': z of the symbol after, as the end of the word before; surprisal also sees "
+                     "that symbol, z alone does not)")
+    for l, row in enumerate(result.get("offsets", []), start=1):
+        where = ", ".join(f"{d}: {rate:.2f}" for d, rate in row.items())
+        lines.append(f"layer {l} fires on the symbols around a word's last one (offset: rate) {where}")
     for role, rows in result.get("probe", {}).items():
         who = "HM-LSTM" if role == "hm" else "LSTM"
         for l, row in enumerate(rows, start=1):

@@ -25,7 +25,16 @@ Choices made here:
 * the whole text is one stream, read in windows with the state carried (as evaluation
   does), so a pair of boundaries can never straddle two windows and be lost;
 * the precision-recall curve of the baseline is its precision and recall at a grid of firing
-  rates (``PR_RATES``) plus the HM layers' rates.
+  rates (``PR_RATES``) plus the HM layers' rates;
+* surprisal looks one symbol ahead (it needs ``x_{t+1}``) where ``z^l_t`` sees only
+  ``x_{<=t}``: without separators a causal detector can know that a word has ended only once
+  the next word's first symbol is in. So each layer is also scored *one symbol later*: its
+  ``z^l_{t+1}`` read as the boundary after ``x_t``, the same look-ahead surprisal has (rows
+  ``hm_next`` and ``baseline_next``, the baseline at that reading's rate). ``entropy`` is the
+  causal baseline to set against the plain ``z^l_t``;
+* ``offsets`` gives, per layer, its firing rate on the symbols ``OFFSETS`` away from each word
+  end (0: the word's last symbol, +1: the next word's first), which shows where a layer fires
+  when the exact F1 is low.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from hmrnn_lightning.metrics.boundary_f1 import BoundaryF1
 
 #: firing rates at which the baseline's precision-recall curve is drawn
 PR_RATES = tuple(round(0.05 * k, 2) for k in range(1, 13))
+#: positions, relative to each word's last symbol, at which ``offset_rates`` counts firing
+OFFSETS = (-2, -1, 0, 1, 2)
 BASELINES = ("surprisal", "entropy")
 
 
@@ -135,6 +146,26 @@ def pr_curve(scores: Tensor, labels: Tensor, rates, peaks_only: bool = True) -> 
             for r, row in zip(rates, score(preds, labels, (0,)))]
 
 
+def one_symbol_later(z: Tensor) -> Tensor:
+    """``z [N, k]`` read one symbol later: row ``t`` holds ``z_{t+1}`` (the last row 0), so a
+    boundary put on the next word's first symbol marks the end of the word before it."""
+    return torch.cat([z[1:], z.new_zeros((1,) + tuple(z.shape[1:]))])
+
+
+def offset_rates(z: Tensor, labels: Tensor, offsets: tuple[int, ...] = OFFSETS) -> list[dict[str, float]]:
+    """Per column of ``z [N, k]``: its mean over the positions ``d`` away from each word end
+    (``labels [N]``), for each ``d`` of ``offsets``; ends whose ``t + d`` falls outside are
+    left out. Keys are the offsets as text (``"-1"``, ``"0"``, ``"+1"``)."""
+    ends = labels.reshape(-1).nonzero().squeeze(1)
+    rows = [{} for _ in range(z.shape[1])]
+    for d in offsets:
+        at = ends + d
+        at = at[(at >= 0) & (at < z.shape[0])]
+        for j, row in enumerate(rows):
+            row[f"{d:+d}" if d else "0"] = float(z[at, j].float().mean()) if at.numel() else float("nan")
+    return rows
+
+
 def compare_word_ends(
     hm: TextPass, lstm: TextPass, labels: Tensor, baseline: str = "surprisal", peaks_only: bool = True,
     tolerances: tuple[int, ...] = (0, 1),
@@ -151,8 +182,9 @@ def compare_word_ends(
 
     Returns:
         ``{"hm": [row per layer], "baseline": [row per layer, at that layer's rate],
-        "pr_curve": [...], "gold_rate": float}``; a row has ``rate``, ``precision``,
-        ``recall``, ``f1`` and ``f1_tol{t}``.
+        "hm_next": [...], "baseline_next": [...], "offsets": [per layer], "pr_curve": [...],
+        "gold_rate": float}``; a row has ``rate``, ``precision``, ``recall``, ``f1`` and
+        ``f1_tol{t}``; ``*_next`` read the HM layers one symbol later (see the module).
     """
     if baseline not in BASELINES:
         raise ValueError(f"compare_word_ends: baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
@@ -163,14 +195,23 @@ def compare_word_ends(
     if layers < 1:
         raise ValueError("compare_word_ends: the HM model has no layer with a boundary detector")
     z = (hm.boundaries[:, :layers] > 0.5).float()
-    hm_rows = score(z, labels, tolerances)
     scores = getattr(lstm, baseline)
-    fired = torch.stack([fire_at_rate(scores, row["rate"], peaks_only) for row in hm_rows], -1)
-    rates = sorted(set(PR_RATES) | {round(row["rate"], 4) for row in hm_rows})
+
+    def against_baseline(pred: Tensor) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+        rows = score(pred, labels, tolerances)
+        fired = torch.stack([fire_at_rate(scores, row["rate"], peaks_only) for row in rows], -1)
+        return rows, score(fired, labels, tolerances)
+
+    hm_rows, base_rows = against_baseline(z)
+    next_rows, next_base = against_baseline(one_symbol_later(z))
+    rates = sorted(set(PR_RATES) | {round(row["rate"], 4) for row in hm_rows + next_rows})
     return {
         "gold_rate": float(labels.float().mean()),
         "hm": hm_rows,
-        "baseline": score(fired, labels, tolerances),
+        "baseline": base_rows,
+        "hm_next": next_rows,
+        "baseline_next": next_base,
+        "offsets": offset_rates(z, labels),
         "pr_curve": pr_curve(scores, labels, rates, peaks_only),
     }
 
