@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--text {args.text}: no such file")
     streams, vocab = symbol_streams(args.text, args.batch)
     rows = []
-    print(f"| placement | regime | " + " | ".join(f"T={t}" for t in args.lengths) + " |")
+    print("| placement | regime | " + " | ".join(f"T={t}" for t in args.lengths) + " |")
     print("|---|---|" + "---|" * len(args.lengths))
     for placement in args.placements:
         for regime in REGIMES if PLACEMENTS[placement] != "lstm" else REGIMES[:1]:
