@@ -72,3 +72,23 @@ def test_word_ends_refuses_models_trained_with_separators(checkpoints, tmp_path,
     with pytest.raises(SystemExit):
         main(["word-ends", "--hm_ckpt", str(lstm), "--lstm_ckpt", str(lstm), "--text", str(text)])
     assert "has no boundary detectors" in capsys.readouterr().err
+
+
+def test_plot_boundaries_draws_the_known_word_ends_of_a_model_without_separators(checkpoints, tmp_path, monkeypatch):
+    from hmrnn_lightning.viz import boundaries
+
+    hm, _, _ = checkpoints
+    drawn = {}
+    real = boundaries.plot_boundaries
+
+    def spy(text, z, h_norm, path, title=None, gold=None):
+        drawn.update(text=text, gold=gold)
+        return real(text, z, h_norm, path, title=title, gold=gold)
+
+    monkeypatch.setattr("hmrnn_lightning.viz.plot_boundaries", spy)
+    out = tmp_path / "fig.png"
+    assert main(["plot-boundaries", f"--ckpt_path={hm}", "--text", "ab cd\nef\n", f"--out={out}"]) == 0
+    assert out.stat().st_size > 0
+    # the separators are taken out, and each word's last symbol before one is a known end
+    assert drawn["text"] == "abcdef"
+    assert drawn["gold"]["word end"].tolist() == [0, 1, 0, 1, 0, 1]

@@ -40,7 +40,9 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
     p.add_argument("--ckpt_path", required=True, help="checkpoint written by `hmrnn fit`")
     p.add_argument("--text", required=True,
                    help="the text to analyse, written as the model's training files are (PTB: `t h e _ c a t`); "
-                   "\\n, \\t and \\\\ are read as escapes")
+                   "\\n, \\t and \\\\ are read as escapes. For a model trained with remove_separators, give it "
+                   "with its separators: they are taken out before the model reads it and drawn as the known "
+                   "word ends, in red under the model's rows")
     p.add_argument("--out", default="boundaries.png", help="figure to write; the extension picks the format (.png, .pdf, .svg...)")
     p.add_argument("--title", default=None, help="title above the figure (default: the checkpoint's file name)")
     args = p.parse_args(argv)
@@ -51,14 +53,33 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
     model = load_model(args.ckpt_path, HMRNNLanguageModel)
     if model.vocab is None:
         fail(f"{args.ckpt_path}: the checkpoint holds no vocabulary, so text cannot be encoded")
+    gold = None
+    if _trained_without_separators(model):
+        from hmrnn_lightning.commands.word_ends import separated_reader
+
+        symbols, ends = separated_reader(model, args.ckpt_path)(text)
+        try:
+            model.encode(symbols, "--text")  # one clear message for a symbol the model never saw
+        except ValueError as exc:
+            fail(str(exc))
+        gold = {"word end": ends.numpy()}
+    else:
+        symbols = model_symbols(model, text, "--text")
     # the model's symbols are single characters: joined, they label the figure's columns one each
-    text = "".join(model_symbols(model, text, "--text"))
+    text = "".join(symbols)
     if not text:
         fail("--text holds no symbols (only blank lines)")
     z, norms = model.analyse(text)
-    path = plot_boundaries(text, z.numpy(), norms.numpy(), args.out, title=args.title or Path(args.ckpt_path).name)
+    path = plot_boundaries(text, z.numpy(), norms.numpy(), args.out, title=args.title or Path(args.ckpt_path).name,
+                           gold=gold)
     print(f"wrote {path}")
     return 0
+
+
+def _trained_without_separators(model) -> bool:
+    """Whether ``model``'s checkpoint says its text was read with ``remove_separators``."""
+    reading = getattr(model, "text_reading", None)
+    return isinstance(reading, dict) and bool((reading.get("options") or {}).get("remove_separators"))
 
 
 def cmd_sample_strokes(argv: list[str]) -> int:
