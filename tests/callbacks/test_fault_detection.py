@@ -102,7 +102,9 @@ def test_the_model_brings_its_callbacks_unless_configured(tmp_path):
     model.trainer = pl.Trainer(logger=False, callbacks=[FaultDetection(action="skip")])
     assert [type(cb) for cb in model.configure_callbacks()] == [TrainingHealth, LostRank]  # the user's FaultDetection stays
     model.trainer = pl.Trainer(logger=CSVLogger(tmp_path))  # with a logger, the learning rate is logged too
-    assert [type(cb) for cb in model.configure_callbacks()] == [FaultDetection, TrainingHealth, LostRank, LearningRateMonitor]
+    brought = model.configure_callbacks()
+    assert [type(cb) for cb in brought] == [FaultDetection, TrainingHealth, LostRank, LearningRateMonitor]
+    assert brought[-1].logging_interval == "step"  # a division shows at its step, not at the epoch's end
 
 
 def test_describe_parameter_names_the_layer():

@@ -39,7 +39,10 @@ def default_callbacks(module) -> list:
     wanted = [FaultDetection, TrainingHealth, LostRank]
     if trainer is not None and trainer.loggers:
         wanted.append(LearningRateMonitor)
-    return [cls() for cls in wanted if not any(isinstance(cb, cls) for cb in present)]
+    # the plateau scheduler is stepped at every validation, but its config says "epoch", which is
+    # when the monitor would log it by default: logged by step, a division shows where it happened
+    made = {LearningRateMonitor: lambda: LearningRateMonitor(logging_interval="step")}
+    return [made.get(cls, cls)() for cls in wanted if not any(isinstance(cb, cls) for cb in present)]
 
 
 def check_rate_target(owner: str, target: list[float | None] | None, weight: float, boundary_layers: int) -> None:
