@@ -31,6 +31,12 @@ def corpus_reader(model) -> tuple[Callable[[str], list[str]], str | None]:
     return list, None
 
 
+def reads_without_separators(model) -> bool:
+    """Whether ``model``'s checkpoint says its text was read with ``remove_separators``."""
+    reading = getattr(model, "text_reading", None)
+    return isinstance(reading, dict) and bool((reading.get("options") or {}).get("remove_separators"))
+
+
 def model_symbols(model, text: str, where: str) -> list[str]:
     """The symbols of ``text`` as ``model`` reads them; symbols it does not know are one line
     naming ``where`` the text came from and how the model wants text written."""

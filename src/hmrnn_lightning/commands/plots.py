@@ -27,7 +27,7 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
     """hmrnn plot-boundaries: the paper's Figures 3-4 for a text, from a checkpoint."""
     import argparse
 
-    from hmrnn_lightning.commands.model_text import model_symbols
+    from hmrnn_lightning.commands.model_text import model_symbols, reads_without_separators
     from hmrnn_lightning.models.language_model import HMRNNLanguageModel
     from hmrnn_lightning.viz import plot_boundaries
 
@@ -53,18 +53,13 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
     model = load_model(args.ckpt_path, HMRNNLanguageModel)
     if model.vocab is None:
         fail(f"{args.ckpt_path}: the checkpoint holds no vocabulary, so text cannot be encoded")
+    # read as training read text: for a model trained without separators they are taken out here
+    symbols = model_symbols(model, text, "--text")
     gold = None
-    if _trained_without_separators(model):
+    if reads_without_separators(model):
         from hmrnn_lightning.commands.word_ends import separated_reader
 
-        symbols, ends = separated_reader(model, args.ckpt_path)(text)
-        try:
-            model.encode(symbols, "--text")  # one clear message for a symbol the model never saw
-        except ValueError as exc:
-            fail(str(exc))
-        gold = {"word end": ends.numpy()}
-    else:
-        symbols = model_symbols(model, text, "--text")
+        gold = {"word end": separated_reader(model, args.ckpt_path)(text)[1].numpy()}
     # the model's symbols are single characters: joined, they label the figure's columns one each
     text = "".join(symbols)
     if not text:
@@ -74,12 +69,6 @@ def cmd_plot_boundaries(argv: list[str]) -> int:
                            gold=gold)
     print(f"wrote {path}")
     return 0
-
-
-def _trained_without_separators(model) -> bool:
-    """Whether ``model``'s checkpoint says its text was read with ``remove_separators``."""
-    reading = getattr(model, "text_reading", None)
-    return isinstance(reading, dict) and bool((reading.get("options") or {}).get("remove_separators"))
 
 
 def cmd_sample_strokes(argv: list[str]) -> int:

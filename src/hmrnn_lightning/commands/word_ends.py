@@ -163,10 +163,7 @@ def table(result: dict) -> str:
         f"(rate {result['gold_rate']:.3f})",
         f"{'detector':<40}{'rate':>7}{'prec':>7}{'recall':>7}{'F1':>7}{'F1 ±1':>7}",
     ]
-    readings = [("", "hm", "baseline")]
-    if "hm_next" in result:
-        readings.append((" read 1 later", "hm_next", "baseline_next"))
-    for suffix, hm_key, base_key in readings:
+    for suffix, hm_key, base_key in (("", "hm", "baseline"), (" read 1 later", "hm_next", "baseline_next")):
         for l, (hm, base) in enumerate(zip(result[hm_key], result[base_key]), start=1):
             for label, row in ((f"HM-LSTM z, layer {l}{suffix}", hm), (f"{name} at layer {l}'s rate", base)):
                 lines.append(f"{label:<40}{row['rate']:7.3f}{row['precision']:7.3f}{row['recall']:7.3f}"
@@ -174,10 +171,9 @@ def table(result: dict) -> str:
     best = max(range(len(result["hm"])), key=lambda k: result["hm"][k]["f1"])
     hm, base = result["hm"][best], result["baseline"][best]
     lines.append(f"best HM layer: {best + 1}, F1 {hm['f1']:.3f} against {base['f1']:.3f} for the {name} at rate {base['rate']:.3f}")
-    if "hm_next" in result:
-        lines.append("('read 1 later': z of the symbol after, as the end of the word before; surprisal also sees "
-                     "that symbol, z alone does not)")
-    for l, row in enumerate(result.get("offsets", []), start=1):
+    lines.append("('read 1 later': z of the symbol after, as the end of the word before; surprisal also sees "
+                 "that symbol, z alone does not)")
+    for l, row in enumerate(result["offsets"], start=1):
         where = ", ".join(f"{d}: {rate:.2f}" for d, rate in row.items())
         lines.append(f"layer {l} fires on the symbols around a word's last one (offset: rate) {where}")
     for role, rows in result.get("probe", {}).items():

@@ -41,8 +41,8 @@ def default_callbacks(module) -> list:
         wanted.append(LearningRateMonitor)
     # the plateau scheduler is stepped at every validation, but its config says "epoch", which is
     # when the monitor would log it by default: logged by step, a division shows where it happened
-    made = {LearningRateMonitor: lambda: LearningRateMonitor(logging_interval="step")}
-    return [made.get(cls, cls)() for cls in wanted if not any(isinstance(cb, cls) for cb in present)]
+    return [LearningRateMonitor(logging_interval="step") if cls is LearningRateMonitor else cls()
+            for cls in wanted if not any(isinstance(cb, cls) for cb in present)]
 
 
 def check_rate_target(owner: str, target: list[float | None] | None, weight: float, boundary_layers: int) -> None:
