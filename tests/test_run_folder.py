@@ -103,6 +103,24 @@ def test_resume_by_folder_goes_on_in_the_same_folder(tmp_path, capfd, recwarn):
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 5
 
 
+def test_a_fit_stopped_by_max_steps_mid_epoch_resumes_in_that_epoch(tmp_path, capfd):
+    """max_steps ends the fit inside epoch 0: last.ckpt must say epoch 0 (saved at on_train_end it
+    said 1, and the resumed run started epoch 1 with a per-epoch slope one step on)."""
+    root = tmp_path / "root"
+    assert run(capfd, *fit_args(root, "--trainer.max_steps=3"))[0] == 0
+    last_path = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+    def where(path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        loop = ckpt["loops"]["fit_loop"]
+        return ckpt["epoch"], ckpt["global_step"], loop["epoch_progress"]["current"]["completed"]
+
+    assert where(last_path) == (0, 3, 0)
+    code, lines = run(capfd, "fit", "--resume", str(last_path.parent.parent), "--trainer.max_steps=5")
+    assert code == 0, lines
+    assert where(last_path) == (0, 5, 0)
+
+
 @pytest.mark.parametrize("make,words", [
     (lambda t: t / "nowhere", "no such run folder"),
     (lambda t: (t / "empty").mkdir() or t / "empty", "not a run folder"),
@@ -162,6 +180,28 @@ def test_test_reads_the_runs_own_config(tmp_path, capfd, recwarn, lm_ckpt):
     lone.write_bytes(lm_ckpt.read_bytes())
     code, lines = run(capfd, "test", f"--ckpt_path={lone}")
     assert code == 2 and len(lines) == 1 and "--config" in lines[0], lines
+
+
+def test_a_checkpoint_given_before_the_runs_config_is_still_the_one_evaluated(capfd, lm_ckpt):
+    """The run's config.yaml says ckpt_path: null; given after --ckpt_path it undid the flag and the
+    command evaluated untrained weights with exit 0."""
+    config = lm_ckpt.parent.parent / "config.yaml"
+
+    def bpc(*args):
+        code = main(["test", *args, "--trainer.limit_test_batches=1"])
+        out = capfd.readouterr().out
+        assert code == 0
+        return [line for line in out.splitlines() if "test/bpc" in line]
+
+    assert bpc(f"--ckpt_path={lm_ckpt}", "--config", str(config)) == bpc("--config", str(config), f"--ckpt_path={lm_ckpt}")
+    assert resolve_run_arguments(["fit", "--ckpt_path", "a.ckpt", "--config", "c.yaml"])[0] == [
+        "fit", "--config", "c.yaml", "--ckpt_path", "a.ckpt"]
+
+
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_a_checkpoint_that_is_not_there_is_one_line(command, tmp_path, capfd):
+    code, lines = run(capfd, command, f"--ckpt_path={tmp_path / 'nope.ckpt'}")
+    assert code == 2 and lines == [f"hmrnn: error: checkpoint {tmp_path / 'nope.ckpt'}: no such file"], lines
 
 
 def test_a_model_setting_the_checkpoint_contradicts_is_refused(tmp_path, capfd, lm_ckpt):

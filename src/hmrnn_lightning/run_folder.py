@@ -144,7 +144,10 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
       ``--config`` files and flags still apply), ``--ckpt_path RUN/checkpoints/last.ckpt``;
       returns ``RUN`` so the loggers write into it again. ``fit --ckpt_path last`` is the same as
       ``--resume last`` with the command's own config.
-    - ``validate/test/predict --ckpt_path C`` without a config: the config of ``C``'s run folder.
+    - ``validate/test/predict --ckpt_path C`` without a config: the config of ``C``'s run folder;
+      a ``C`` that is not a file is refused.
+    - a ``--ckpt_path`` given is moved after every ``--config``, so that a config file (a run's
+      ``config.yaml`` holds ``ckpt_path: null``) cannot silently undo it.
     - ``validate/test/predict`` without ``--ckpt_path``, or with ``best``/``last`` (which name a
       checkpoint of a fit in the same process, and there is none): refused, since they would
       evaluate untrained weights.
@@ -170,7 +173,10 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
                 f"{command} {what} would evaluate untrained weights; give a checkpoint file, "
                 f"e.g. --ckpt_path RUN/checkpoints/{LAST_NAME}"
             )
-        if not has_config and Path(ckpt).is_file():
+        local = not (ckpt in ("hpc", "registry") or ckpt.startswith("registry:") or "://" in ckpt)
+        if local and not Path(ckpt).is_file():
+            raise ConfigError(f"checkpoint {ckpt}: no such file")
+        if not has_config and local:
             run = run_of_checkpoint(Path(ckpt))
             if run is None:
                 raise ConfigError(
@@ -178,13 +184,14 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
                     "add --config CONFIG (the config it was trained with)"
                 )
             return [command, "--config", str(run / CONFIG_NAME), *rest], None
-        return args, None
+        return [command, *_replace_option(rest, "--ckpt_path", ckpt)], None
     if resume is None and ckpt == "last":
         run = _newest_run_or_fail(root, "--ckpt_path last")
         rest = _replace_option(rest, "--ckpt_path", str(run / "checkpoints" / LAST_NAME))
         return [command, *rest], run
     if resume is None:
-        return args, None
+        # last, so that no --config given after it (a run's config.yaml says ckpt_path: null) undoes it
+        return (args if ckpt is None else [command, *_replace_option(rest, "--ckpt_path", ckpt)]), None
     if ckpt is not None:
         raise ConfigError("fit: give --resume or --ckpt_path, not both (--resume takes the run's last.ckpt)")
     run = resume_target(resume, root)

@@ -36,7 +36,8 @@ class LastCheckpoint(Checkpoint):
     - every ``every_n_train_steps`` optimizer steps, so a crash loses at most that many steps;
     - at the end of each validation (the best-so-far bookkeeping and the learning-rate plateau
       state are then current);
-    - when training ends;
+    - when training ends (a fit that ``max_steps`` or ``max_time`` stops mid-epoch: after its last
+      step, so that a resume continues that epoch);
     - when the process receives SIGTERM (a scheduler's preemption) or SIGINT (Ctrl+C): the
       current step finishes, ``last.ckpt`` is saved at the same point as the periodic saves (so
       ``hmrnn fit --resume RUN`` continues exactly), and the fit stops with
@@ -70,6 +71,7 @@ class LastCheckpoint(Checkpoint):
         self._received: int | None = None
         self._previous: dict[int, object] = {}
         self._saved_at: int | None = None
+        self._stopped_mid_epoch = False
 
     @property
     def state_key(self) -> str:
@@ -108,16 +110,25 @@ class LastCheckpoint(Checkpoint):
             self._restore_handlers()
             raise TrainingInterrupted(signal.Signals(received).name, received, trainer.global_step, path)
         n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0 and self._saved_at != trainer.global_step:
+        # the last step of a fit that max_steps or max_time (the Timer, which runs before this
+        # callback) ends mid-epoch is saved here: by on_train_end Lightning has counted the epoch
+        # as done, and a resume would start the next one (and a per-epoch slope one step on)
+        stopping = trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        self._stopped_mid_epoch = stopping and batch_idx + 1 < trainer.num_training_batches
+        if ((n and trainer.global_step % n == 0) or self._stopped_mid_epoch) and self._saved_at != trainer.global_step:
             self.save(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
+            if trainer.should_stop:  # e.g. EarlyStopping: this save is the run's last
+                done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+                self._stopped_mid_epoch = done < trainer.num_training_batches
             self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()
-        self.save(trainer)
+        if not (self._stopped_mid_epoch and self._saved_at == trainer.global_step):
+            self.save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
