@@ -97,6 +97,10 @@ def test_resume_by_folder_goes_on_in_the_same_folder(tmp_path, capfd, recwarn):
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2  # the logs go on in the same folder
     messages = [str(w.message) for w in recwarn]
     assert not [m for m in messages if "dirpath has changed" in m or "exists and is not empty" in m], messages
+    # --print_config shows the resumed run's settings (it refused --resume before)
+    assert main(["fit", "--resume", str(run_dir), "--print_config"]) == 0
+    printed = capfd.readouterr().out
+    assert "max_steps: 4" in printed and "last.ckpt" in printed, printed[-500:]
     # --resume last: the newest run under the root (given by --trainer.default_root_dir)
     code, _ = run(capfd, "fit", "--resume", "last", f"--trainer.default_root_dir={root}", "--trainer.max_steps=5")
     assert code == 0 and versions(root) == ["version_0"]

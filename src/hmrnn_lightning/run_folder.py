@@ -158,9 +158,15 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
     if not args or args[0] not in ("fit", "validate", "test", "predict"):
         return args, None
     command, rest = args[0], list(args[1:])
-    if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=") for a in rest):
+    if any(a in ("-h", "--help") for a in rest):
         return args, None
+    printing = any(a == "--print_config" or a.startswith("--print_config=") for a in rest)
     resume, rest = _take_option(rest, "--resume")
+    if printing:  # shows what would run: --resume's config applies, nothing is refused or claimed
+        if resume is None:
+            return args, None
+        run = resume_target(resume, Path(_option(rest, "--trainer.default_root_dir") or "."))
+        return [command, "--config", str(run / CONFIG_NAME), *rest, "--ckpt_path", str(run / "checkpoints" / LAST_NAME)], None
     ckpt = _option(rest, "--ckpt_path")
     has_config = any(a in ("-c", "--config") or a.startswith(("--config=", "-c=")) for a in rest)
     root = Path(_option(rest, "--trainer.default_root_dir") or ".")

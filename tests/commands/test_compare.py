@@ -11,12 +11,16 @@ from hmrnn_lightning.cli import main
 from hmrnn_lightning.commands.runs import markdown_summary, summarise
 
 
-def test_compare_on_tiny_synthetic_data(tiny_configs, tmp_path, capsys):
+def test_compare_on_tiny_synthetic_data(tiny_configs, tmp_path, capsys, monkeypatch):
     hm, lstm = tiny_configs
     out = tmp_path / "cmp"
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)  # the parameter counts build CLIs here; they left empty run folders behind
     code = main(["compare", "--hm", str(hm), "--baseline", str(lstm), "--seeds", "3", "--max_steps", "4",
-                 "--val_every", "2", "--out", str(out)])
+                 "--val_every", "2", "--out", str(out), "--", "--trainer.logger=true"])
     assert code == 0
+    assert list(here.rglob("*")) == []
     printed = capsys.readouterr().out
     assert "run 1/2: hm_lstm seed 3" in printed and "run 2/2: ln_lstm seed 3" in printed
     counts = [line for line in printed.splitlines() if line.startswith("hmrnn: parameters:")]

@@ -103,7 +103,7 @@ def cmd_compare(argv: list[str]) -> int:
     hm_configs = [args.hm] + data_overlay
     base_configs = [args.baseline] + data_overlay
 
-    hm_params = count_parameters(build_cli(hm_configs, extra, quiet=True).model)
+    hm_params = count_parameters(build_cli(hm_configs, extra, quiet=True, inspect_only=True).model)
     width_args: list[str] = []
     if not args.no_match:
         width, layers, base_params = matched_width(base_configs, extra, hm_params)
@@ -111,7 +111,7 @@ def cmd_compare(argv: list[str]) -> int:
         print(f"hmrnn: parameters: {args.names[0]} {hm_params:,}; {args.names[1]} {base_params:,} "
               f"({layers} x {width}, {100 * (base_params - hm_params) / hm_params:+.1f}%)", flush=True)
     else:
-        base_params = count_parameters(build_cli(base_configs, extra, quiet=True).model)
+        base_params = count_parameters(build_cli(base_configs, extra, quiet=True, inspect_only=True).model)
         print(f"hmrnn: parameters: {args.names[0]} {hm_params:,}; {args.names[1]} {base_params:,} (width from its config)", flush=True)
 
     specs = []
@@ -284,9 +284,9 @@ def matched_width(configs: list[str], extra: list[str], target: int) -> tuple[in
     parameter count is closest to ``target`` (see the module docstring)."""
     def params(width: int, layers: int) -> int:
         sizes = ", ".join([str(width)] * layers)
-        return count_parameters(build_cli(configs, [*extra, f"--model.init_args.stack.init_args.hidden_sizes=[{sizes}]"], quiet=True).model)
+        return count_parameters(build_cli(configs, [*extra, f"--model.init_args.stack.init_args.hidden_sizes=[{sizes}]"], quiet=True, inspect_only=True).model)
 
-    layers = len(build_cli(configs, extra, quiet=True).model.stack.hidden_sizes)
+    layers = len(build_cli(configs, extra, quiet=True, inspect_only=True).model.stack.hidden_sizes)
     xs = [8, 16, 32]
     ys = [params(x, layers) for x in xs]
     # exact quadratic through three points (Lagrange form, as a*w^2 + b*w + c)

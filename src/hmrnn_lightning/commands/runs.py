@@ -235,18 +235,25 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_cli(configs: Sequence[str], args: Sequence[str], quiet: bool = False):
+def build_cli(configs: Sequence[str], args: Sequence[str], quiet: bool = False, inspect_only: bool = False):
     """The CLI's trainer, model and datamodule for configs plus arguments, without running.
-    ``quiet`` keeps Lightning's start-up lines (seed, devices) for builds that only count."""
+    ``quiet`` keeps Lightning's start-up lines (seed, devices) for builds that only count;
+    ``inspect_only`` gives back the run folder the build claimed (nothing will be written there)."""
     from hmrnn_lightning.cli import HMRNNCLI
+
+    from hmrnn_lightning.run_folder import release_claim
 
     argv: list[str] = []
     for cfg in configs:
         argv += ["--config", str(cfg)]
-    if not quiet:
-        return HMRNNCLI(args=argv + list(args), run=False)
-    with _quiet("lightning.pytorch"), _quiet("lightning.fabric"):
-        return HMRNNCLI(args=argv + list(args), run=False)
+    if quiet:
+        with _quiet("lightning.pytorch"), _quiet("lightning.fabric"):
+            cli = HMRNNCLI(args=argv + list(args), run=False)
+    else:
+        cli = HMRNNCLI(args=argv + list(args), run=False)
+    if inspect_only:
+        release_claim(cli.trainer.loggers)
+    return cli
 
 
 def run_one(
