@@ -92,3 +92,19 @@ def test_plot_boundaries_draws_the_known_word_ends_of_a_model_without_separators
     # the separators are taken out, and each word's last symbol before one is a known end
     assert drawn["text"] == "abcdef"
     assert drawn["gold"]["word end"].tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_the_table_says_when_the_baseline_has_too_few_peaks_for_a_layers_rate():
+    from hmrnn_lightning.commands.word_ends import table
+
+    def row(rate):
+        return {"rate": rate, "precision": 0.5, "recall": 0.5, "f1": 0.5, "f1_tol1": 0.6}
+
+    def result(base_rate):
+        return {"baseline_name": "surprisal", "peaks_only": True, "text": "t.txt", "symbols": 1000, "words": 200,
+                "gold_rate": 0.2, "hm": [row(0.569), row(0.2)], "baseline": [row(base_rate), row(0.2)],
+                "hm_next": [row(0.569), row(0.2)], "baseline_next": [row(base_rate), row(0.2)], "offsets": []}
+
+    short = table(result(0.340))
+    assert "fire below the rate of layer 1:" in short and "--all_positions" in short
+    assert "fire below the rate" not in table(result(0.569))

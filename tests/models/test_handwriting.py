@@ -61,3 +61,9 @@ def test_cli_fit_and_picture_commands(tmp_path):
     seg = tmp_path / "f5.png"
     assert main(["plot-segments", f"--ckpt_path={ckpt}", f"--data_dir={tmp_path}", "--min_length=60", f"--out={seg}"]) == 0
     assert seg.stat().st_size > 1000
+    for layer in ("0", "3"):  # 3 layers: detectors on 1 and 2 (5 was drawn as 2, 0 as the top layer)
+        with pytest.raises(SystemExit) as stop:
+            main(["plot-segments", f"--ckpt_path={ckpt}", f"--data_dir={tmp_path}", "--min_length=60",
+                  f"--out={tmp_path / 'x.png'}", f"--layer={layer}"])
+        assert stop.value.code == 2
+    assert not (tmp_path / "x.png").exists()

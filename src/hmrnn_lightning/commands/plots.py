@@ -121,7 +121,9 @@ def cmd_plot_segments(argv: list[str]) -> int:
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="which split the line is from")
     p.add_argument("--index", type=int, default=0, help="which line of the split")
     p.add_argument("--min_length", type=int, default=300, help="as in training: lines with fewer points are dropped")
-    p.add_argument("--layer", type=int, default=2, help="layer whose boundaries colour the second drawing")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer whose boundaries colour the second drawing, from 1 to the highest layer with a "
+                   "boundary detector (default: 2 as in the paper, or the highest such layer when there are fewer)")
     p.add_argument("--out", default="segments.png", help="figure to write; the extension picks the format (.png, .pdf, .svg...)")
     args = p.parse_args(argv)
     check_out(args.out)
@@ -132,5 +134,9 @@ def cmd_plot_segments(argv: list[str]) -> int:
         raise DataError(f"--index {args.index} is outside the {len(ds)} lines of the {args.split} split")
     inputs, _ = ds[args.index]
     z = model.boundaries_of(inputs).numpy()
-    print(f"wrote {plot_segments(model.to_real_units(inputs), z, args.out, args.layer)}")
+    detectors = max(z.shape[1] - 1, 1)  # the top layer has no boundary detector
+    if args.layer is not None and not 1 <= args.layer <= detectors:
+        fail(f"--layer {args.layer}: this model's layers with a boundary detector are 1 to {detectors}")
+    layer = args.layer if args.layer is not None else min(2, detectors)
+    print(f"wrote {plot_segments(model.to_real_units(inputs), z, args.out, layer)}")
     return 0

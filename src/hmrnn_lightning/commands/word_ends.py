@@ -6,7 +6,8 @@ from which the gold word ends are read before the separators are removed, as the
 does. It reports, with :mod:`hmrnn_lightning.metrics.word_ends`:
 
 (a) each HM layer's ``z``: firing rate, precision, recall, F1 exact and within one step;
-(b) the LSTM's surprisal (or entropy) peaks fired at exactly that layer's rate;
+(b) the LSTM's surprisal (or entropy) peaks fired at that layer's rate (every peak, and a line
+    saying so, where there are fewer peaks than the layer fires);
 (c) a linear probe on every layer of both models, fitted on ``--fit_text`` (the validation
     file) and scored on ``--text``;
 
@@ -29,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hmrnn word-ends", formatter_class=DefaultsHelpFormatter,
         description="Word ends found without spaces: score an HM-LSTM's boundaries (z of each layer) and an "
-        "LSTM's surprisal peaks, fired at the same rate as each HM layer, against the gold word ends of a text; "
+        "LSTM's surprisal peaks, fired at the same rate as each HM layer (at most on every local peak: a line says when there are fewer), against the gold word ends of a text; "
         "and a linear probe on both models' hidden states. Both checkpoints must come from "
         "`hmrnn fit` with --data.init_args.remove_separators true; give the text WITH its separators "
         "(written as the training files are): they mark the gold word ends and are removed before the "
@@ -168,6 +169,11 @@ def table(result: dict) -> str:
             for label, row in ((f"HM-LSTM z, layer {l}{suffix}", hm), (f"{name} at layer {l}'s rate", base)):
                 lines.append(f"{label:<40}{row['rate']:7.3f}{row['precision']:7.3f}{row['recall']:7.3f}"
                              f"{row['f1']:7.3f}{row['f1_tol1']:7.3f}")
+    short = [l for l, (hm, base) in enumerate(zip(result["hm"], result["baseline"]), start=1)
+             if base["rate"] < hm["rate"] - 0.5 / max(result["symbols"], 1)]
+    if short:
+        lines.append(f"(the {name} fire below the rate of layer {', '.join(map(str, short))}: the score has fewer "
+                     f"local peaks than that layer fires, and every peak fires; --all_positions ranks every position)")
     best = max(range(len(result["hm"])), key=lambda k: result["hm"][k]["f1"])
     hm, base = result["hm"][best], result["baseline"][best]
     lines.append(f"best HM layer: {best + 1}, F1 {hm['f1']:.3f} against {base['f1']:.3f} for the {name} at rate {base['rate']:.3f}")

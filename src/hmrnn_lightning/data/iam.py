@@ -258,7 +258,8 @@ class IAMOnDBDataModule(pl.LightningDataModule):
                 return self.data_dir / candidate
         raise DataError(
             f"IAM-OnDB strokes not found in {self.data_dir}: put lineStrokes-all.tar.xz (or the extracted "
-            f"lineStrokes/ folder) there, with splits/ beside it, or pass --data.init_args.data_dir"
+            f"lineStrokes/ folder) there, with splits/ beside it, or name the folder that has them "
+            f"(--data.init_args.data_dir for fit/test, --data_dir for plot-segments)"
         )
 
     @property

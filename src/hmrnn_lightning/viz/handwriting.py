@@ -61,8 +61,11 @@ def plot_segments(offsets: np.ndarray, boundaries: np.ndarray, path: str | Path,
     Args:
         offsets: ``[points, 3]`` real offsets of one line.
         boundaries: ``[points, layers]`` boundaries the model produced for it.
-        layer: which layer's boundaries colour the second drawing (1-based; the paper uses 2).
+        layer: which layer's boundaries colour the second drawing (1-based; the paper uses 2); one
+            above the highest layer with a detector draws that layer.
     """
+    if layer < 1:
+        raise ValueError(f"plot_segments: layer counts from 1, got {layer}")
     plt = _pyplot()
     xy = _absolute(offsets)
     layer = min(layer, boundaries.shape[1] - 1) if boundaries.shape[1] > 1 else 1
