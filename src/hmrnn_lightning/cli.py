@@ -49,7 +49,7 @@ USAGE = """usage: hmrnn <command> [options]     (hmrnn <command> --help for a co
 Hierarchical Multiscale RNNs (Chung, Ahn & Bengio, ICLR 2017) on PyTorch Lightning.
 
 Start here:
-  hmrnn fit --config configs/quickstart.yaml                 train the small model (minutes, CPU)
+  hmrnn fit --config configs/quickstart.yaml                 train the small model (about 30 s on a CPU)
   hmrnn test --ckpt_path RUN/checkpoints/epoch=E-step=S.ckpt test the best validation checkpoint
   hmrnn sample --ckpt_path RUN/checkpoints/epoch=E-step=S.ckpt --prime "the "
   hmrnn fit --resume RUN                                     go on after an interruption
