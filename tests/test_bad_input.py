@@ -62,6 +62,8 @@ CONFIG_CASES = [
     ("no_such_module", ["--model.init_args.stack.init_args.estimator=nosuch_pkg.mod.Thing"], ["model.init_args.stack.init_args.estimator", "nosuch_pkg"]),
     ("unknown_short_name", ["--model.init_args.stack.init_args.estimator=stepp"], ["estimator", "stepp", "bernoulli", "step"]),
     ("unknown_name_in_file", lambda t: _overlay(t, "un.yaml", "data:\n  class_path: ptbb\n"), ["data", "ptbb", "synthetic"]),
+    ("unknown_name_flag", ["--data=ptbb"], ["data", "unknown name 'ptbb'", "synthetic"]),
+    ("unknown_model_class", ["--model=HMRNNLanguageModl"], ["model", "HMRNNLanguageModl", "HMRNNLanguageModel", "HandwritingModel"]),
     ("unknown_key", ["--model.init_args.stak.init_args.hidden_sizes=[3]"], ["stak"]),
     ("missing_config_file", lambda t: ["-c", str(t / "nope.yaml")], ["nope.yaml", "does not exist"]),
     ("estimator_without_forward", ["--model.init_args.stack.init_args.estimator=hmrnn_test_noforward.NoForward"],

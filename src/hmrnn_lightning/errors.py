@@ -124,7 +124,7 @@ def _config_error_line(message: str) -> str:
     rows = [(len(line) - len(line.lstrip()), line.strip()) for line in message.splitlines() if line.strip()]
     best: tuple[int, int] | None = None  # (depth, row index) of the deepest reason
     for i, (indent, text) in enumerate(rows):
-        if text.startswith(_NOISE) or _is_heading(text):
+        if text.removeprefix("- ").startswith(_NOISE) or _is_heading(text):  # noise also comes as an alternative ("- ")
             continue
         depth = len(_ancestors(rows, i))
         if best is None or depth > best[0]:

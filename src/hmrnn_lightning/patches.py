@@ -36,13 +36,29 @@ def install_short_names() -> None:
         if path is None:
             path = original(cls, name)
         if "." not in path:
-            known = registry.names_for(cls)
-            if known:  # one of our kinds: say which names exist
+            # one of our kinds: its short names; else (models) the class names jsonargparse could resolve
+            known = registry.names_for(cls) or _imported_subclass_names(cls)
+            if known:
                 raise registry.RegistryError(f"unknown name {name!r}; known: {', '.join(known)}; or give a full class path")
         return path
 
     resolve_class_path_by_name._hmrnn_short_names = True  # type: ignore[attr-defined]
     _typehints.resolve_class_path_by_name = resolve_class_path_by_name
+
+
+def _imported_subclass_names(cls) -> list[str]:
+    """Names of the imported, concrete subclasses of ``cls`` (a class, or a tuple of them) that
+    live in a package (not ``__main__`` or a test module), as jsonargparse matches bare names."""
+    import inspect
+
+    seen, stack = set(), list(cls if isinstance(cls, tuple) else (cls,))
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+    return sorted({c.__name__ for c in seen if not inspect.isabstract(c) and not c.__name__.startswith("_")
+                   and c.__module__.split(".")[0] not in ("__main__", "tests", "lightning", "pytorch_lightning")})
 
 
 def quiet_library_warnings(evaluating: bool = False, resuming: bool = False) -> None:
