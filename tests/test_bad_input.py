@@ -198,6 +198,14 @@ def test_good_checkpoint_evaluates_without_a_new_run_folder(command, tmp_path, l
     assert not runs_left(tmp_path) and not (tmp_path / "root" / "config.yaml").exists()
 
 
+def test_a_config_with_a_learning_rate_monitor_runs_without_a_logger(tmp_path, capfd):
+    """configs/cpu/*.yaml list a LearningRateMonitor; --trainer.logger=false made Lightning stop the
+    fit with a traceback (it has nowhere to log)."""
+    code, lines = run(capfd, tmp_path, *fit_args(tmp_path, "--trainer.logger=false",
+                                                 "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"))
+    assert code == 0, lines
+
+
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="permission bits do not bind root")
 def test_read_only_root_dir(tmp_path, capfd):
     ro = tmp_path / "ro"

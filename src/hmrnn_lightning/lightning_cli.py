@@ -239,9 +239,11 @@ class HMRNNCLI(LightningCLI):
           (:class:`~hmrnn_lightning.checkpoint_io.AtomicCheckpointIO`);
         - callbacks that monitor a validation metric (``ModelCheckpoint``, ``EarlyStopping``) act
           when validation ends, not at a training epoch's end, where a run stopped by
-          ``max_steps`` before its first validation has no such metric.
+          ``max_steps`` before its first validation has no such metric;
+        - without a logger (``--trainer.logger=false``) a config's ``LearningRateMonitor`` is left
+          out: Lightning stops the fit with a traceback when it has nowhere to log.
         """
-        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+        from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
         from lightning.pytorch.plugins import CheckpointIO
 
         from hmrnn_lightning.callbacks import LastCheckpoint
@@ -278,6 +280,9 @@ class HMRNNCLI(LightningCLI):
                 cb._save_on_train_epoch_end = False
             if isinstance(cb, EarlyStopping) and cb._check_on_train_epoch_end is None:
                 cb._check_on_train_epoch_end = False
+        if kwargs.get("logger", trainer_cfg.get("logger")) in (False, []):
+            # Lightning refuses to start a LearningRateMonitor without a logger; it has nothing to do then
+            callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
         kwargs.setdefault("callbacks", callbacks)
         loggers = kwargs.get("logger", trainer_cfg.get("logger"))
         loggers = loggers if isinstance(loggers, list) else [loggers] if loggers not in (None, False, True) else []
