@@ -48,3 +48,38 @@ def test_bad_collapse_settings_are_one_error():
         TrainingHealth(collapse_window=0)
     with pytest.raises(ValueError, match="collapse_rate < 0.5"):
         TrainingHealth(collapse_rate=0.6)
+
+
+def _gradient_steps(health: TrainingHealth, norms: list[float]) -> None:
+    """Steps whose single parameter's gradient has the given norms."""
+    module = torch.nn.Linear(4, 1, bias=False)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True)
+    for step, norm in enumerate(norms):
+        trainer.global_step = step
+        g = torch.ones(1, 4)
+        module.weight.grad = g * (norm / float(g.norm()))
+        health.on_before_optimizer_step(trainer, module, None)
+
+
+def test_an_exploding_gradient_is_reported_once_with_step_and_ratio(capsys):
+    gen = torch.Generator().manual_seed(0)
+    calm = (0.4 + 0.2 * torch.rand(100, generator=gen)).tolist()
+    health = TrainingHealth()
+    # one spike alone, then calm, then three spikes within ten steps (and a non-finite norm, left to FaultDetection)
+    _gradient_steps(health, calm + [30.0] + calm[:20] + [float("inf"), 8.0, 0.5, 50.0, 0.6, 370.0, 400.0] + calm[:20])
+    assert health.exploded == 126
+    lines = [l for l in capsys.readouterr().err.splitlines() if "exploding" in l]
+    assert len(lines) == 1 and lines[0].startswith("hmrnn: warning: the gradient is exploding at step 126: norm 370, ")
+    assert "in 3 of the last 10 steps" in lines[0]
+
+
+def test_calm_or_noisy_gradients_and_a_short_history_are_not_an_explosion(capsys):
+    gen = torch.Generator().manual_seed(1)
+    health = TrainingHealth()
+    _gradient_steps(health, (0.1 + 3.0 * torch.rand(400, generator=gen)).tolist())  # noisy, within 30x of the median
+    early = TrainingHealth()
+    _gradient_steps(early, [0.5] * 10 + [50.0] * 5)  # spikes before 50 steps of history are not judged
+    assert health.exploded is None and early.exploded is None
+    assert "exploding" not in capsys.readouterr().err
+    with pytest.raises(ValueError, match="explosion_factor > 1"):
+        TrainingHealth(explosion_factor=1.0)
