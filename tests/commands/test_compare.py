@@ -40,6 +40,7 @@ def test_compare_on_tiny_synthetic_data(tiny_configs, tmp_path, capsys, monkeypa
     assert base_row["test/boundary_rate/l1"] == "" and base_row["collapsed"] == ""  # an LSTM has no boundaries to report
     assert 0 <= float(hm_row["test/boundary_rate_sep/l1"]) <= 1 and 0 <= float(hm_row["test/boundary_rate_other/l2"]) <= 1
     assert hm_row["collapsed"] == "0" and hm_row["collapsed_at"] == ""
+    assert hm_row["exploded_at"] == "" and base_row["exploded_at"] == ""  # TrainingHealth ran on both; neither exploded
     for l in (1, 2, 3):
         assert 0 < float(base_row[f"probe_f1/l{l}_word"]) <= 1 and 0 <= float(base_row[f"probe_ahead1_f1/l{l}_word"]) <= 1
 
@@ -182,3 +183,18 @@ def test_compare_side_by_side_needs_two_cores_of_this_machine(tiny_configs, tmp_
               "--side_by_side", "0", "0"])
     assert exc.value.code == 2
     assert "--side_by_side needs two different cores" in capsys.readouterr().err
+
+
+def test_a_run_row_says_where_the_gradient_exploded_and_which_layers_collapsed():
+    from types import SimpleNamespace
+
+    from hmrnn_lightning.callbacks import TrainingHealth
+    from hmrnn_lightning.commands.runs import collapse_counts
+
+    health = TrainingHealth()
+    health.exploded, health.collapsed = 458, {1: 749}
+    hm = SimpleNamespace(trainer=SimpleNamespace(callbacks=[health]), model=SimpleNamespace(has_boundaries=True))
+    lstm = SimpleNamespace(trainer=SimpleNamespace(callbacks=[health]), model=SimpleNamespace(has_boundaries=False))
+    assert collapse_counts(hm) == {"exploded_at": "step 458", "collapsed": 1, "collapsed_at": "l1@749"}
+    assert collapse_counts(lstm) == {"exploded_at": "step 458"}
+    assert collapse_counts(SimpleNamespace(trainer=SimpleNamespace(callbacks=[]), model=None)) == {}

@@ -276,8 +276,9 @@ def run_one(
         group: W&B group; each run is its own W&B run named after it.
         callbacks: further callbacks for the fit (e.g. :class:`ValidationCurve`).
 
-    The row holds ``collapsed``, the number of layers :class:`~hmrnn_lightning.callbacks.TrainingHealth`
-    found collapsed, and ``collapsed_at`` (``l2@600``: layer and step), for a model with boundaries.
+    The row holds :func:`collapse_counts`: ``exploded_at``, and for a model with boundaries
+    ``collapsed``, the number of layers :class:`~hmrnn_lightning.callbacks.TrainingHealth` found
+    collapsed, and ``collapsed_at`` (``l2@600``: layer and step).
     """
     print(f"hmrnn: run {index}/{total}: {spec.label} seed {spec.seed}", flush=True)
     run_dir = root / spec.name
@@ -315,14 +316,18 @@ def run_one(
 
 
 def collapse_counts(cli) -> dict[str, Any]:
-    """``collapsed`` (how many layers collapsed) and ``collapsed_at`` for a model with boundaries
-    whose fit ran :class:`~hmrnn_lightning.callbacks.TrainingHealth`; nothing otherwise."""
+    """For a fit that ran :class:`~hmrnn_lightning.callbacks.TrainingHealth`: ``exploded_at``, the
+    step an exploding gradient was reported at (empty if none), and for a model with boundaries
+    ``collapsed`` (how many layers collapsed) and ``collapsed_at``; nothing without it."""
     from hmrnn_lightning.callbacks import TrainingHealth
 
     health = next((cb for cb in cli.trainer.callbacks if isinstance(cb, TrainingHealth)), None)
-    if health is None or not getattr(cli.model, "has_boundaries", False):
+    if health is None:
         return {}
-    return {"collapsed": len(health.collapsed), "collapsed_at": " ".join(f"l{k}@{s}" for k, s in sorted(health.collapsed.items()))}
+    out: dict[str, Any] = {"exploded_at": "" if health.exploded is None else f"step {health.exploded}"}
+    if getattr(cli.model, "has_boundaries", False):
+        out.update(collapsed=len(health.collapsed), collapsed_at=" ".join(f"l{k}@{s}" for k, s in sorted(health.collapsed.items())))
+    return out
 
 
 def evaluate_checkpoint(spec: RunSpec, root: Path, ckpt: str) -> dict[str, float]:
