@@ -284,7 +284,8 @@ def matched_width(configs: list[str], extra: list[str], target: int) -> tuple[in
     parameter count is closest to ``target`` (see the module docstring)."""
     def params(width: int, layers: int) -> int:
         sizes = ", ".join([str(width)] * layers)
-        return count_parameters(build_cli(configs, [*extra, f"--model.init_args.stack.init_args.hidden_sizes=[{sizes}]"], quiet=True, inspect_only=True).model)
+        sized = [*extra, f"--model.init_args.stack.init_args.hidden_sizes=[{sizes}]"]
+        return count_parameters(build_cli(configs, sized, quiet=True, inspect_only=True).model)
 
     layers = len(build_cli(configs, extra, quiet=True, inspect_only=True).model.stack.hidden_sizes)
     xs = [8, 16, 32]

@@ -240,7 +240,6 @@ def build_cli(configs: Sequence[str], args: Sequence[str], quiet: bool = False, 
     ``quiet`` keeps Lightning's start-up lines (seed, devices) for builds that only count;
     ``inspect_only`` gives back the run folder the build claimed (nothing will be written there)."""
     from hmrnn_lightning.cli import HMRNNCLI
-
     from hmrnn_lightning.run_folder import release_claim
 
     argv: list[str] = []

@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hmrnn word-ends", formatter_class=DefaultsHelpFormatter,
         description="Word ends found without spaces: score an HM-LSTM's boundaries (z of each layer) and an "
-        "LSTM's surprisal peaks, fired at the same rate as each HM layer (at most on every local peak: a line says when there are fewer), against the gold word ends of a text; "
+        "LSTM's surprisal peaks, fired at the same rate as each HM layer (at most on every local peak: a line "
+        "says when there are fewer), against the gold word ends of a text; "
         "and a linear probe on both models' hidden states. Both checkpoints must come from "
         "`hmrnn fit` with --data.init_args.remove_separators true; give the text WITH its separators "
         "(written as the training files are): they mark the gold word ends and are removed before the "
