@@ -174,7 +174,7 @@ class HMRNNCLI(LightningCLI):
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
         self._ckpt = None
-        if not path or path in ("best", "last", "hpc", "registry") or str(path).startswith("registry:"):
+        if not path or run_folder.names_no_file(str(path)):
             return
         model_path = self.config[sub].get("model", {}).get("class_path")
         expected = registry.import_path(model_path) if model_path else LightningModule

@@ -162,14 +162,11 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
         return args, None
     printing = any(a == "--print_config" or a.startswith("--print_config=") for a in rest)
     resume, rest = _take_option(rest, "--resume")
+    root = Path(_option(rest, "--trainer.default_root_dir") or ".")
     if printing:  # shows what would run: --resume's config applies, nothing is refused or claimed
-        if resume is None:
-            return args, None
-        run = resume_target(resume, Path(_option(rest, "--trainer.default_root_dir") or "."))
-        return [command, "--config", str(run / CONFIG_NAME), *rest, "--ckpt_path", str(run / "checkpoints" / LAST_NAME)], None
+        return (args, None) if resume is None else (_resume_arguments(command, resume_target(resume, root), rest), None)
     ckpt = _option(rest, "--ckpt_path")
     has_config = any(a in ("-c", "--config") or a.startswith(("--config=", "-c=")) for a in rest)
-    root = Path(_option(rest, "--trainer.default_root_dir") or ".")
     if command != "fit":
         if resume is not None:
             raise ConfigError(f"{command}: --resume is for fit; give --ckpt_path RUN/checkpoints/{LAST_NAME} instead")
@@ -179,7 +176,7 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
                 f"{command} {what} would evaluate untrained weights; give a checkpoint file, "
                 f"e.g. --ckpt_path RUN/checkpoints/{LAST_NAME}"
             )
-        local = not (ckpt in ("hpc", "registry") or ckpt.startswith("registry:") or "://" in ckpt)
+        local = not (names_no_file(ckpt) or "://" in ckpt)
         if local and not Path(ckpt).is_file():
             raise ConfigError(f"checkpoint {ckpt}: no such file")
         if not has_config and local:
@@ -201,8 +198,18 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
     if ckpt is not None:
         raise ConfigError("fit: give --resume or --ckpt_path, not both (--resume takes the run's last.ckpt)")
     run = resume_target(resume, root)
-    last = run / "checkpoints" / LAST_NAME
-    return [command, "--config", str(run / CONFIG_NAME), *rest, "--ckpt_path", str(last)], run
+    return _resume_arguments(command, run, rest), run
+
+
+def _resume_arguments(command: str, run: Path, rest: list[str]) -> list[str]:
+    """``command`` continuing ``run``: its config first (``rest`` still applies), its ``last.ckpt`` last."""
+    return [command, "--config", str(run / CONFIG_NAME), *rest, "--ckpt_path", str(run / "checkpoints" / LAST_NAME)]
+
+
+def names_no_file(ckpt_path: str) -> bool:
+    """Whether a ``--ckpt_path`` value is one of Lightning's names (``best``, ``last``, ``hpc``,
+    ``registry``, ``registry:...``) rather than a file."""
+    return ckpt_path in ("best", "last", "hpc", "registry") or ckpt_path.startswith("registry:")
 
 
 def resume_target(resume: str, root: Path) -> Path:
