@@ -65,6 +65,9 @@ CONFIG_CASES = [
     ("unknown_name_flag", ["--data=ptbb"], ["data", "unknown name 'ptbb'", "synthetic"]),
     ("unknown_model_class", ["--model=HMRNNLanguageModl"], ["model", "HMRNNLanguageModl", "HMRNNLanguageModel", "HandwritingModel"]),
     ("unknown_key", ["--model.init_args.stak.init_args.hidden_sizes=[3]"], ["stak"]),
+    # the class's own parser reports only "save_dir"; the line must say whose
+    ("logger_without_its_required_argument", ["--trainer.logger=lightning.pytorch.loggers.CSVLogger"],
+     ["trainer.logger", "CSVLogger", "save_dir"]),
     ("missing_config_file", lambda t: ["-c", str(t / "nope.yaml")], ["nope.yaml", "does not exist"]),
     ("estimator_without_forward", ["--model.init_args.stack.init_args.estimator=hmrnn_test_noforward.NoForward"],
      ["model.stack.estimator", "NoForward", "forward"]),

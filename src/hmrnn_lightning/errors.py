@@ -52,10 +52,21 @@ def config_error_line(message: str, args: list[str] | None = None) -> str:
     name, _, cls = key.partition(" ")
     deeper = _given_key(message, rest)
     if deeper and not name.endswith(deeper):
-        name = f"{name}.init_args.{deeper}" if not deeper.startswith("init_args.") else f"{name}.{deeper}"
+        name = _extended(name, deeper)
     if "." not in name and args:
         name = _key_in_args(name, rest, args) or name
     return f"{name}{' ' + cls if cls else ''}: {rest}"
+
+
+def _extended(name: str, deeper: str) -> str:
+    """``name`` carried down to ``deeper``, a key relative to some level of it: where the end of
+    ``name`` begins ``deeper`` (``model.init_args.stack`` and ``stack.init_args.estimator``) they
+    overlap; else ``deeper`` is below ``name``'s class (``.init_args.``)."""
+    parts, below = name.split("."), deeper.split(".")
+    for k in range(min(len(parts), len(below)), 0, -1):
+        if parts[-k:] == below[:k]:
+            return ".".join(parts + below[k:])
+    return f"{name}.{deeper}" if deeper.startswith("init_args.") else f"{name}.init_args.{deeper}"
 
 
 def _given_key(message: str, reason: str) -> str | None:

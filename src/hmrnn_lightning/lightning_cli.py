@@ -87,7 +87,9 @@ class HMRNNArgumentParser(LightningArgumentParser):
         import os
         import sys
 
-        if os.environ.get("HMRNN_DEBUG"):
+        # a nested parser (a subclass's init_args) raises, so that the outer parser's report,
+        # which names the key and the class, is the one shown
+        if os.environ.get("HMRNN_DEBUG") or not self.exit_on_error:
             return super().error(message, ex)
         sys.stderr.write(f"hmrnn: error: {config_error_line(message, _ARGS[-1] if _ARGS else None)}\n")
         raise SystemExit(2)
