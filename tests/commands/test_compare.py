@@ -151,6 +151,19 @@ def test_tables_with_a_collapsed_layer(tmp_path):
     md = (tmp_path / "compare.md").read_text().splitlines()
     assert md[0].endswith("| collapsed layers per seed |") and md[2].endswith("| 1, 0 |")
     assert "collapsed_at_mean" not in next(csv.reader((tmp_path / "compare.csv").open()))
+    assert "Exploding" not in (tmp_path / "compare.md").read_text()
+
+
+def test_tables_name_the_runs_whose_gradient_exploded(tmp_path):
+    """The means include a run that blew up; the tables of compare and ablate say which one."""
+    from hmrnn_lightning.commands import ablate, compare
+
+    run = {"label": "hm", "params": 100, "steps": 4, "test/bpc": 2.0, "chars_per_s": 5000.0, "collapsed": 0}
+    rows = [{**run, "seed": 0, "exploded_at": ""}, {**run, "seed": 1, "exploded_at": "step 458"}]
+    compare.write_tables(tmp_path, rows)
+    ablate.write_tables(tmp_path, rows)
+    for name in ("compare.md", "results.md"):
+        assert "Exploding gradient reported (TrainingHealth): hm seed 1 at step 458." in (tmp_path / name).read_text()
 
 
 @pytest.mark.slow

@@ -418,6 +418,14 @@ def short_markdown_summary(summary: list[dict[str, Any]], columns: Sequence[str]
     return _markdown(head, rows)
 
 
+def explosion_note(rows: list[dict[str, Any]]) -> str:
+    """A line naming the runs in which :class:`~hmrnn_lightning.callbacks.TrainingHealth`
+    reported an exploding gradient (``exploded_at``), for under a series' table; empty if none.
+    The means above include those runs: the line says which seeds to look at."""
+    hits = [f"{r['label']} seed {r['seed']} at {r['exploded_at']}" for r in rows if r.get("exploded_at")]
+    return f"\nExploding gradient reported (TrainingHealth): {'; '.join(hits)}.\n" if hits else ""
+
+
 #: the equal-budget columns ``hmrnn compare`` adds, shown in the headline table after the test BPC
 EQUAL_BUDGET = ("equal_steps", "test_bpc_equal_steps", "equal_time_s", "steps_at_equal_time", "test_bpc_equal_time")
 
