@@ -68,7 +68,8 @@ def load_kernels():
 def variants(hidden: int):
     """Every variant the Triton backend launches: forward and backward; first, middle and top
     layer; with and without layer norm; fp32 products (the bias in the product) and autocast
-    (the kernel adds the bias or the first layer's input rows: ``HAS_BASE``)."""
+    (the kernel adds the bias or the first layer's input rows: ``HAS_BASE``); the backward with
+    and without ``flush_gradient`` (``FLUSH_GRAD``)."""
     for layer_norm in (False, True):
         for layer in ("first", "middle", "top"):
             first, top = layer == "first", layer == "top"
@@ -77,9 +78,11 @@ def variants(hidden: int):
                 yield "forward", layer, layer_norm, dict(
                     common, HAS_BASE=has_base, HAS_BELOW=layer_norm, NORM_BELOW=layer_norm, MODE=1, WRITE_OWN=True,
                     WRITE_UP=not first, WRITE_DOWN=not top and not layer_norm)
-            yield "backward", layer, layer_norm, dict(common, HAS_BELOW=layer_norm, MODE=0 if top else 1, HAS_GH=True,
-                                                      HAS_GZ=not top, HAS_GLOGIT=False, HAS_DREC=True,
-                                                      HAS_DXA=not first, HAS_DXB=not top and not layer_norm)
+            for flush_gradient in (True, False):
+                yield "backward", layer, layer_norm, dict(common, HAS_BELOW=layer_norm, MODE=0 if top else 1, HAS_GH=True,
+                                                          HAS_GZ=not top, HAS_GLOGIT=False, HAS_DREC=True,
+                                                          HAS_DXA=not first, HAS_DXB=not top and not layer_norm,
+                                                          FLUSH_GRAD=flush_gradient)
 
 
 def assemble(ptx: str, arch: str) -> dict:
@@ -135,6 +138,7 @@ def main() -> int:
                          "fp32" if q.name.endswith(("eps", "top_z")) else "i32" if q.name.endswith("_stride") else "*fp32"
                          for q in fn.params}
             row = {"kernel": kind, "layer": layer, "layer_norm": layer_norm, "has_base": constants.get("HAS_BASE"),
+                   "flush_gradient": constants.get("FLUSH_GRAD"),
                    "hidden": hidden, "arch": args.arch, "num_warps": K.num_warps(hidden), "triton": triton.__version__}
             try:
                 source = ASTSource(fn=fn, signature=signature,

@@ -6,9 +6,11 @@
 A freshly initialised model reads the first ``T`` symbols of ``batch`` parallel streams of the
 text from a zero state; the printed figure is the global norm of the loss gradient (before any
 clipping). A stable recurrence gives about the same norm at every length; an unstable one grows
-geometrically. Three boundary regimes: the step estimator at slope 1 and at slope 5 (its
-straight-through gradient is ``a / 2``), and oracle boundaries that make every layer FLUSH at
-every step (no estimator gradient at all).
+geometrically. Four boundary regimes: the step estimator at slope 1 and at slope 5 (its
+straight-through gradient is ``a / 2``), at slope 1 with ``flush_gradient=False`` (no gradient to
+``z^l_{t-1}`` through the choice of operation), and oracle boundaries that make every layer FLUSH
+at every step (no estimator gradient at all). ``--seeds 0 1 2 3`` repeats it per seed: the
+straight-through loop's growth depends on the initial weights.
 
 Placements (``HMCell.NORMALISED_TERMS``, plus the cell's own layer norm):
   * ``all terms``: recurrent, top-down and bottom-up each normalised (this project until 2026-11-23);
@@ -41,7 +43,7 @@ PLACEMENTS = {
     "none": None,
     "ln_lstm": "lstm",
 }
-REGIMES = ("step a=1", "step a=5", "all FLUSH")
+REGIMES = ("step a=1", "step a=5", "a=1 no flush grad", "all FLUSH")
 
 
 def symbol_streams(path: Path, batch: int) -> torch.Tensor:
@@ -54,14 +56,16 @@ def symbol_streams(path: Path, batch: int) -> torch.Tensor:
     return ids[: n * batch].view(batch, n), len(index)
 
 
-def build(placement: str, vocab: int, hidden: int, layers: int, emb: int, seed: int) -> HMRNNLanguageModel:
+def build(placement: str, vocab: int, hidden: int, layers: int, emb: int, seed: int,
+          flush_gradient: bool = True) -> HMRNNLanguageModel:
     torch.manual_seed(seed)
     terms = PLACEMENTS[placement]
     if terms == "lstm":
         stack = functools.partial(LSTMStack, hidden_sizes=[hidden] * layers, layer_norm=True)
         return HMRNNLanguageModel(vocab, stack, functools.partial(SoftmaxHead, embed_dim=hidden), embedding_dim=emb)
     stack = functools.partial(
-        HMStack, hidden_sizes=[hidden] * layers, estimator=StepEstimator(), layer_norm=terms is not None, impl="reference"
+        HMStack, hidden_sizes=[hidden] * layers, estimator=StepEstimator(), layer_norm=terms is not None, impl="reference",
+        flush_gradient=flush_gradient,
     )
     shipped = HMLSTMCell.NORMALISED_TERMS
     HMLSTMCell.NORMALISED_TERMS = terms or ()  # read when the cells are built
@@ -93,24 +97,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lengths", type=int, nargs="+", default=[5, 25, 50, 100])
     p.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=list(PLACEMENTS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", type=Path, default=None, help="append JSON lines here")
     args = p.parse_args(argv)
     if not args.text.is_file():
         p.error(f"--text {args.text}: no such file")
     streams, vocab = symbol_streams(args.text, args.batch)
     rows = []
-    print("| placement | regime | " + " | ".join(f"T={t}" for t in args.lengths) + " |")
-    print("|---|---|" + "---|" * len(args.lengths))
-    for placement in args.placements:
-        for regime in REGIMES if PLACEMENTS[placement] != "lstm" else REGIMES[:1]:
-            norms = []
-            for length in args.lengths:
-                model = build(placement, vocab, args.hidden, args.layers, args.emb, args.seed)
-                norms.append(grad_norm(model, streams, length, regime))
-                rows.append(dict(placement=placement, regime=regime, length=length, grad_norm=norms[-1],
-                                 hidden=args.hidden, layers=args.layers, batch=args.batch, text=args.text.name))
-            print(f"| {placement} | {regime} | " + " | ".join(f"{n:.3g}" for n in norms) + " |", flush=True)
+    print("| seed | placement | regime | " + " | ".join(f"T={t}" for t in args.lengths) + " |")
+    print("|---|---|---|" + "---|" * len(args.lengths))
+    for seed in args.seeds:
+        for placement in args.placements:
+            for regime in REGIMES if PLACEMENTS[placement] != "lstm" else REGIMES[:1]:
+                norms = []
+                for length in args.lengths:
+                    model = build(placement, vocab, args.hidden, args.layers, args.emb, seed,
+                                  flush_gradient=regime != "a=1 no flush grad")
+                    norms.append(grad_norm(model, streams, length, regime))
+                    rows.append(dict(seed=seed, placement=placement, regime=regime, length=length, grad_norm=norms[-1],
+                                     hidden=args.hidden, layers=args.layers, batch=args.batch, text=args.text.name))
+                print(f"| {seed} | {placement} | {regime} | " + " | ".join(f"{n:.3g}" for n in norms) + " |", flush=True)
     if args.out:
         with args.out.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -137,7 +137,8 @@ def run_with_gradients(stack, head, x, y, state, seed, all_outputs=True):
     grads["input"] = x.grad.clone()
     for l, s in enumerate(state):
         for name, t in zip("hcz", s):
-            grads[f"state{l}.{name}"] = t.grad.clone()
+            # None where nothing reads it (the top layer's z, without flush_gradient): a zero gradient
+            grads[f"state{l}.{name}"] = t.grad.clone() if t.grad is not None else torch.zeros_like(t)
     return out, loss.detach(), grads
 
 
@@ -159,9 +160,9 @@ def close(tol):
 
 
 def compare(estimator, layer_norm, dtype, check, device="cpu", impl="sequence", all_outputs=True, boundary_bias=0.0,
-            steps=30, reference_hook=None):
+            steps=30, reference_hook=None, **stack_options):
     torch.manual_seed(0)
-    ref = HMStack(6, [16, 12, 10], estimator(slope=2.0), layer_norm=layer_norm, impl="reference")
+    ref = HMStack(6, [16, 12, 10], estimator(slope=2.0), layer_norm=layer_norm, impl="reference", **stack_options)
     with torch.no_grad():
         for cell in ref.cells:
             cell.bias[-1] = boundary_bias  # 0: layer 1 fires on about 40% of steps, layers 2-3 copy on 37% and 69%

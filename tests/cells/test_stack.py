@@ -192,6 +192,26 @@ def test_cell_options_run_on_the_reference_loop(options):
     assert not torch.allclose(default(x).hidden[0], out.hidden[0])  # the option changes the computation
 
 
+@pytest.mark.parametrize("cell", ["hm_lstm", "hm_rnn"])
+def test_without_flush_gradient_z_prev_learns_only_through_the_carry_and_the_gate(cell):
+    """``flush_gradient=False`` takes ``z^l_{t-1}`` as a constant in the operations' weights: the
+    boundary logits' gradients change, the forward pass does not, and the fast paths still run it."""
+    torch.manual_seed(0)
+    full = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, cell=cell, impl="reference")
+    cut = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, cell=cell, impl="reference", flush_gradient=False)
+    cut.load_state_dict(full.state_dict())
+    assert "flush_gradient=False" in repr(cut.cells[0])
+    x = torch.randn(B, T, D)
+    a, b = full(x), cut(x)
+    assert torch.equal(a.boundaries, b.boundaries) and torch.equal(a.hidden[0], b.hidden[0])
+    assert a.boundaries[..., 0].mean() > 0.1 and a.operations[:, 1:, 0, 2].sum() > 0  # layer 1 flushes at times
+    grads = [torch.autograd.grad(o.hidden[0].sum() + o.hidden[1].sum(), s.cells[0].recurrent.weight)[0] for o, s in ((a, full), (b, cut))]
+    assert not torch.allclose(grads[0][-1], grads[1][-1])  # the boundary row's gradient
+    if cell == "hm_lstm":
+        auto = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, impl="auto", flush_gradient=False)
+        assert auto.active_impl("cpu") == "sequence"
+
+
 def test_cell_options_refused_by_cells_without_them():
     with pytest.raises(ValueError, match="flush_recurrent is an option of the HM-LSTM cell; cell 'hm_rnn'"):
         HMStack(D, [8, 7, 6], estimator=StepEstimator(), cell="hm_rnn", flush_recurrent=False)

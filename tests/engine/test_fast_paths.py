@@ -44,6 +44,14 @@ def test_fast_equals_reference_in_fp32(estimator, impl, layer_norm, monkeypatch)
     compare(estimator, layer_norm, torch.float32, check, impl=impl)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "pytorch_loop"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_fast_equals_reference_without_flush_gradient(layer_norm, fused, monkeypatch):
+    """``flush_gradient=False``: z_prev's gradient through the carry alone, on every CPU path."""
+    monkeypatch.setattr(cpu_fused, "ENABLED", fused)
+    compare(StepEstimator, layer_norm, torch.float64, normwise(1e-9), impl="sequence", flush_gradient=False)
+
+
 @pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("estimator", [StepEstimator, ReinforceEstimator], ids=lambda c: c.__name__)
 def test_sequence_with_the_task_loss_alone(estimator, layer_norm):

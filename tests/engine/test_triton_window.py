@@ -44,6 +44,12 @@ def test_triton_equals_reference_in_fp32(estimator, layer_norm):
     compare(estimator, layer_norm, torch.float32, check, device=DEVICE, impl="triton", steps=STEPS, reference_hook=hook)
 
 
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_triton_equals_reference_without_flush_gradient(layer_norm):
+    check = normwise(1e-5) if layer_norm else close(dict(rtol=1e-5, atol=1e-6))
+    compare(StepEstimator, layer_norm, torch.float32, check, device=DEVICE, impl="triton", steps=STEPS, flush_gradient=False)
+
+
 def test_triton_with_the_task_loss_alone():
     """No gradient reaches the boundary logits or the state from outside: rows in COPY get ds = 0."""
     compare(StepEstimator, False, torch.float32, close(dict(rtol=1e-5, atol=1e-6)), device=DEVICE, impl="triton",

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from hmrnn_lightning.cells.operations import Operations
+from hmrnn_lightning.cells.operations import Operations, select_operations
 from hmrnn_lightning.states import LayerState  # noqa: F401  (re-exported: the cells' state type)
 
 
@@ -52,13 +52,17 @@ class HMCell(nn.Module):
         hidden_size: size of ``h^l``.
         above_size: size of ``h^{l+1}``, or None for the top layer (no top-down term).
         layer_norm: normalise the bottom-up term (and, in the HM-LSTM, the cell).
+        flush_gradient: let the straight-through gradient reach ``z^l_{t-1}`` through the
+            choice of operation at ``t`` (the paper's gradient); false cuts that path
+            (:func:`~hmrnn_lightning.cells.operations.select_operations` says why).
     """
 
     num_gates: int = 1
     #: with ``layer_norm``, the pre-activation terms that are normalised (see the class docstring)
     NORMALISED_TERMS: tuple[str, ...] = ("bottom_up",)
 
-    def __init__(self, input_size: int, hidden_size: int, above_size: int | None, layer_norm: bool = False) -> None:
+    def __init__(self, input_size: int, hidden_size: int, above_size: int | None, layer_norm: bool = False,
+                 flush_gradient: bool = True) -> None:
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             if int(value) <= 0:
@@ -67,6 +71,7 @@ class HMCell(nn.Module):
         self.hidden_size = hidden_size
         self.above_size = above_size
         self.layer_norm = layer_norm
+        self.flush_gradient = bool(flush_gradient)
         out = self.num_gates * hidden_size + 1
         self.recurrent = nn.Linear(hidden_size, out, bias=False)
         self.bottom_up = nn.Linear(input_size, out, bias=False)
@@ -83,6 +88,10 @@ class HMCell(nn.Module):
             if lin is not None:
                 nn.init.uniform_(lin.weight, -bound, bound)
         nn.init.zeros_(self.bias)
+
+    def operations(self, z_below: Tensor, z_prev: Tensor) -> Operations:
+        """Eq. 2's weights for this layer (:func:`~hmrnn_lightning.cells.operations.select_operations`)."""
+        return select_operations(z_below, z_prev, self.flush_gradient)
 
     def term(self, name: str, x: Tensor) -> Tensor:
         """One pre-activation term before its gate: ``recurrent``, ``top_down`` or ``bottom_up``
@@ -127,4 +136,4 @@ class HMCell(nn.Module):
         return (
             f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
             f"above_size={self.above_size}, layer_norm={self.layer_norm}"
-        )
+        ) + ("" if self.flush_gradient else ", flush_gradient=False")

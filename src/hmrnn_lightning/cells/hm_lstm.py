@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from hmrnn_lightning.cells.base import CellStep, HMCell, LayerState
-from hmrnn_lightning.cells.operations import select_operations
 
 
 class HMLSTMCell(HMCell):
@@ -48,6 +47,8 @@ class HMLSTMCell(HMCell):
         norm_placement: ``bottom_up_and_cell`` (the bottom-up term and the cell) or
             ``summed`` (one norm on the summed pre-activation); needs ``layer_norm``.
         flush_recurrent: keep the recurrent term ``U h_{t-1}`` on FLUSH.
+        flush_gradient: the straight-through gradient of ``z^l_{t-1}`` through the choice of
+            operation (:class:`~hmrnn_lightning.cells.HMCell`).
     """
 
     num_gates = 4
@@ -57,6 +58,7 @@ class HMLSTMCell(HMCell):
     def __init__(
         self, input_size: int, hidden_size: int, above_size: int | None, layer_norm: bool = False,
         norm_placement: Literal["bottom_up_and_cell", "summed"] = "bottom_up_and_cell", flush_recurrent: bool = True,
+        flush_gradient: bool = True,
     ) -> None:
         if norm_placement not in self.NORM_PLACEMENTS:
             raise ValueError(f"{type(self).__name__}: norm_placement must be one of "
@@ -65,7 +67,7 @@ class HMLSTMCell(HMCell):
         if summed and not layer_norm:
             raise ValueError(f"{type(self).__name__}: norm_placement='summed' places a layer norm; it needs layer_norm=true")
         # the base builds the per-term norms; with one summed norm it builds none
-        super().__init__(input_size, hidden_size, above_size, layer_norm and not summed)
+        super().__init__(input_size, hidden_size, above_size, layer_norm and not summed, flush_gradient)
         self.layer_norm = layer_norm
         self.norm_placement = norm_placement
         self.flush_recurrent = bool(flush_recurrent)
@@ -91,7 +93,7 @@ class HMLSTMCell(HMCell):
             self.bias[: self.hidden_size].fill_(1.0)
 
     def forward(self, h_below: Tensor, z_below: Tensor, state: LayerState, h_above: Tensor | None) -> CellStep:
-        ops = select_operations(z_below, state.z)
+        ops = self.operations(z_below, state.z)
         summed = self.norm_summed is not None
         recurrent, rest = self.preactivation_terms(h_below, z_below, state.h, state.z, h_above, bias=not summed)
         if not self.flush_recurrent:

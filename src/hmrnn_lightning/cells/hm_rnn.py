@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from hmrnn_lightning.cells.base import CellStep, HMCell, LayerState
-from hmrnn_lightning.cells.operations import select_operations
 
 
 class HMRNNCell(HMCell):
@@ -40,7 +39,7 @@ class HMRNNCell(HMCell):
     def forward(self, h_below: Tensor, z_below: Tensor, state: LayerState, h_above: Tensor | None) -> CellStep:
         recurrent, rest = self.preactivation_terms(h_below, z_below, state.h, state.z, h_above)
         s = recurrent + rest
-        ops = select_operations(z_below, state.z)
+        ops = self.operations(z_below, state.z)
         h_update = torch.tanh(s[:, :-1])
         h_flush = torch.tanh(rest[:, :-1])
         h = ops.update * h_update + ops.flush * h_flush + ops.copy * state.h

@@ -106,7 +106,7 @@ class RecurrentStack(nn.Module):
 
 
 #: cell options an :class:`HMStack` passes on, with the values that leave them out (today's cell)
-CELL_OPTIONS = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True}
+CELL_OPTIONS = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True, "flush_gradient": True}
 
 
 def build_cells(
@@ -164,6 +164,12 @@ class HMStack(RecurrentStack):
         flush_recurrent: HM-LSTM only: keep the recurrent term ``U h_{t-1}`` in the gates on FLUSH
             (eq. 5 as written); false drops it ("FLUSH completely erases all the previous states").
             An ablation: false runs on the reference loop.
+        flush_gradient: let the straight-through gradient reach ``z^l_{t-1}`` through layer
+            ``l``'s choice of operation at ``t`` (FLUSH or not; the paper's gradient). False cuts
+            that one path, a loop whose gradient grew geometrically backwards in time in some
+            seeds (:func:`~hmrnn_lightning.cells.operations.select_operations`); the boundary
+            still learns through the layer above's UPDATE/COPY choice, the gates and COPY's
+            carry. Every path runs either.
         impl: ``reference`` (the readable loop below); ``sequence``
             (:mod:`hmrnn_lightning.engine.sequence`: one autograd function over the whole
             sequence with a hand-written backward, skipping closed rows; the CPU's fast path;
@@ -191,6 +197,7 @@ class HMStack(RecurrentStack):
         layer_norm: bool = False,
         norm_placement: Literal["bottom_up_and_cell", "summed"] = "bottom_up_and_cell",
         flush_recurrent: bool = True,
+        flush_gradient: bool = True,
         impl: Literal["auto", "reference", "sequence", "triton"] = "auto",
         compile: bool = False,
         cuda_graph: bool = False,
@@ -204,7 +211,8 @@ class HMStack(RecurrentStack):
         cell_class = resolve("cells", cell)
         self.estimator = estimator
         self.layer_norm = layer_norm
-        options = cell_options(cell_class, cell, norm_placement=norm_placement, flush_recurrent=flush_recurrent)
+        options = cell_options(cell_class, cell, norm_placement=norm_placement, flush_recurrent=flush_recurrent,
+                               flush_gradient=flush_gradient)
         self.cells = build_cells(cell_class, self.input_size, self.hidden_sizes, layer_norm, **options)
         if impl not in IMPLS:
             raise ValueError(f"HMStack: impl must be one of {', '.join(IMPLS)}, got {impl!r}")

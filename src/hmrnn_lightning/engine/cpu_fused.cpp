@@ -18,7 +18,7 @@ namespace {
 enum : int64_t {
   HAS_BASE = 1, HAS_BELOW = 4, BELOW_GATED = 8, NORM_BELOW = 16, NORM_CELL = 32, TOP = 64,
   WRITE_OWN = 128, WRITE_UP = 256, WRITE_DOWN = 512, HAS_GH = 1024, HAS_GZ = 2048, HAS_GLOGIT = 4096,
-  HAS_DREC = 8192, HAS_DXA = 16384, HAS_DXB = 32768,
+  HAS_DREC = 8192, HAS_DXA = 16384, HAS_DXB = 32768, FLUSH_GRAD = 65536,
 };
 enum : int64_t { GIVEN = 0, STEP = 1, BERNOULLI = 2, SOFT = 3 };  // engine/plan.py's modes
 
@@ -247,9 +247,11 @@ void step_backward(int64_t rows, int64_t H, int64_t ROW, int64_t flags, int64_t 
     }
     dk += dk2;
     T d_logit = 0;
+    T carry = 0;  // z_prev's gradient through COPY's carry alone
     if (!(flags & TOP)) {
       const T e = e_[row];
-      dzp += k * dz;
+      carry = k * dz;
+      dzp += carry;
       dk += (zp - e) * dz;
       if (mode != GIVEN) {  // straight through the hard sigmoid: a / 2 where it is not clipped
         const T slope = slope_[0];
@@ -264,7 +266,7 @@ void step_backward(int64_t rows, int64_t H, int64_t ROW, int64_t flags, int64_t 
     } else {
       dzp += -du;
     }
-    dz_[row] = dzp;
+    dz_[row] = (flags & FLUSH_GRAD) ? dzp : carry;  // without it z_prev is a constant in the operations' weights
     s[4 * H] = d_logit;  // s now holds ds
     if (flags & HAS_BELOW) {  // the backward kernel's bottom-up term is always normalised
       // d LN(raw) = z_below ds; the gate's gradient is <LN(raw), ds>; raw is overwritten by d raw

@@ -62,7 +62,7 @@ _SOURCE = Path(__file__).with_name("cpu_fused.cpp")
 _FLAG_BITS = {
     "HAS_BASE": 1, "HAS_BELOW": 4, "BELOW_GATED": 8, "NORM_BELOW": 16, "NORM_CELL": 32, "TOP": 64,
     "WRITE_OWN": 128, "WRITE_UP": 256, "WRITE_DOWN": 512, "HAS_GH": 1024, "HAS_GZ": 2048, "HAS_GLOGIT": 4096,
-    "HAS_DREC": 8192, "HAS_DXA": 16384, "HAS_DXB": 32768,
+    "HAS_DREC": 8192, "HAS_DXA": 16384, "HAS_DXB": 32768, "FLUSH_GRAD": 65536,
 }
 # Fast-math for the vector exp (glibc declares libmvec's variants only under __FAST_MATH__ with
 # finite math; the kernels clamp exp's argument so that no inf arises, cpu_fused.cpp's sigm); linked

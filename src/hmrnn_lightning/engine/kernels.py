@@ -265,13 +265,14 @@ if triton is not None:
         H: tl.constexpr, BLOCK: tl.constexpr, ROW: tl.constexpr, HAS_BELOW: tl.constexpr,
         BELOW_GATED: tl.constexpr, NORM_CELL: tl.constexpr, TOP: tl.constexpr,
         MODE: tl.constexpr, HAS_GH: tl.constexpr, HAS_GZ: tl.constexpr, HAS_GLOGIT: tl.constexpr,
-        HAS_DREC: tl.constexpr, HAS_DXA: tl.constexpr, HAS_DXB: tl.constexpr,
+        HAS_DREC: tl.constexpr, HAS_DXA: tl.constexpr, HAS_DXB: tl.constexpr, FLUSH_GRAD: tl.constexpr,
     ):
         """One layer and step backwards. ``dh``, ``dc``, ``dz`` accumulate the gradients reaching
         ``h``, ``c``, ``z`` (:func:`_gradients_in` adds the rest); overwrites ``s`` with ``ds``,
         ``below`` with its gated gradient, ``dh`` with COPY's part of ``dh_prev``, ``dc`` with
         ``dc_prev``, ``dz`` with ``dz_prev`` (less the top-down gate's part, which the layer above
-        adds), and adds ``dz_below`` into ``dzb``."""
+        adds; without ``FLUSH_GRAD`` only COPY's carry's part, as ``z_prev`` is then a constant
+        in the operations' weights), and adds ``dz_below`` into ``dzb``."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < H
@@ -304,8 +305,10 @@ if triton is not None:
         tl.store(dc_ptr + row * H + offs, (k + u * f) * dct, mask=mask)
         tl.store(dh_ptr + row * H + offs, k * dh, mask=mask)
         d_logit = 0.0
+        carry = 0.0  # z_prev's gradient through COPY's carry alone
         if not TOP:
-            dzp += k * dz
+            carry = k * dz
+            dzp += carry
             dk += (zp - tl.load(e_ptr + row).to(tl.float32)) * dz
             if MODE != 0:  # straight through the hard sigmoid: a / 2 where it is not clipped
                 slope = tl.load(slope_ptr).to(tl.float32)
@@ -318,7 +321,10 @@ if triton is not None:
             dzb += (1.0 - zp) * (du - dk)
         else:
             dzp += -du
-        tl.store(dz_ptr + row, dzp)
+        if FLUSH_GRAD:
+            tl.store(dz_ptr + row, dzp)
+        else:
+            tl.store(dz_ptr + row, carry + zp * 0.0)  # a tensor even on the top layer
         _store5(s_ptr + row * ROW, offs, mask, ds_f, ds_i, ds_o, ds_g, d_logit, H)
         if HAS_BELOW:  # the bottom-up term of its own, normalised: d LN(raw) = z_below ds
             dzb += _bottom_up_backward(below_ptr + row * ROW, gb_ptr, bb_ptr, dgb_ptr + row * ROW, dbb_ptr + row * ROW,

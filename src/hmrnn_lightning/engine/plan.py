@@ -161,9 +161,10 @@ class WindowPlan:
     """Everything a backend needs to run a stack's window, built by :meth:`build`: per layer its
     :class:`LayerWeights` (the parameters themselves), hidden size, and each norm's own ``eps``
     (``below_eps``, ``cell_eps``; 0 without layer norm); the merged inputs' :class:`InputLayout`;
-    whether the bottom-up term and the cell are normalised (every layer alike); the estimator
-    module (the CPU backend calls it); the product dtype (autocast's, None for the state dtype);
-    ``names``, the layout of the flat weight list."""
+    whether the bottom-up term and the cell are normalised (every layer alike); whether
+    ``z^l_{t-1}`` takes its gradient through the choice of operation (``flush_gradient``, the
+    cells' option); the estimator module (the CPU backend calls it); the product dtype
+    (autocast's, None for the state dtype); ``names``, the layout of the flat weight list."""
 
     layers: list[LayerWeights]
     sizes: list[int]
@@ -171,6 +172,7 @@ class WindowPlan:
     layer_norm: bool
     below_eps: list[float]
     cell_eps: list[float]
+    flush_gradient: bool
     estimator: nn.Module
     product_dtype: torch.dtype | None
     names: list[list[str]] = field(default_factory=list)
@@ -185,7 +187,7 @@ class WindowPlan:
         return cls(
             layers=layers, sizes=sizes, layout=InputLayout(sizes, layer_norm), layer_norm=layer_norm,
             below_eps=[float(c.norm_bottom_up.eps) if layer_norm else 0.0 for c in cells],
-            cell_eps=[float(c.norm_cell.eps) if layer_norm else 0.0 for c in cells],
+            cell_eps=[float(c.norm_cell.eps) if layer_norm else 0.0 for c in cells], flush_gradient=cells[0].flush_gradient,
             estimator=estimator, product_dtype=product_dtype, names=[w.names() for w in layers],
         )
 

@@ -374,8 +374,9 @@ class _Backward:
         if d_norm is not None:
             self.d_norms[l]["cell_gamma"] += d_norm[0]
             self.d_norms[l]["cell_beta"] += d_norm[1]
+        carry = torch.zeros_like(dzp)  # z^l_{t-1}'s gradient through COPY's carry alone
         if not top:
-            dzp, dk = self._boundary_backward(t, l, ds, k, zp, dzp, dk, dz_from_above)
+            dzp, dk, carry = self._boundary_backward(t, l, ds, k, zp, dzp, dk, dz_from_above)
         else:
             ds[:, 4 * H] = 0.0
         # u = (1 - z_prev) z_below, k = (1 - z_prev)(1 - z_below)
@@ -385,6 +386,8 @@ class _Backward:
             dzb = (1.0 - zp) * (du - dk)
         else:
             dzp = dzp - du
+        if not plan.flush_gradient:  # z^l_{t-1} is a constant in the operations' weights
+            dzp = carry
         # rows in COPY have ds = 0 exactly (every gate term carries a factor u, u + z_prev or
         # 1 - k), so unless something outside gave their logit a gradient they are left out
         rows = None
@@ -403,12 +406,13 @@ class _Backward:
 
     def _boundary_backward(self, t, l, ds, k, zp, dzp, dk, dz_from_above):
         """The gradient reaching ``z^l_t`` through COPY's carry and the estimator: into ``dzp``,
-        ``dk`` and the logit's column of ``ds``."""
+        ``dk`` and the logit's column of ``ds``; returns ``(dzp, dk, the carry's part of dzp)``."""
         dz = self.g_z[:, t, l : l + 1] + self.dz_next[l]
         if dz_from_above is not None:
             dz = dz + dz_from_above
         e = self.cache.e[t, l].unsqueeze(-1)
-        dzp, dk = dzp + k * dz, dk + (zp - e) * dz
+        carry = k * dz
+        dzp, dk = dzp + carry, dk + (zp - e) * dz
         d_logit = None
         graph = self.cache.graphs.get((t, l))
         if graph is not None:
@@ -417,7 +421,7 @@ class _Backward:
         if self.g_logits is not None:
             d_logit = self.g_logits[:, t, l] if d_logit is None else d_logit + self.g_logits[:, t, l]
         ds[:, 4 * self.plan.sizes[l]] = 0.0 if d_logit is None else d_logit
-        return dzp, dk
+        return dzp, dk, carry
 
     def _bottom_up_gradients(self, t, l, ds, da, zb, dzb, rows):
         """``(d h^{l-1}_t, d z^{l-1}_t)`` through the bottom-up term, gated by ``z^{l-1}_t``: in the

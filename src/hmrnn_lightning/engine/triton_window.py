@@ -305,7 +305,8 @@ def _backward_step(launch: _Launch, cache: WindowCache, acc: _Accumulators, w, f
         H=H, BLOCK=K.block_size(H), ROW=s.stride(0), HAS_BELOW=ln, BELOW_GATED=l > 0, NORM_CELL=ln, TOP=top,
         MODE=launch.mode if not top else GIVEN, HAS_GH=g_hidden is not None,
         HAS_GZ=g_z is not None and not top, HAS_GLOGIT=g_logits is not None and not top,
-        HAS_DREC=t + 1 < T, HAS_DXA=l > 0 and t + 1 < T, HAS_DXB=has_dxb, num_warps=K.num_warps(H),
+        HAS_DREC=t + 1 < T, HAS_DXA=l > 0 and t + 1 < T, HAS_DXB=has_dxb, FLUSH_GRAD=plan.flush_gradient,
+        num_warps=K.num_warps(H),
     )
 
 
