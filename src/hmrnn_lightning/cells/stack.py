@@ -167,9 +167,10 @@ class HMStack(RecurrentStack):
         flush_gradient: let the straight-through gradient reach ``z^l_{t-1}`` through layer
             ``l``'s choice of operation at ``t`` (FLUSH or not; the paper's gradient). False cuts
             that one path, a loop whose gradient grew geometrically backwards in time in some
-            seeds (:func:`~hmrnn_lightning.cells.operations.select_operations`); the boundary
-            still learns through the layer above's UPDATE/COPY choice, the gates and COPY's
-            carry. Every path runs either.
+            seeds at initialisation (:func:`~hmrnn_lightning.cells.operations.select_operations`;
+            in training it moved a blow-up to another seed rather than removing it); the
+            boundary still learns through the layer above's UPDATE/COPY choice, the gates and
+            COPY's carry. An ablation; every path runs either.
         impl: ``reference`` (the readable loop below); ``sequence``
             (:mod:`hmrnn_lightning.engine.sequence`: one autograd function over the whole
             sequence with a hand-written backward, skipping closed rows; the CPU's fast path;
