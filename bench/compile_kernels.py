@@ -118,6 +118,9 @@ def main() -> int:
     p.add_argument("--also", nargs="*", default=[], metavar="PYTHON",
                    help="interpreters of other environments (each with its own Triton) to compile with as well")
     args = p.parse_args()
+    missing = [python for python in args.also if not os.access(python, os.X_OK)]
+    if missing:
+        p.error(f"--also {' '.join(missing)}: no such interpreter (make that environment first; CONTRIBUTING.md says how)")
 
     import triton
     from triton.backends.compiler import GPUTarget

@@ -210,6 +210,10 @@ def main() -> None:
                    help="profile the first impl of --impls on the first of --shapes and write the table to FILE")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch sees no CUDA device (torch.cuda.is_available() is False)")
     if args.single or args.profile:
         impl, shape = args.single.split(":") if args.single else (args.impls[0], args.shapes[0])
         precision = (args.precision or ["fp32"])[0]

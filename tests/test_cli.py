@@ -303,6 +303,11 @@ def test_help_fits_on_a_screen_and_points_onwards(capsys):
     assert "--print_config" in head and "hmrnn list" in head
     assert main(["fit", "--model.help", "HMRNNLanguageModel"]) == 0
     assert "stateful truncated BPTT" in capsys.readouterr().out  # the class docstring
+    # the evaluation commands' --help names the same flags; they need no checkpoint to answer
+    assert main(["validate", "--model.help", "HMRNNLanguageModel"]) == 0
+    assert "stateful truncated BPTT" in capsys.readouterr().out
+    assert main(["test", "--data.help=PTBDataModule"]) == 0
+    assert "PTBDataModule" in capsys.readouterr().out
 
 
 def test_version(capsys):

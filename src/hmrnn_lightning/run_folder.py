@@ -158,7 +158,7 @@ def resolve_run_arguments(args: list[str]) -> tuple[list[str], Path | None]:
     if not args or args[0] not in ("fit", "validate", "test", "predict"):
         return args, None
     command, rest = args[0], list(args[1:])
-    if any(a in ("-h", "--help") for a in rest):
+    if any(a in ("-h", "--help") or a.split("=", 1)[0].endswith(".help") for a in rest):  # --model.help CLASS too
         return args, None
     printing = any(a == "--print_config" or a.startswith("--print_config=") for a in rest)
     resume, rest = _take_option(rest, "--resume")
