@@ -168,7 +168,7 @@ class HMStack(RecurrentStack):
             ``l``'s choice of operation at ``t`` (FLUSH or not; the paper's gradient). False cuts
             that one path, a loop whose gradient grew geometrically backwards in time in some
             seeds at initialisation (:func:`~hmrnn_lightning.cells.operations.select_operations`;
-            in training it moved a blow-up to another seed rather than removing it); the
+            in training it moved a blow-up to another seed and cost layer 2 the word ends); the
             boundary still learns through the layer above's UPDATE/COPY choice, the gates and
             COPY's carry. An ablation; every path runs either.
         impl: ``reference`` (the readable loop below); ``sequence``
