@@ -45,7 +45,8 @@ def test_cell_overlays_set_one_option_of_the_cpu_stack(overlay, setting, capsys)
     stack = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["stack"]["init_args"]
     assert stack[setting[0]] == setting[1] and stack["layer_norm"] is True
     others = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True, "flush_gradient": True}
-    assert {k: v for k, v in stack.items() if k in others and k != setting[0]} == {k: v for k, v in others.items() if k != setting[0]}
+    unset = {k: v for k, v in others.items() if k != setting[0]}
+    assert {k: v for k, v in stack.items() if k in unset} == unset
 
 
 def test_the_cpu_config_has_a_rate_target_and_its_overlay_removes_it(capsys):

@@ -205,7 +205,8 @@ def test_without_flush_gradient_z_prev_learns_only_through_the_carry_and_the_gat
     a, b = full(x), cut(x)
     assert torch.equal(a.boundaries, b.boundaries) and torch.equal(a.hidden[0], b.hidden[0])
     assert a.boundaries[..., 0].mean() > 0.1 and a.operations[:, 1:, 0, 2].sum() > 0  # layer 1 flushes at times
-    grads = [torch.autograd.grad(o.hidden[0].sum() + o.hidden[1].sum(), s.cells[0].recurrent.weight)[0] for o, s in ((a, full), (b, cut))]
+    grads = [torch.autograd.grad(o.hidden[0].sum() + o.hidden[1].sum(), s.cells[0].recurrent.weight)[0]
+             for o, s in ((a, full), (b, cut))]
     assert not torch.allclose(grads[0][-1], grads[1][-1])  # the boundary row's gradient
     if cell == "hm_lstm":
         auto = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, impl="auto", flush_gradient=False)

@@ -90,4 +90,5 @@ def write_tables(out: Path, rows: list[dict[str, Any]], full: bool = False) -> N
     titles = {c: titles.get(c, c.removeprefix("test/")) for c in columns}
     table = markdown_summary(summary, columns, titles) if full else short_markdown_summary(summary, columns, titles)
     layers = layer_markdown(rows)
-    atomic_write(out / "results.md", table + explosion_note(rows) + (f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""))
+    per_layer = f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""
+    atomic_write(out / "results.md", table + explosion_note(rows) + per_layer)

@@ -358,7 +358,8 @@ def write_tables(out: Path, rows: list[dict[str, Any]], full: bool = False) -> N
     titles = {c: _title(c) for c in columns}
     table = markdown_summary(summary, columns, titles) if full else short_markdown_summary(summary, columns, titles, lead=("params",))
     layers = layer_markdown(rows)
-    atomic_write(out / "compare.md", table + explosion_note(rows) + (f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""))
+    per_layer = f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""
+    atomic_write(out / "compare.md", table + explosion_note(rows) + per_layer)
 
 
 #: table titles of the compare columns; prefixes in the order they are tried (longer first)
