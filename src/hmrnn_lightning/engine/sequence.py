@@ -374,7 +374,7 @@ class _Backward:
         if d_norm is not None:
             self.d_norms[l]["cell_gamma"] += d_norm[0]
             self.d_norms[l]["cell_beta"] += d_norm[1]
-        carry = torch.zeros_like(dzp)  # z^l_{t-1}'s gradient through COPY's carry alone
+        carry = None  # z^l_{t-1}'s gradient through COPY's carry alone (the top layer has no carry)
         if not top:
             dzp, dk, carry = self._boundary_backward(t, l, ds, k, zp, dzp, dk, dz_from_above)
         else:
@@ -387,7 +387,7 @@ class _Backward:
         else:
             dzp = dzp - du
         if not plan.flush_gradient:  # z^l_{t-1} is a constant in the operations' weights
-            dzp = carry
+            dzp = carry if carry is not None else torch.zeros_like(dzp)
         # rows in COPY have ds = 0 exactly (every gate term carries a factor u, u + z_prev or
         # 1 - k), so unless something outside gave their logit a gradient they are left out
         rows = None
