@@ -282,12 +282,12 @@ class HMRNNCLI(LightningCLI):
                 cb._save_on_train_epoch_end = False
             if isinstance(cb, EarlyStopping) and cb._check_on_train_epoch_end is None:
                 cb._check_on_train_epoch_end = False
-        if kwargs.get("logger", trainer_cfg.get("logger")) in (False, []):
+        logger = kwargs.get("logger", trainer_cfg.get("logger"))
+        if logger in (False, []):
             # Lightning refuses to start a LearningRateMonitor without a logger; it has nothing to do then
             callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
         kwargs.setdefault("callbacks", callbacks)
-        loggers = kwargs.get("logger", trainer_cfg.get("logger"))
-        loggers = loggers if isinstance(loggers, list) else [loggers] if loggers not in (None, False, True) else []
+        loggers = logger if isinstance(logger, list) else [logger] if logger not in (None, False, True) else []
         check_writable_places(trainer_cfg.get("default_root_dir"), loggers)  # before a folder is claimed
         if fitting:
             run_folder.assign_versions(loggers, self.resume_into)
