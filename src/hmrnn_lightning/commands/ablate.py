@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hmrnn_lightning.commands.runs import (
-    RunSpec, atomic_write, budget_args, csv_text, explosion_note, fail, informative, layer_markdown, markdown_summary,
-    metric_columns, run_one, short_markdown_summary, split_extra, summarise,
+    RunSpec, atomic_write, budget_args, csv_text, fail, informative, markdown_summary, metric_columns, run_one,
+    series_markdown, short_markdown_summary, split_extra, summarise,
 )
 from hmrnn_lightning.commands.options import DefaultsHelpFormatter, check_output_folder
 
@@ -89,6 +89,4 @@ def write_tables(out: Path, rows: list[dict[str, Any]], full: bool = False) -> N
     titles = {"best_val_bpc": "best val BPC", "test/bpc": "test BPC", "chars_per_s": "train chars/s", "collapsed": "collapsed layers"}
     titles = {c: titles.get(c, c.removeprefix("test/")) for c in columns}
     table = markdown_summary(summary, columns, titles) if full else short_markdown_summary(summary, columns, titles)
-    layers = layer_markdown(rows)
-    per_layer = f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""
-    atomic_write(out / "results.md", table + explosion_note(rows) + per_layer)
+    atomic_write(out / "results.md", series_markdown(table, rows))

@@ -45,9 +45,8 @@ from typing import Any
 import yaml
 
 from hmrnn_lightning.commands.runs import (
-    RunSpec, ValidationCurve, atomic_write, budget_args, build_cli, count_parameters, csv_text, evaluate_checkpoint,
-    explosion_note, fail, informative, layer_markdown, markdown_summary, metric_columns, run_one, short_markdown_summary,
-    split_extra, summarise,
+    RunSpec, ValidationCurve, atomic_write, budget_args, build_cli, count_parameters, csv_text, evaluate_checkpoint, fail,
+    informative, markdown_summary, metric_columns, run_one, series_markdown, short_markdown_summary, split_extra, summarise,
 )
 from hmrnn_lightning.commands.options import DefaultsHelpFormatter, check_output_folder
 
@@ -357,9 +356,7 @@ def write_tables(out: Path, rows: list[dict[str, Any]], full: bool = False) -> N
     atomic_write(out / "compare.csv", csv_text(summary, ["label", "n"] + [f"{c}_{s}" for c in columns for s in ("mean", "sd")]))
     titles = {c: _title(c) for c in columns}
     table = markdown_summary(summary, columns, titles) if full else short_markdown_summary(summary, columns, titles, lead=("params",))
-    layers = layer_markdown(rows)
-    per_layer = f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""
-    atomic_write(out / "compare.md", table + explosion_note(rows) + per_layer)
+    atomic_write(out / "compare.md", series_markdown(table, rows))
 
 
 #: table titles of the compare columns; prefixes in the order they are tried (longer first)

@@ -418,6 +418,15 @@ def short_markdown_summary(summary: list[dict[str, Any]], columns: Sequence[str]
     return _markdown(head, rows)
 
 
+def series_markdown(table: str, rows: list[dict[str, Any]]) -> str:
+    """A series' Markdown page (``compare.md``, ``results.md``): its headline ``table``, the runs
+    whose gradient exploded (:func:`explosion_note`), and the boundaries per layer
+    (:func:`layer_markdown`) for models that have them."""
+    layers = layer_markdown(rows)
+    per_layer = f"\nBoundaries per layer (test; word ends; mean ± sd over seeds):\n\n{layers}" if layers else ""
+    return table + explosion_note(rows) + per_layer
+
+
 def explosion_note(rows: list[dict[str, Any]]) -> str:
     """A line naming the runs in which :class:`~hmrnn_lightning.callbacks.TrainingHealth`
     reported an exploding gradient (``exploded_at``), for under a series' table; empty if none.
