@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import sys
 from collections import deque
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -41,6 +43,17 @@ class TrainingHealth(pl.Callback):
     config, docs/study.md) the norm went from 0.5 to 370 within 16 steps and the loss rose from
     2.4 to 3.5 BPC in the next 100. Non-finite norms are left to :class:`FaultDetection`.
 
+    With ``on_explosion="rollback"`` it also acts: it keeps the weights and optimizer state of
+    every ``snapshot_every``-th step (the last three, none taken while spikes are recent), and at
+    an explosion it restores the newest one taken at least ``snapshot_every`` steps before the
+    first spike (the norm was already growing a few steps before it: three times the median six
+    steps ahead, in the measured case), multiplies the learning rate by ``rollback_lr_factor`` and
+    starts the next window from a zero state; each time in one warning line, at most
+    ``max_rollbacks`` times (after that it only warns). The batches since the snapshot are not
+    replayed, and the steps count on (``max_steps`` includes the discarded ones). Not the default:
+    an explosion in the first steps can pass by itself (docs/study.md), and a rollback there
+    restarts from the initial weights.
+
     Reads the boundaries and operations a training step returns (``"boundaries"`` and
     ``"operations"`` in its output dict); models that return only a loss get the gradient
     norm alone.
@@ -53,10 +66,16 @@ class TrainingHealth(pl.Callback):
         explosion_factor: a step's gradient norm this many times the recent median is a spike.
         explosion_steps: spikes within 10 steps that make an explosion (1 to 10).
         explosion_history: steps whose median is the yardstick; none is judged before 50.
+        on_explosion: ``warn`` (say it once) or ``rollback`` (restore a snapshot, as above).
+        snapshot_every: optimizer steps between snapshots (``rollback`` only).
+        rollback_lr_factor: each rollback multiplies the learning rate by this (0 < factor <= 1).
+        max_rollbacks: rollbacks at most in one fit.
     """
 
     def __init__(self, every_n_steps: int = 200, collapse_window: int = 300, collapse_rate: float = 0.01,
-                 explosion_factor: float = 10.0, explosion_steps: int = 3, explosion_history: int = 200) -> None:
+                 explosion_factor: float = 10.0, explosion_steps: int = 3, explosion_history: int = 200,
+                 on_explosion: Literal["warn", "rollback"] = "warn", snapshot_every: int = 50,
+                 rollback_lr_factor: float = 0.5, max_rollbacks: int = 3) -> None:
         if every_n_steps < 1:
             raise ValueError(f"TrainingHealth: every_n_steps must be >= 1, got {every_n_steps}")
         if collapse_window < 1 or not 0 < collapse_rate < 0.5:
@@ -64,9 +83,18 @@ class TrainingHealth(pl.Callback):
         if explosion_factor <= 1 or not 1 <= explosion_steps <= 10 or explosion_history < 50:
             raise ValueError(f"TrainingHealth: need explosion_factor > 1, 1 <= explosion_steps <= 10 and explosion_history >= 50, "
                              f"got {explosion_factor}, {explosion_steps}, {explosion_history}")
+        if on_explosion not in ("warn", "rollback"):
+            raise ValueError(f"TrainingHealth: on_explosion must be 'warn' or 'rollback', got {on_explosion!r}")
+        if snapshot_every < 1 or not 0 < rollback_lr_factor <= 1 or max_rollbacks < 0:
+            raise ValueError(f"TrainingHealth: need snapshot_every >= 1, 0 < rollback_lr_factor <= 1 and max_rollbacks >= 0, "
+                             f"got {snapshot_every}, {rollback_lr_factor}, {max_rollbacks}")
         self.every_n_steps = every_n_steps
         self.collapse_window, self.collapse_rate = collapse_window, collapse_rate
         self.explosion_factor, self.explosion_steps = explosion_factor, explosion_steps
+        self.on_explosion, self.snapshot_every = on_explosion, snapshot_every
+        self.rollback_lr_factor, self.max_rollbacks = rollback_lr_factor, max_rollbacks
+        #: ``(step of the explosion, step restored)`` per rollback
+        self.rollbacks: list[tuple[int, int]] = []
         #: collapsed layers (numbered from 1) and the step each was found at
         self.collapsed: dict[int, int] = {}
         #: the step an exploding gradient was reported at, or None
@@ -76,6 +104,12 @@ class TrainingHealth(pl.Callback):
         self._grad_norm: float | None = None
         self._norms: deque[float] = deque(maxlen=explosion_history)  # recent finite norms, spikes left out
         self._spikes: deque[int] = deque()  # steps of the spikes among the last 10
+        self._snapshots: deque[tuple[int, dict, list[dict]]] = deque(maxlen=3)  # (step, weights, optimizer states)
+        self._rollback_due: int | None = None  # the first spike of an explosion to roll back from
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_explosion == "rollback":
+            self._snapshot(trainer, pl_module)  # the weights training starts from
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         grads = [p.grad.detach().float() for p in pl_module.parameters() if p.grad is not None]
@@ -96,16 +130,64 @@ class TrainingHealth(pl.Callback):
         self._spikes.append(step)
         while self._spikes and self._spikes[0] <= step - 10:
             self._spikes.popleft()
-        if self.exploded is None and len(self._spikes) >= self.explosion_steps:
+        if len(self._spikes) < self.explosion_steps:
+            return
+        acting = self.on_explosion == "rollback" and len(self.rollbacks) < self.max_rollbacks
+        if self.exploded is not None and not acting:
+            return
+        if self.exploded is None:
             self.exploded = step
+        what, count = "clipping bounds each step's length, not its direction", len(self._spikes)
+        if acting:
+            self._rollback_due = self._spikes[0]
+            self._spikes.clear()
+            what = "rolling back (TrainingHealth on_explosion: rollback)"
+        if trainer.is_global_zero:
+            sys.stderr.write(f"hmrnn: warning: the gradient is exploding at step {step}: norm {norm:.3g}, {norm / median:.0f}x "
+                             f"the median of the {len(self._norms)} steps before ({median:.3g}), in {count} of the last "
+                             f"10 steps; {what}\n")
+            sys.stderr.flush()
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self._snapshots.append((trainer.global_step, weights, [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]))
+
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Restore the newest snapshot taken ``snapshot_every`` steps or more before the first spike."""
+        first_spike, self._rollback_due = self._rollback_due, None
+        usable = [s for s in self._snapshots if s[0] <= first_spike - self.snapshot_every]
+        if not usable:
             if trainer.is_global_zero:
-                sys.stderr.write(f"hmrnn: warning: the gradient is exploding at step {step}: norm {norm:.3g}, {norm / median:.0f}x "
-                                 f"the median of the {len(self._norms)} steps before ({median:.3g}), in {len(self._spikes)} of the "
-                                 f"last 10 steps; clipping bounds each step's length, not its direction\n")
-                sys.stderr.flush()
+                sys.stderr.write(f"hmrnn: warning: no snapshot from {self.snapshot_every} steps before step {first_spike} "
+                                 f"to roll back to; training goes on\n")
+            return
+        restored, weights, optimizer_states = usable[-1]
+        while self._snapshots[-1][0] > restored:  # later ones hold the growth that led here
+            self._snapshots.pop()
+        pl_module.load_state_dict(weights)
+        lrs = []
+        for optimizer, state in zip(trainer.optimizers, optimizer_states):
+            now = [group["lr"] for group in optimizer.param_groups]
+            optimizer.load_state_dict(copy.deepcopy(state))
+            for group, lr in zip(optimizer.param_groups, now):
+                group["lr"] = lr * self.rollback_lr_factor
+                lrs.append(group["lr"])
+        reset = getattr(pl_module, "reset_carried_state", None)
+        if reset is not None:
+            reset("train")  # the state carried from the last window was made by the weights just dropped
+        self.rollbacks.append((step, restored))
+        if trainer.is_global_zero:
+            sys.stderr.write(f"hmrnn: warning: rolled back at step {step} to the weights and optimizer state of step {restored}, "
+                             f"learning rate now {', '.join(f'{lr:.3g}' for lr in lrs)} (rollback {len(self.rollbacks)} of at "
+                             f"most {self.max_rollbacks})\n")
+            sys.stderr.flush()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step - 1  # the optimizer step this batch took
+        if self._rollback_due is not None:
+            self._roll_back(trainer, pl_module, step)
+        elif self.on_explosion == "rollback" and trainer.global_step % self.snapshot_every == 0 and not self._spikes:
+            self._snapshot(trainer, pl_module)
         if isinstance(outputs, dict) and "boundaries" in outputs:
             boundaries, operations = outputs["boundaries"], outputs["operations"]
             if self._stats is None or self._stats.num_layers != boundaries.shape[-1]:
