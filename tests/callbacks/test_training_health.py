@@ -92,3 +92,118 @@ def test_calm_or_noisy_gradients_and_a_short_history_are_not_an_explosion(capsys
     assert "exploding" not in capsys.readouterr().err
     with pytest.raises(ValueError, match="explosion_factor > 1"):
         TrainingHealth(explosion_factor=1.0)
+
+
+def _optimizer_steps(health: TrainingHealth, norms: list[float]):
+    """``len(norms)`` optimizer steps of Adam on one weight whose gradient has the given norms,
+    with the hooks in Lightning's order; returns the module, the optimizer and the weights after
+    each step (``after[k]``: after ``k`` steps)."""
+    module = torch.nn.Linear(4, 1, bias=False)
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
+    trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[], optimizers=[optimizer])
+    health.on_train_start(trainer, module)
+    after = [module.weight.detach().clone()]
+    for step, norm in enumerate(norms):
+        trainer.global_step = step
+        module.weight.grad = torch.full((1, 4), norm / 2.0)  # norm of four equal entries
+        health.on_before_optimizer_step(trainer, module, optimizer)
+        optimizer.step()
+        trainer.global_step = step + 1
+        health.on_train_batch_end(trainer, module, {"loss": torch.tensor(0.0)}, None, step)
+        after.append(module.weight.detach().clone())
+    return module, optimizer, after
+
+
+def test_rollback_restores_the_snapshot_from_before_the_first_spike_and_lowers_the_rate(capsys):
+    gen = torch.Generator().manual_seed(0)
+    calm = (0.4 + 0.2 * torch.rand(200, generator=gen)).tolist()
+    # spikes at steps 125, 127, 129: the third makes the explosion; 125 - 50 = 75 -> the snapshot of step 50
+    norms = calm[:125] + [30.0, 0.5, 40.0, 0.5, 50.0] + calm[:20]
+    health = TrainingHealth(on_explosion="rollback", snapshot_every=50, rollback_lr_factor=0.5)
+    module, optimizer, after = _optimizer_steps(health, norms)
+    assert health.exploded == 129 and health.rollbacks == [(129, 50)]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    # the weights went back to those after step 50, then moved on by the 20 calm steps after the rollback
+    assert torch.equal(after[130], after[50])
+    assert not torch.equal(after[-1], after[50])
+    err = capsys.readouterr().err
+    assert "rolling back" in err
+    assert "rolled back at step 129 to the weights and optimizer state of step 50, learning rate now 0.05 (rollback 1 of at most 3)" in err
+
+
+def test_rollback_goes_no_further_than_max_rollbacks_and_warn_mode_never_touches_the_weights(capsys):
+    gen = torch.Generator().manual_seed(2)
+    calm = (0.4 + 0.2 * torch.rand(200, generator=gen)).tolist()
+    burst = [30.0, 40.0, 50.0]
+    norms = calm[:120] + burst + calm[:60] + burst + calm[:10]
+    health = TrainingHealth(on_explosion="rollback", max_rollbacks=1)
+    _, optimizer, after = _optimizer_steps(health, norms)
+    assert [step for step, _ in health.rollbacks] == [122]  # the second burst (step 185) is only reported
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    err = capsys.readouterr().err
+    assert "rollback 1 of at most 1" in err
+    assert "the gradient is exploding at step 185" in err and "no rollback left (max_rollbacks: 1)" in err
+    warn = TrainingHealth()
+    _, optimizer, after = _optimizer_steps(warn, norms)
+    assert warn.exploded == 122 and warn.rollbacks == [] and optimizer.param_groups[0]["lr"] == 0.1
+    assert not any(torch.equal(after[k], after[50]) for k in range(51, len(after)))  # never back to a snapshot
+    lines = [l for l in capsys.readouterr().err.splitlines() if "exploding" in l]
+    assert len(lines) == 1 and "rolling back" not in lines[0]
+
+
+def test_bad_rollback_settings_are_one_error():
+    with pytest.raises(ValueError, match="on_explosion must be 'warn' or 'rollback'"):
+        TrainingHealth(on_explosion="restart")
+    with pytest.raises(ValueError, match="0 < rollback_lr_factor <= 1"):
+        TrainingHealth(rollback_lr_factor=0.0)
+
+
+def _tiny_fit(tmp_path, health: TrainingHealth, blowup_steps: range = range(0)):
+    """110 steps of a 2 x 8 HM-LSTM on synthetic text with ``health``; gradients multiplied by 1e4
+    at ``blowup_steps``. Returns the trainer, the model and the weights after each step."""
+    import lightning.pytorch as pl
+
+    from hmrnn_lightning.data import SyntheticDataModule
+    from tests.helpers import tiny_model
+
+    after: dict[int, list[torch.Tensor]] = {}
+
+    class Blowup(pl.Callback):
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            if trainer.global_step in blowup_steps:
+                for p in module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(1e4)
+
+    class Weights(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            after[trainer.global_step] = [p.detach().clone() for p in module.parameters()]
+
+    torch.manual_seed(0)
+    dm = SyntheticDataModule(num_chars=3000, batch_size=2, seq_len=20, cache_dir=str(tmp_path / "cache"))
+    model = tiny_model(vocab_size=dm.vocab_size, hidden=8, layers=2, lr=0.003)
+    trainer = pl.Trainer(max_steps=110, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0,
+                         callbacks=[Blowup(), health, Weights()], default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    return trainer, model, after
+
+
+def test_a_fit_rolls_back_a_planted_explosion_and_trains_on(tmp_path):
+    """In a real fit: gradients blown up 1e4 times at steps 80-84 are an explosion at step 82; the
+    model goes back to its weights of step 60 (the newest snapshot 20 steps before the first spike),
+    the learning rate is halved, and training goes on to max_steps with finite weights. Without an
+    explosion the snapshots change nothing: the same fit in ``warn`` mode ends with the same weights."""
+    health = TrainingHealth(on_explosion="rollback", snapshot_every=20)
+    trainer, model, after = _tiny_fit(tmp_path, health, range(80, 85))
+    assert health.exploded == 82 and health.rollbacks == [(82, 60)]
+    # the rollback ran in TrainingHealth's hook of step 82's batch, before `Weights` recorded it
+    assert all(torch.equal(a, b) for a, b in zip(after[83], after[60]))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0015)
+    assert trainer.global_step == 110 and all(torch.isfinite(p).all() for p in model.parameters())
+
+    calm_rollback = TrainingHealth(on_explosion="rollback", snapshot_every=20)
+    _, _, with_snapshots = _tiny_fit(tmp_path, calm_rollback)
+    _, _, plain = _tiny_fit(tmp_path, TrainingHealth())
+    assert calm_rollback.exploded is None and calm_rollback.rollbacks == []
+    assert all(torch.equal(a, b) for a, b in zip(with_snapshots[110], plain[110]))

@@ -211,3 +211,5 @@ def test_a_run_row_says_where_the_gradient_exploded_and_which_layers_collapsed()
     assert collapse_counts(hm) == {"exploded_at": "step 458", "collapsed": 1, "collapsed_at": "l1@749"}
     assert collapse_counts(lstm) == {"exploded_at": "step 458"}
     assert collapse_counts(SimpleNamespace(trainer=SimpleNamespace(callbacks=[]), model=None)) == {}
+    health.rollbacks = [(458, 400)]
+    assert collapse_counts(lstm) == {"exploded_at": "step 458 (rolled back at step 458 to step 400)"}

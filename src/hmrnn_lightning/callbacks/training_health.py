@@ -49,7 +49,7 @@ class TrainingHealth(pl.Callback):
     first spike (the norm was already growing a few steps before it: three times the median six
     steps ahead, in the measured case), multiplies the learning rate by ``rollback_lr_factor`` and
     starts the next window from a zero state; each time in one warning line, at most
-    ``max_rollbacks`` times (after that it only warns). The batches since the snapshot are not
+    ``max_rollbacks`` times (the next explosion is said once, and nothing is done). The batches since the snapshot are not
     replayed, and the steps count on (``max_steps`` includes the discarded ones). Not the default:
     an explosion in the first steps can pass by itself (docs/study.md), and a rollback there
     restarts from the initial weights.
@@ -106,6 +106,7 @@ class TrainingHealth(pl.Callback):
         self._spikes: deque[int] = deque()  # steps of the spikes among the last 10
         self._snapshots: deque[tuple[int, dict, list[dict]]] = deque(maxlen=3)  # (step, weights, optimizer states)
         self._rollback_due: int | None = None  # the first spike of an explosion to roll back from
+        self._out_of_rollbacks = False  # said that an explosion came after the last rollback allowed
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.on_explosion == "rollback":
@@ -132,16 +133,20 @@ class TrainingHealth(pl.Callback):
             self._spikes.popleft()
         if len(self._spikes) < self.explosion_steps:
             return
-        acting = self.on_explosion == "rollback" and len(self.rollbacks) < self.max_rollbacks
-        if self.exploded is not None and not acting:
-            return
-        if self.exploded is None:
-            self.exploded = step
+        rollback = self.on_explosion == "rollback"
+        acting = rollback and len(self.rollbacks) < self.max_rollbacks
         what, count = "clipping bounds each step's length, not its direction", len(self._spikes)
         if acting:
             self._rollback_due = self._spikes[0]
             self._spikes.clear()
             what = "rolling back (TrainingHealth on_explosion: rollback)"
+        elif rollback and not self._out_of_rollbacks:
+            self._out_of_rollbacks = True
+            what = f"no rollback left (max_rollbacks: {self.max_rollbacks}); {what}"
+        elif self.exploded is not None:
+            return
+        if self.exploded is None:
+            self.exploded = step
         if trainer.is_global_zero:
             sys.stderr.write(f"hmrnn: warning: the gradient is exploding at step {step}: norm {norm:.3g}, {norm / median:.0f}x "
                              f"the median of the {len(self._norms)} steps before ({median:.3g}), in {count} of the last "

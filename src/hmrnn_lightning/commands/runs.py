@@ -316,14 +316,17 @@ def run_one(
 
 def collapse_counts(cli) -> dict[str, Any]:
     """For a fit that ran :class:`~hmrnn_lightning.callbacks.TrainingHealth`: ``exploded_at``, the
-    step an exploding gradient was reported at (empty if none), and for a model with boundaries
+    step an exploding gradient was reported at (empty if none) and any rollbacks, and for a model with boundaries
     ``collapsed`` (how many layers collapsed) and ``collapsed_at``; nothing without it."""
     from hmrnn_lightning.callbacks import TrainingHealth
 
     health = next((cb for cb in cli.trainer.callbacks if isinstance(cb, TrainingHealth)), None)
     if health is None:
         return {}
-    out: dict[str, Any] = {"exploded_at": "" if health.exploded is None else f"step {health.exploded}"}
+    exploded = "" if health.exploded is None else f"step {health.exploded}"
+    if health.rollbacks:
+        exploded += " (rolled back " + ", ".join(f"at step {at} to step {to}" for at, to in health.rollbacks) + ")"
+    out: dict[str, Any] = {"exploded_at": exploded}
     if getattr(cli.model, "has_boundaries", False):
         out.update(collapsed=len(health.collapsed), collapsed_at=" ".join(f"l{k}@{s}" for k, s in sorted(health.collapsed.items())))
     return out
