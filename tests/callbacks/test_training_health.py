@@ -128,6 +128,10 @@ def test_rollback_restores_the_snapshot_from_before_the_first_spike_and_lowers_t
     assert not torch.equal(after[-1], after[50])
     err = capsys.readouterr().err
     assert "rolling back" in err
+    # a lone spike (step 155) holds back no snapshot more than 10 steps after it (200, 250)
+    health = TrainingHealth(on_explosion="rollback", snapshot_every=50)
+    _optimizer_steps(health, calm[:155] + [30.0] + calm[:100] + [30.0, 40.0, 50.0])
+    assert health.rollbacks == [(258, 200)]
     assert "rolled back at step 129 to the weights and optimizer state of step 50, learning rate now 0.05 (rollback 1 of at most 3)" in err
 
 

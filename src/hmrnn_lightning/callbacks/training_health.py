@@ -153,6 +153,10 @@ class TrainingHealth(pl.Callback):
                              f"10 steps; {what}\n")
             sys.stderr.flush()
 
+    def _recent_spike(self, step: int) -> bool:
+        """A spike among the last 10 steps (older ones stay in ``_spikes`` until the next spike)."""
+        return bool(self._spikes) and self._spikes[-1] > step - 10
+
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         self._snapshots.append((trainer.global_step, weights, [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]))
@@ -191,7 +195,7 @@ class TrainingHealth(pl.Callback):
         step = trainer.global_step - 1  # the optimizer step this batch took
         if self._rollback_due is not None:
             self._roll_back(trainer, pl_module, step)
-        elif self.on_explosion == "rollback" and trainer.global_step % self.snapshot_every == 0 and not self._spikes:
+        elif self.on_explosion == "rollback" and trainer.global_step % self.snapshot_every == 0 and not self._recent_spike(step):
             self._snapshot(trainer, pl_module)
         if isinstance(outputs, dict) and "boundaries" in outputs:
             boundaries, operations = outputs["boundaries"], outputs["operations"]
