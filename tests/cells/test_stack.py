@@ -214,5 +214,6 @@ def test_without_flush_gradient_z_prev_learns_only_through_the_carry_and_the_gat
 
 
 def test_cell_options_refused_by_cells_without_them():
-    with pytest.raises(ValueError, match="flush_recurrent is an option of the HM-LSTM cell; cell 'hm_rnn'"):
+    with pytest.raises(ValueError, match=r"cell 'hm_rnn' \(HMRNNCell\) does not take flush_recurrent; leave it at the "
+                                         r"default \(flush_recurrent: True\)"):
         HMStack(D, [8, 7, 6], estimator=StepEstimator(), cell="hm_rnn", flush_recurrent=False)

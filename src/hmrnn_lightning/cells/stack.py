@@ -128,8 +128,10 @@ def cell_options(cell_class: type, cell: str, **values) -> dict:
     params = inspect.signature(cell_class).parameters
     unknown = [k for k in options if k not in params]
     if unknown:
-        raise ValueError(f"HMStack: {', '.join(unknown)} {'is an option' if len(unknown) == 1 else 'are options'} "
-                         f"of the HM-LSTM cell; cell {cell!r} does not take {'it' if len(unknown) == 1 else 'them'}")
+        defaults = ", ".join(f"{k}: {CELL_OPTIONS[k]!r}" for k in unknown)
+        raise ValueError(f"HMStack: cell {cell!r} ({cell_class.__name__}) does not take {', '.join(unknown)}; leave "
+                         f"{'it' if len(unknown) == 1 else 'them'} at the default ({defaults}) or use a cell that takes "
+                         f"{'it' if len(unknown) == 1 else 'them'}")
     return options
 
 
