@@ -101,7 +101,6 @@ def _optimizer_steps(health: TrainingHealth, norms: list[float]):
     module = torch.nn.Linear(4, 1, bias=False)
     optimizer = torch.optim.Adam(module.parameters(), lr=0.1)
     trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[], optimizers=[optimizer])
-    health.on_train_start(trainer, module)
     after = [module.weight.detach().clone()]
     for step, norm in enumerate(norms):
         trainer.global_step = step
@@ -127,12 +126,19 @@ def test_rollback_restores_the_snapshot_from_before_the_first_spike_and_lowers_t
     assert torch.equal(after[130], after[50])
     assert not torch.equal(after[-1], after[50])
     err = capsys.readouterr().err
-    assert "rolling back" in err
+    assert "in 3 of the last 10 steps; rolling back to step 50" in err
+    assert "rolled back at step 129 to the weights and optimizer state of step 50, learning rate now 0.05 (rollback 1 of at most 3)" in err
+    # an explosion before any snapshot is old enough is said, and nothing is rolled back
+    health = TrainingHealth(on_explosion="rollback", snapshot_every=50)
+    _, _, early = _optimizer_steps(health, calm[:60] + [30.0, 40.0, 50.0] + calm[:5])
+    assert health.exploded == 62 and health.rollbacks == []
+    assert not any(torch.equal(w, early[50]) for w in early[51:])
+    err = capsys.readouterr().err
+    assert "no snapshot from 50 steps before step 60 to roll back to; clipping bounds" in err and "rolled back" not in err
     # a lone spike (step 155) holds back no snapshot more than 10 steps after it (200, 250)
     health = TrainingHealth(on_explosion="rollback", snapshot_every=50)
     _optimizer_steps(health, calm[:155] + [30.0] + calm[:100] + [30.0, 40.0, 50.0])
     assert health.rollbacks == [(258, 200)]
-    assert "rolled back at step 129 to the weights and optimizer state of step 50, learning rate now 0.05 (rollback 1 of at most 3)" in err
 
 
 def test_rollback_goes_no_further_than_max_rollbacks_and_warn_mode_never_touches_the_weights(capsys):
