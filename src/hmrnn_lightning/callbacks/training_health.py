@@ -15,6 +15,20 @@ import torch
 from hmrnn_lightning.metrics.boundaries import BoundaryStatistics
 
 
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, without overflow: in float64 (a float32 sum of
+    squares is inf past a norm of about 1.8e19, with every entry finite); on devices without
+    float64 (MPS) each tensor is divided by its largest entry first."""
+    if tensors[0].device.type == "mps":
+        norms = []
+        for t in tensors:
+            top = t.detach().abs().amax().float()
+            norms.append(top * torch.linalg.vector_norm(t.detach().float() / top.clamp_min(1e-30)))
+        top = torch.stack(norms).amax()
+        return top * torch.linalg.vector_norm(torch.stack(norms) / top.clamp_min(1e-30))
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.detach(), dtype=torch.float64) for t in tensors]))
+
+
 class TrainingHealth(pl.Callback):
     """Every ``every_n_steps`` optimizer steps, logs under ``health/``:
 
@@ -110,10 +124,10 @@ class TrainingHealth(pl.Callback):
         self._out_of_rollbacks = False  # said that an explosion came after the last rollback allowed
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        grads = [p.grad.detach().float() for p in pl_module.parameters() if p.grad is not None]
+        grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        norm = float(global_norm(grads))
         if trainer.global_step % self.every_n_steps == 0:
             self._grad_norm = norm
         self._watch_explosion(norm, trainer.global_step, trainer)
