@@ -1,6 +1,8 @@
-"""The pieces both LightningModules share: the boundary-rate target's check and penalty."""
+"""The pieces both LightningModules share: the boundary-rate target's check and penalty, and
+gradient clipping."""
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from hmrnn_lightning import HMStack, StepEstimator
 from hmrnn_lightning.heads import MixtureDensityHead
 from hmrnn_lightning.models import HandwritingModel
-from hmrnn_lightning.models.common import check_rate_target, rate_penalty
+from hmrnn_lightning.models.common import check_rate_target, clip_gradients_by_default, rate_penalty
 
 
 def test_rate_penalty_counts_only_the_masked_steps():
@@ -65,3 +67,51 @@ def test_handwriting_model_takes_a_rate_target():
             assert logged["train/rate_penalty"].item() == pytest.approx(expected)
             assert losses[str(target)] == pytest.approx(losses["None"] + expected, rel=1e-5)
     assert losses["[0.999]"] > losses["None"]
+
+
+class _Clipped(torch.nn.Module):
+    """What clip_gradients_by_default reads of a LightningModule, clipping as Lightning does."""
+
+    def __init__(self, grads):
+        super().__init__()
+        self.weights = torch.nn.ParameterList([torch.nn.Parameter(torch.zeros_like(g)) for g in grads])
+        for p, g in zip(self.weights, grads):
+            p.grad = g.clone()
+        self.hparams = SimpleNamespace(grad_clip_norm=1.0)
+        self.trainer = SimpleNamespace(is_global_zero=True, global_step=7)
+
+    def clip_gradients(self, optimizer, value, algorithm):
+        torch.nn.utils.clip_grad_norm_(self.parameters(), value)
+
+    def grads(self):
+        return [p.grad for p in self.weights]
+
+
+def test_a_norm_that_overflows_float32_is_clipped_in_float64_not_zeroed(capsys):
+    """Every entry finite, their float32 norm inf: torch's clipping zeroes the step; here it keeps
+    the direction and gets length 1 (float32 entries: to 1e-6), said once."""
+    grads = [torch.tensor([3e19, -4e19, 1.0]), torch.tensor([[1e20, 0.0]])]
+    plain = _Clipped(grads)
+    torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+    assert all((g == 0).all() for g in plain.grads())  # what happened before
+    model = _Clipped(grads)
+    clip_gradients_by_default(model, None, None, None)
+    flat = torch.cat([g.flatten() for g in model.grads()]).double()
+    expected = torch.cat([g.flatten() for g in grads]).double()
+    expected = expected / expected.norm()
+    assert torch.allclose(flat, expected, rtol=1e-6, atol=1e-12) and abs(float(flat.norm()) - 1.0) < 1e-6
+    clip_gradients_by_default(model, None, None, None)  # a second overflow is clipped and not said again
+    err = capsys.readouterr().err
+    assert err.count("overflows float32") == 1 and "at step 7 (1.12e+20, every entry finite)" in err
+
+
+def test_a_norm_in_range_is_clipped_exactly_as_before_and_an_infinite_entry_is_left_alone():
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 3, generator=gen) * 10, torch.randn(4, generator=gen)]
+    model, reference = _Clipped(grads), _Clipped(grads)
+    clip_gradients_by_default(model, None, None, None)
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(model.grads(), reference.grads()))
+    bad = _Clipped([torch.tensor([float("inf"), 1.0])])
+    clip_gradients_by_default(bad, None, None, None)  # FaultDetection's case: torch's clipping runs (inf x 0)
+    assert torch.isnan(bad.grads()[0][0]) and bad.grads()[0][1] == 0
