@@ -118,7 +118,7 @@ def test_rollback_restores_the_snapshot_from_before_the_first_spike_and_lowers_t
     calm = (0.4 + 0.2 * torch.rand(200, generator=gen)).tolist()
     # spikes at steps 125, 127, 129: the third makes the explosion; 125 - 50 = 75 -> the snapshot of step 50
     norms = calm[:125] + [30.0, 0.5, 40.0, 0.5, 50.0] + calm[:20]
-    health = TrainingHealth(on_explosion="rollback", snapshot_every=50, rollback_lr_factor=0.5)
+    health = TrainingHealth(on_explosion="rollback", explosion_history=50, snapshot_every=50, rollback_lr_factor=0.5)
     module, optimizer, after = _optimizer_steps(health, norms)
     assert health.exploded == 129 and health.rollbacks == [(129, 50)]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -129,14 +129,18 @@ def test_rollback_restores_the_snapshot_from_before_the_first_spike_and_lowers_t
     assert "in 3 of the last 10 steps; rolling back to step 50" in err
     assert "rolled back at step 129 to the weights and optimizer state of step 50, learning rate now 0.05 (rollback 1 of at most 3)" in err
     # an explosion before any snapshot is old enough is said, and nothing is rolled back
-    health = TrainingHealth(on_explosion="rollback", snapshot_every=50)
+    health = TrainingHealth(on_explosion="rollback", explosion_history=50, snapshot_every=50)
     _, _, early = _optimizer_steps(health, calm[:60] + [30.0, 40.0, 50.0] + calm[:5])
     assert health.exploded == 62 and health.rollbacks == []
     assert not any(torch.equal(w, early[50]) for w in early[51:])
     err = capsys.readouterr().err
     assert "no snapshot from 50 steps before step 60 to roll back to; clipping bounds" in err and "rolled back" not in err
+    # nor one within the first explosion_history steps (200 by default), in the turbulence of the start
+    health = TrainingHealth(on_explosion="rollback")
+    _optimizer_steps(health, calm[:180] + [30.0, 40.0, 50.0])
+    assert health.exploded == 182 and health.rollbacks == [] and "no snapshot" in capsys.readouterr().err
     # a lone spike (step 155) holds back no snapshot more than 10 steps after it (200, 250)
-    health = TrainingHealth(on_explosion="rollback", snapshot_every=50)
+    health = TrainingHealth(on_explosion="rollback", explosion_history=50, snapshot_every=50)
     _optimizer_steps(health, calm[:155] + [30.0] + calm[:100] + [30.0, 40.0, 50.0])
     assert health.rollbacks == [(258, 200)]
 
@@ -146,7 +150,7 @@ def test_rollback_goes_no_further_than_max_rollbacks_and_warn_mode_never_touches
     calm = (0.4 + 0.2 * torch.rand(200, generator=gen)).tolist()
     burst = [30.0, 40.0, 50.0]
     norms = calm[:120] + burst + calm[:60] + burst + calm[:10]
-    health = TrainingHealth(on_explosion="rollback", max_rollbacks=1)
+    health = TrainingHealth(on_explosion="rollback", explosion_history=50, max_rollbacks=1)
     _, optimizer, after = _optimizer_steps(health, norms)
     assert [step for step, _ in health.rollbacks] == [122]  # the second burst (step 185) is only reported
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -204,7 +208,7 @@ def test_a_fit_rolls_back_a_planted_explosion_and_trains_on(tmp_path):
     model goes back to its weights of step 60 (the newest snapshot 20 steps before the first spike),
     the learning rate is halved, and training goes on to max_steps with finite weights. Without an
     explosion the snapshots change nothing: the same fit in ``warn`` mode ends with the same weights."""
-    health = TrainingHealth(on_explosion="rollback", snapshot_every=20)
+    health = TrainingHealth(on_explosion="rollback", explosion_history=50, snapshot_every=20)
     trainer, model, after = _tiny_fit(tmp_path, health, range(80, 85))
     assert health.exploded == 82 and health.rollbacks == [(82, 60)]
     # the rollback ran in TrainingHealth's hook of step 82's batch, before `Weights` recorded it
@@ -212,7 +216,7 @@ def test_a_fit_rolls_back_a_planted_explosion_and_trains_on(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0015)
     assert trainer.global_step == 110 and all(torch.isfinite(p).all() for p in model.parameters())
 
-    calm_rollback = TrainingHealth(on_explosion="rollback", snapshot_every=20)
+    calm_rollback = TrainingHealth(on_explosion="rollback", explosion_history=50, snapshot_every=20)
     _, _, with_snapshots = _tiny_fit(tmp_path, calm_rollback)
     _, _, plain = _tiny_fit(tmp_path, TrainingHealth())
     assert calm_rollback.exploded is None and calm_rollback.rollbacks == []

@@ -64,10 +64,12 @@ class TrainingHealth(pl.Callback):
     steps ahead, in the measured case), multiplies the learning rate by ``rollback_lr_factor`` and
     starts the next window from a zero state; each time in one warning line, at most
     ``max_rollbacks`` times (the next explosion is said once, and nothing is done). The batches since the snapshot are not
-    replayed, and the steps count on (``max_steps`` includes the discarded ones). No snapshot is
-    taken of the initial weights, so an explosion in the first ``2 * snapshot_every`` steps is only
-    said: such an early one passed by itself in PTB seed 1 of the CPU config, and a rollback to the
-    start (tried) ended 0.027 BPC worse at step 1,199 (docs/study.md).
+    replayed, and the steps count on (``max_steps`` includes the discarded ones). The first
+    snapshot is taken once the norm has a full history (``explosion_history`` steps of the fit), so
+    the turbulence of the first steps is only said: in PTB seed 1 of the CPU config (norms up to
+    4.5e8 by step 52) and seed 6 without separators (up to 1.3e18 by step 109) it passed by
+    itself, and rolling back inside it (tried) ended 0.027 BPC worse at step 1,199 in the first and
+    spent every rollback before step 146 in the second (docs/study.md).
 
     Reads the boundaries and operations a training step returns (``"boundaries"`` and
     ``"operations"`` in its output dict); models that return only a loss get the gradient
@@ -118,6 +120,7 @@ class TrainingHealth(pl.Callback):
         self._stats: BoundaryStatistics | None = None
         self._grad_norm: float | None = None
         self._norms: deque[float] = deque(maxlen=explosion_history)  # recent finite norms, spikes left out
+        self._first_snapshot: int = explosion_history  # the fit's first step with a full history (moved on a resume)
         self._spikes: deque[int] = deque()  # steps of the spikes among the last 10
         self._snapshots: deque[tuple[int, dict, list[dict]]] = deque(maxlen=3)  # (step, weights, optimizer states)
         self._rollback_due: tuple | None = None  # the snapshot to restore after this step
@@ -171,6 +174,9 @@ class TrainingHealth(pl.Callback):
                              f"10 steps; {what}\n")
             sys.stderr.flush()
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_snapshot = trainer.global_step + self._norms.maxlen  # a resumed fit starts its history again
+
     def _recent_spike(self, step: int) -> bool:
         """A spike among the last 10 steps (older ones stay in ``_spikes`` until the next spike)."""
         return bool(self._spikes) and self._spikes[-1] > step - 10
@@ -206,7 +212,8 @@ class TrainingHealth(pl.Callback):
         step = trainer.global_step - 1  # the optimizer step this batch took
         if self._rollback_due is not None:
             self._roll_back(trainer, pl_module, step)
-        elif self.on_explosion == "rollback" and trainer.global_step % self.snapshot_every == 0 and not self._recent_spike(step):
+        elif (self.on_explosion == "rollback" and trainer.global_step % self.snapshot_every == 0
+              and trainer.global_step >= self._first_snapshot and not self._recent_spike(step)):
             self._snapshot(trainer, pl_module)
         if isinstance(outputs, dict) and "boundaries" in outputs:
             boundaries, operations = outputs["boundaries"], outputs["operations"]
