@@ -169,7 +169,7 @@ class TrainingHealth(pl.Callback):
         if self.exploded is None:
             self.exploded = step
         if trainer.is_global_zero:
-            sys.stderr.write(f"hmrnn: warning: the gradient is exploding at step {step}: norm {norm:.3g}, {norm / median:.0f}x "
+            sys.stderr.write(f"hmrnn: warning: the gradient is exploding at step {step}: norm {norm:.3g}, {norm / median:.3g}x "
                              f"the median of the {len(self._norms)} steps before ({median:.3g}), in {count} of the last "
                              f"10 steps; {what}\n")
             sys.stderr.flush()
