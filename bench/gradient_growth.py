@@ -8,8 +8,9 @@ text from a zero state; the printed figure is the global norm of the loss gradie
 clipping). A stable recurrence gives about the same norm at every length; an unstable one grows
 geometrically. Four boundary regimes: the step estimator at slope 1 and at slope 5 (its
 straight-through gradient is ``a / 2``), at slope 1 with ``flush_gradient=False`` (no gradient to
-``z^l_{t-1}`` through the choice of operation), and oracle boundaries that make every layer FLUSH
-at every step (no estimator gradient at all). ``--seeds 0 1 2 3`` repeats it per seed: the
+``z^l_{t-1}`` through the choice of operation), at slope 1 with ``boundary_init="below_only"`` (the
+boundary unit's recurrent and top-down rows start at zero), and oracle boundaries that make every
+layer FLUSH at every step (no estimator gradient at all). ``--seeds 0 1 2 3`` repeats it per seed: the
 straight-through loop's growth depends on the initial weights.
 
 Placements (``HMCell.NORMALISED_TERMS``, plus the cell's own layer norm):
@@ -43,7 +44,7 @@ PLACEMENTS = {
     "none": None,
     "ln_lstm": "lstm",
 }
-REGIMES = ("step a=1", "step a=5", "a=1 no flush grad", "all FLUSH")
+REGIMES = ("step a=1", "step a=5", "a=1 no flush grad", "a=1 below-only init", "all FLUSH")
 
 
 def symbol_streams(path: Path, batch: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ def symbol_streams(path: Path, batch: int) -> torch.Tensor:
 
 
 def build(placement: str, vocab: int, hidden: int, layers: int, emb: int, seed: int,
-          flush_gradient: bool = True) -> HMRNNLanguageModel:
+          flush_gradient: bool = True, boundary_init: str = "uniform") -> HMRNNLanguageModel:
     torch.manual_seed(seed)
     terms = PLACEMENTS[placement]
     if terms == "lstm":
@@ -65,7 +66,7 @@ def build(placement: str, vocab: int, hidden: int, layers: int, emb: int, seed: 
         return HMRNNLanguageModel(vocab, stack, functools.partial(SoftmaxHead, embed_dim=hidden), embedding_dim=emb)
     stack = functools.partial(
         HMStack, hidden_sizes=[hidden] * layers, estimator=StepEstimator(), layer_norm=terms is not None, impl="reference",
-        flush_gradient=flush_gradient,
+        flush_gradient=flush_gradient, boundary_init=boundary_init,
     )
     shipped = HMLSTMCell.NORMALISED_TERMS
     HMLSTMCell.NORMALISED_TERMS = terms or ()  # read when the cells are built
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 norms = []
                 for length in args.lengths:
                     model = build(placement, vocab, args.hidden, args.layers, args.emb, seed,
-                                  flush_gradient=regime != "a=1 no flush grad")
+                                  flush_gradient=regime != "a=1 no flush grad",
+                                  boundary_init="below_only" if regime == "a=1 below-only init" else "uniform")
                     norms.append(grad_norm(model, streams, length, regime))
                     rows.append(dict(seed=seed, placement=placement, regime=regime, length=length, grad_norm=norms[-1],
                                      hidden=args.hidden, layers=args.layers, batch=args.batch, text=args.text.name))

@@ -104,3 +104,22 @@ def test_gpu_smoke_accuracy_check_fails_on_a_wrong_path(monkeypatch, capsys):
     assert smoke.main(["accuracy", "--tiny", "--device", "cpu"]) == 1
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert rows and not any(r["ok"] for r in rows)
+
+
+def test_gradient_growth_prints_every_regime_for_a_small_model(tmp_path):
+    """``bench/gradient_growth.py`` on a small generated text: one Markdown row per (seed, placement,
+    regime), each with a finite norm per length, the below-only start among the regimes."""
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog ran after it " * 40)
+    out = tmp_path / "growth.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.with_name("gradient_growth.py")), "--text", str(text), "--hidden", "8", "--emb", "4",
+         "--batch", "4", "--lengths", "5", "10", "--placements", "bottom", "--seeds", "0", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    regimes = ["step a=1", "step a=5", "a=1 no flush grad", "a=1 below-only init", "all FLUSH"]
+    assert sorted({r["regime"] for r in rows}) == sorted(regimes) and len(rows) == 2 * len(regimes) * 2
+    assert all(r["grad_norm"] > 0 and r["grad_norm"] < float("inf") for r in rows)
+    assert "| 1 | bottom | a=1 below-only init |" in proc.stdout

@@ -193,6 +193,32 @@ def test_cell_options_run_on_the_reference_loop(options):
 
 
 @pytest.mark.parametrize("cell", ["hm_lstm", "hm_rnn"])
+def test_below_only_boundary_init_zeroes_the_boundary_rows_of_the_past_and_the_layer_above(cell):
+    """``boundary_init="below_only"``: with the same seed every weight is as with ``uniform`` except
+    the boundary unit's rows of the recurrent and top-down weights, which are 0; so at first the
+    boundary logit does not depend on the layer's previous state, and those rows still learn."""
+    torch.manual_seed(0)
+    uniform = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, cell=cell, impl="reference")
+    torch.manual_seed(0)
+    below = HMStack(D, [8, 7, 6], estimator=StepEstimator(), layer_norm=True, cell=cell, impl="reference",
+                    boundary_init="below_only")
+    assert "boundary_init='below_only'" in repr(below.cells[0]) and "boundary_init" not in repr(uniform.cells[0])
+    for u, b in zip(uniform.cells, below.cells):
+        for name in ("recurrent", "top_down"):
+            if getattr(u, name) is None:
+                continue
+            wu, wb = getattr(u, name).weight, getattr(b, name).weight
+            assert (wb[-1] == 0).all() and (wu[-1] != 0).all() and torch.equal(wu[:-1], wb[:-1])
+        assert torch.equal(u.bottom_up.weight, b.bottom_up.weight)
+    x = torch.randn(B, T, D)
+    out = below(x)
+    (out.hidden[0].sum() + out.hidden[1].sum()).backward()
+    assert below.cells[0].recurrent.weight.grad[-1].abs().sum() > 0  # the zero row learns
+    with pytest.raises(ValueError, match="boundary_init must be one of uniform, below_only"):
+        HMStack(D, [8, 7], estimator=StepEstimator(), cell=cell, boundary_init="zeros")
+
+
+@pytest.mark.parametrize("cell", ["hm_lstm", "hm_rnn"])
 def test_without_flush_gradient_z_prev_learns_only_through_the_carry_and_the_gate(cell):
     """``flush_gradient=False`` takes ``z^l_{t-1}`` as a constant in the operations' weights: the
     boundary logits' gradients change, the forward pass does not, and the fast paths still run it."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -55,15 +55,28 @@ class HMCell(nn.Module):
         flush_gradient: let the straight-through gradient reach ``z^l_{t-1}`` through the
             choice of operation at ``t`` (the paper's gradient); false cuts that path
             (:func:`~hmrnn_lightning.cells.operations.select_operations` says why).
+        boundary_init: ``uniform`` (every weight alike, the usual start) or ``below_only``: the
+            boundary unit's rows of the recurrent and top-down weights start at zero, so that at
+            first the boundary logit reads the layer below (and the bias) only and the
+            straight-through loop through FLUSH (``z^l_{t-1}`` -> ``h^l_t`` -> the logit of
+            ``z^l_{t+1}``) has no gain; the rows learn from zero like any weight. Not in the
+            paper; ``HMStack``'s docstring gives the measurements.
     """
+
+    #: the values of ``boundary_init``; the first is the default
+    BOUNDARY_INITS = ("uniform", "below_only")
 
     num_gates: int = 1
     #: with ``layer_norm``, the pre-activation terms that are normalised (see the class docstring)
     NORMALISED_TERMS: tuple[str, ...] = ("bottom_up",)
 
     def __init__(self, input_size: int, hidden_size: int, above_size: int | None, layer_norm: bool = False,
-                 flush_gradient: bool = True) -> None:
+                 flush_gradient: bool = True, boundary_init: Literal["uniform", "below_only"] = "uniform") -> None:
         super().__init__()
+        if boundary_init not in self.BOUNDARY_INITS:
+            raise ValueError(f"{type(self).__name__}: boundary_init must be one of {', '.join(self.BOUNDARY_INITS)}, "
+                             f"got {boundary_init!r}")
+        self.boundary_init = boundary_init
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             if int(value) <= 0:
                 raise ValueError(f"{type(self).__name__}: {name} must be positive, got {value}")
@@ -88,6 +101,11 @@ class HMCell(nn.Module):
             if lin is not None:
                 nn.init.uniform_(lin.weight, -bound, bound)
         nn.init.zeros_(self.bias)
+        if self.boundary_init == "below_only":  # after the draws, so every other weight is as with `uniform`
+            with torch.no_grad():
+                for lin in (self.recurrent, self.top_down):
+                    if lin is not None:
+                        lin.weight[-1].zero_()  # the boundary unit is the last row
 
     def operations(self, z_below: Tensor, z_prev: Tensor) -> Operations:
         """Eq. 2's weights for this layer (:func:`~hmrnn_lightning.cells.operations.select_operations`)."""
@@ -136,4 +154,5 @@ class HMCell(nn.Module):
         return (
             f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
             f"above_size={self.above_size}, layer_norm={self.layer_norm}"
-        ) + ("" if self.flush_gradient else ", flush_gradient=False")
+        ) + ("" if self.flush_gradient else ", flush_gradient=False") + (
+            "" if self.boundary_init == self.BOUNDARY_INITS[0] else f", boundary_init={self.boundary_init!r}")

@@ -49,6 +49,7 @@ class HMLSTMCell(HMCell):
         flush_recurrent: keep the recurrent term ``U h_{t-1}`` on FLUSH.
         flush_gradient: the straight-through gradient of ``z^l_{t-1}`` through the choice of
             operation (:class:`~hmrnn_lightning.cells.HMCell`).
+        boundary_init: how the boundary unit's weights start (:class:`~hmrnn_lightning.cells.HMCell`).
     """
 
     num_gates = 4
@@ -58,7 +59,7 @@ class HMLSTMCell(HMCell):
     def __init__(
         self, input_size: int, hidden_size: int, above_size: int | None, layer_norm: bool = False,
         norm_placement: Literal["bottom_up_and_cell", "summed"] = "bottom_up_and_cell", flush_recurrent: bool = True,
-        flush_gradient: bool = True,
+        flush_gradient: bool = True, boundary_init: Literal["uniform", "below_only"] = "uniform",
     ) -> None:
         if norm_placement not in self.NORM_PLACEMENTS:
             raise ValueError(f"{type(self).__name__}: norm_placement must be one of "
@@ -67,7 +68,7 @@ class HMLSTMCell(HMCell):
         if summed and not layer_norm:
             raise ValueError(f"{type(self).__name__}: norm_placement='summed' places a layer norm; it needs layer_norm=true")
         # the base builds the per-term norms; with one summed norm it builds none
-        super().__init__(input_size, hidden_size, above_size, layer_norm and not summed, flush_gradient)
+        super().__init__(input_size, hidden_size, above_size, layer_norm and not summed, flush_gradient, boundary_init)
         self.layer_norm = layer_norm
         self.norm_placement = norm_placement
         self.flush_recurrent = bool(flush_recurrent)

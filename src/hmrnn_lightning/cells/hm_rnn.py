@@ -32,6 +32,7 @@ class HMRNNCell(HMCell):
         hidden_size: size of ``h^l``.
         above_size: size of ``h^{l+1}``, None on the top layer.
         layer_norm: layer-normalise each pre-activation term.
+        flush_gradient, boundary_init: as :class:`~hmrnn_lightning.cells.HMCell`.
     """
 
     num_gates = 1

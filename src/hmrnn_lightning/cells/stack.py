@@ -106,7 +106,8 @@ class RecurrentStack(nn.Module):
 
 
 #: cell options an :class:`HMStack` passes on, with the values that leave them out (today's cell)
-CELL_OPTIONS = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True, "flush_gradient": True}
+CELL_OPTIONS = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True, "flush_gradient": True,
+                "boundary_init": "uniform"}
 
 
 def build_cells(
@@ -173,6 +174,11 @@ class HMStack(RecurrentStack):
             in training it moved a blow-up to another seed and cost layer 2 the word ends); the
             boundary still learns through the layer above's UPDATE/COPY choice, the gates and
             COPY's carry. An ablation; every path runs either.
+        boundary_init: ``uniform`` (the usual start) or ``below_only``: each layer's boundary unit
+            starts with zero weights on its own past and on the layer above (the rows learn from
+            zero), so the loop above has no gain at first
+            (:class:`~hmrnn_lightning.cells.HMCell`; not in the paper). Only the start differs;
+            every path runs it.
         impl: ``reference`` (the readable loop below); ``sequence``
             (:mod:`hmrnn_lightning.engine.sequence`: one autograd function over the whole
             sequence with a hand-written backward, skipping closed rows; the CPU's fast path;
@@ -201,6 +207,7 @@ class HMStack(RecurrentStack):
         norm_placement: Literal["bottom_up_and_cell", "summed"] = "bottom_up_and_cell",
         flush_recurrent: bool = True,
         flush_gradient: bool = True,
+        boundary_init: Literal["uniform", "below_only"] = "uniform",
         impl: Literal["auto", "reference", "sequence", "triton"] = "auto",
         compile: bool = False,
         cuda_graph: bool = False,
@@ -215,7 +222,7 @@ class HMStack(RecurrentStack):
         self.estimator = estimator
         self.layer_norm = layer_norm
         options = cell_options(cell_class, cell, norm_placement=norm_placement, flush_recurrent=flush_recurrent,
-                               flush_gradient=flush_gradient)
+                               flush_gradient=flush_gradient, boundary_init=boundary_init)
         self.cells = build_cells(cell_class, self.input_size, self.hidden_sizes, layer_norm, **options)
         if impl not in IMPLS:
             raise ValueError(f"HMStack: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
