@@ -37,14 +37,16 @@ def test_the_cpu_config_anneals_as_the_paper_and_the_overlay_fast():
 
 @pytest.mark.parametrize("overlay, setting", [("ln_summed.yaml", ("norm_placement", "summed")),
                                               ("flush_without_recurrent.yaml", ("flush_recurrent", False)),
-                                              ("no_flush_gradient.yaml", ("flush_gradient", False))])
+                                              ("no_flush_gradient.yaml", ("flush_gradient", False)),
+                                              ("boundary_below_only.yaml", ("boundary_init", "below_only"))])
 def test_cell_overlays_set_one_option_of_the_cpu_stack(overlay, setting, capsys):
     path = ROOT / "configs" / "ablations" / overlay
     assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
     assert main(["fit", "--config", str(CPU), "--config", str(path), "--print_config"]) == 0
     stack = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["stack"]["init_args"]
     assert stack[setting[0]] == setting[1] and stack["layer_norm"] is True
-    others = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True, "flush_gradient": True}
+    others = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True, "flush_gradient": True,
+              "boundary_init": "uniform"}
     unset = {k: v for k, v in others.items() if k != setting[0]}
     assert {k: v for k, v in stack.items() if k in unset} == unset
 
