@@ -63,8 +63,9 @@ class TrainingHealth(pl.Callback):
     first spike (the norm was already growing a few steps before it: three times the median six
     steps ahead, in the measured case), multiplies the learning rate by ``rollback_lr_factor`` and
     starts the next window from a zero state; each time in one warning line, at most
-    ``max_rollbacks`` times (the next explosion is said once, and nothing is done). The batches since the snapshot are not
-    replayed, and the steps count on (``max_steps`` includes the discarded ones). The first
+    ``max_rollbacks`` times (the next explosion is said once, and nothing is done). The batches
+    since the snapshot are not replayed, and the steps count on (``max_steps`` includes the
+    discarded ones). The first
     snapshot is taken once the norm has a full history (``explosion_history`` steps of the fit), so
     the turbulence of the first steps is only said: in PTB seed 1 of the CPU config (norms up to
     4.5e8 by step 52) and seed 6 without separators (up to 1.3e18 by step 109) it passed by

@@ -60,7 +60,7 @@ class HMCell(nn.Module):
             first the boundary logit reads the layer below (and the bias) only and the
             straight-through loop through FLUSH (``z^l_{t-1}`` -> ``h^l_t`` -> the logit of
             ``z^l_{t+1}``) has no gain; the rows learn from zero like any weight. Not in the
-            paper; ``HMStack``'s docstring gives the measurements.
+            paper; :class:`~hmrnn_lightning.cells.HMStack` sums up the measurements.
     """
 
     #: the values of ``boundary_init``; the first is the default
