@@ -122,12 +122,14 @@ class TrainingHealth(pl.Callback):
         self._grad_norm: float | None = None
         self._norms: deque[float] = deque(maxlen=explosion_history)  # recent finite norms, spikes left out
         self._first_snapshot: int = explosion_history  # the fit's first step with a full history (moved on a resume)
-        self._spikes: deque[int] = deque()  # steps of the spikes among the last 10
+        self._spikes: deque[int] = deque()  # steps of the spikes among the last 10 (pruned every step)
         self._snapshots: deque[tuple[int, dict, list[dict]]] = deque(maxlen=3)  # (step, weights, optimizer states)
         self._rollback_due: tuple | None = None  # the snapshot to restore after this step
         self._out_of_rollbacks = False  # said that an explosion came after the last rollback allowed
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        while self._spikes and self._spikes[0] <= trainer.global_step - 10:  # only the last 10 steps' spikes count
+            self._spikes.popleft()
         grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
@@ -144,8 +146,6 @@ class TrainingHealth(pl.Callback):
             self._norms.append(norm)
             return
         self._spikes.append(step)
-        while self._spikes and self._spikes[0] <= step - 10:
-            self._spikes.popleft()
         if len(self._spikes) < self.explosion_steps:
             return
         what, count = "clipping bounds each step's length, not its direction", len(self._spikes)
@@ -177,10 +177,6 @@ class TrainingHealth(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._first_snapshot = trainer.global_step + self._norms.maxlen  # a resumed fit starts its history again
-
-    def _recent_spike(self, step: int) -> bool:
-        """A spike among the last 10 steps (older ones stay in ``_spikes`` until the next spike)."""
-        return bool(self._spikes) and self._spikes[-1] > step - 10
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -214,7 +210,7 @@ class TrainingHealth(pl.Callback):
         if self._rollback_due is not None:
             self._roll_back(trainer, pl_module, step)
         elif (self.on_explosion == "rollback" and trainer.global_step % self.snapshot_every == 0
-              and trainer.global_step >= self._first_snapshot and not self._recent_spike(step)):
+              and trainer.global_step >= self._first_snapshot and not self._spikes):
             self._snapshot(trainer, pl_module)
         if isinstance(outputs, dict) and "boundaries" in outputs:
             boundaries, operations = outputs["boundaries"], outputs["operations"]
