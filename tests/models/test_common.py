@@ -1,7 +1,8 @@
-"""The pieces both LightningModules share: the boundary-rate target's check and penalty, and
-gradient clipping."""
+"""The pieces both LightningModules share: the boundary-rate target's check and penalty, the
+entropy guide, and gradient clipping."""
 
 import functools
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from hmrnn_lightning import HMStack, StepEstimator
 from hmrnn_lightning.heads import MixtureDensityHead
 from hmrnn_lightning.models import HandwritingModel
-from hmrnn_lightning.models.common import check_rate_target, clip_gradients_by_default, rate_penalty
+from hmrnn_lightning.models.common import check_rate_target, clip_gradients_by_default, entropy_guide, rate_penalty
 
 
 def test_rate_penalty_counts_only_the_masked_steps():
@@ -37,6 +38,31 @@ def test_check_rate_target_names_the_owner_and_the_problem():
         check_rate_target("M", [0.0], 1.0, 1)
     with pytest.raises(ValueError, match="boundary_rate_weight >= 0"):
         check_rate_target("M", [0.2], -1.0, 1)
+
+
+def test_entropy_guide_marks_the_most_uncertain_positions():
+    """Layer 1 is pulled towards the 2 of 8 positions with the flattest next-symbol distribution
+    (a share of 0.25), layer 2 towards the 1 flattest; the head's logits get no gradient."""
+    logits = torch.full((1, 8, 4), 0.0)
+    logits[0, :, 0] = 10.0  # sure of symbol 0 everywhere ...
+    logits[0, 3, 0] = 0.0  # ... except at step 3 (uniform: the highest entropy)
+    logits[0, 6, 0] = 1.0  # and step 6 (next highest)
+    logits.requires_grad_(True)
+    boundary = torch.zeros(1, 8, 2, requires_grad=True)
+    loss = entropy_guide(boundary, logits, [0.25, 0.125], 2.0)
+    assert loss.item() == pytest.approx(2.0 * 2 * math.log(2.0))  # every logit 0: BCE log 2 per layer
+    loss.backward()
+    pulled_up = (boundary.grad[0] < 0).nonzero().tolist()
+    assert pulled_up == [[3, 0], [3, 1], [6, 0]]
+    assert logits.grad is None
+    assert entropy_guide(boundary, logits, [None, None], 1.0) is None and entropy_guide(boundary, logits, None, 1.0) is None
+
+
+def test_entropy_guide_marks_exactly_its_share_on_ties():
+    """A young model's flat predictions tie everywhere; the share still marks round(r * B * T) positions."""
+    boundary = torch.zeros(2, 10, 1, requires_grad=True)
+    entropy_guide(boundary, torch.zeros(2, 10, 5), [0.3], 1.0).backward()
+    assert int((boundary.grad < 0).sum()) == 6
 
 
 def handwriting_model(**kwargs) -> HandwritingModel:

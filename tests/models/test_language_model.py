@@ -239,3 +239,39 @@ def test_boundary_rate_target_is_checked_and_added_to_the_loss():
     assert loss.item() > plain.item()
     _, out = model(batch[0])
     assert model.rate_penalty(out.boundary_logits).item() > 0
+
+
+def test_boundary_entropy_target_is_checked_and_added_to_the_loss():
+    with pytest.raises(ValueError, match="boundary_entropy_target has 1 entries"):
+        tiny_model(boundary_entropy_target=[0.2])
+    with pytest.raises(ValueError, match="boundary_entropy_weight >= 0"):
+        tiny_model(boundary_entropy_target=[0.2, 0.1], boundary_entropy_weight=-1.0)
+    batch = next(iter(loader(torch.randint(0, 11, (401,)), 4, 10)))
+    torch.manual_seed(0)
+    plain = tiny_model().training_step(batch, 0)["loss"]
+    torch.manual_seed(0)
+    model = tiny_model(boundary_entropy_target=[0.2, 0.1], boundary_entropy_weight=3.0)
+    logged = {}
+    model.log = lambda name, value, **k: logged.__setitem__(name, value)
+    loss = model.training_step(batch, 0)["loss"]
+    assert loss.item() == pytest.approx(plain.item() + logged["train/entropy_guide"].item(), rel=1e-5)
+    assert logged["train/entropy_guide"].item() > 0
+
+
+def test_entropy_guide_moves_the_boundaries_onto_the_uncertain_positions():
+    """On a stream where every third symbol is a fresh random draw and the two before it follow
+    from it, the next symbol is least known just before each draw: training on the guide alone
+    (layer 1, share 1/3) puts layer 1's boundaries there."""
+    torch.manual_seed(0)
+    draws = torch.randint(3, 11, (1, 200))
+    x = torch.stack([draws, draws % 3, (draws + 1) % 3], dim=-1).reshape(4, 150)  # draw, then two known
+    model = tiny_model(boundary_entropy_target=[1 / 3, None])
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        optimizer.zero_grad()
+        logits, out = model(x[:, :-1])
+        (model.head.nll(logits, x[:, 1:]).mean() + model.entropy_guide(out.boundary_logits, logits)).backward()
+        optimizer.step()
+    fires = model(x[:, :-1])[1].boundaries[..., 0]
+    before_draw = fires[:, 2::3]  # positions 2, 5, 8, ...: the next symbol is a fresh draw
+    assert before_draw.float().mean() > 0.9 and fires.float().mean() < 0.45

@@ -90,17 +90,45 @@ def default_callbacks(module) -> list:
             for cls in wanted if not any(isinstance(cb, cls) for cb in present)]
 
 
-def check_rate_target(owner: str, target: list[float | None] | None, weight: float, boundary_layers: int) -> None:
-    """Raise one clear error when ``boundary_rate_target`` does not fit the stack (one entry per
-    boundary layer, rates strictly between 0 and 1, a weight of at least 0)."""
+def check_rate_target(owner: str, target: list[float | None] | None, weight: float, boundary_layers: int,
+                      name: str = "boundary_rate") -> None:
+    """Raise one clear error when ``{name}_target`` does not fit the stack (one entry per
+    boundary layer, rates strictly between 0 and 1, a ``{name}_weight`` of at least 0)."""
     if target is None:
         return
     if len(target) != boundary_layers:
-        raise ValueError(f"{owner}: boundary_rate_target has {len(target)} entries, the stack has {boundary_layers} "
+        raise ValueError(f"{owner}: {name}_target has {len(target)} entries, the stack has {boundary_layers} "
                          f"boundary layer{'s' if boundary_layers != 1 else ''} (one entry each, null to leave one free)")
     if any(r is not None and not 0.0 < r < 1.0 for r in target) or weight < 0:
-        raise ValueError(f"{owner}: boundary_rate_target needs rates strictly between 0 and 1 and "
-                         f"boundary_rate_weight >= 0, got {target} and {weight}")
+        raise ValueError(f"{owner}: {name}_target needs rates strictly between 0 and 1 and "
+                         f"{name}_weight >= 0, got {target} and {weight}")
+
+
+def entropy_guide(boundary_logits, logits, target: list[float | None] | None, weight: float):
+    """``weight * sum_l BCE(boundary logit_l, y_l)`` over a window (None without a target, or with
+    every entry None), where ``y_l`` marks the ``target_l`` share of the window's positions at
+    which the model's own next-symbol distribution (``logits`` ``[B, T, V]``, detached) has the
+    highest entropy: the places where what comes next is least known, which on text are the
+    ends of words (what follows a word is less predictable than what follows inside one), as in
+    Harris's successor variety and Elman's prediction error. Exactly ``round(target_l * B * T)``
+    positions are marked (``topk``: ties, as in a young model's flat predictions, cannot mark
+    more). The boundary logits ``[B, T, L - 1]`` get the gradient; the head and the entropy do not."""
+    import torch
+    import torch.nn.functional as F
+
+    if target is None or all(r is None for r in target):
+        return None
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.detach().float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1).flatten()
+    bce = []
+    for l, r in enumerate(target):
+        if r is None:
+            continue
+        marked = torch.zeros_like(entropy)
+        marked[entropy.topk(max(1, round(r * entropy.numel()))).indices] = 1.0
+        bce.append(F.binary_cross_entropy_with_logits(boundary_logits[..., l].float().flatten(), marked))
+    return weight * torch.stack(bce).sum()
 
 
 def rate_penalty(boundary_logits, target: list[float | None] | None, weight: float, mask=None):
