@@ -36,7 +36,7 @@ TINY = [
     "--data.init_args.num_chars=6000", "--data.init_args.batch_size=4", "--data.init_args.seq_len=20",
     "--model.init_args.embedding_dim=8",
     "--model.init_args.stack.init_args.hidden_sizes=[12, 12]",
-    "--model.init_args.boundary_rate_target=null",  # the quickstart's names two boundary layers; this stack has one
+    "--model.init_args.boundary_entropy_target=[0.155]",  # the quickstart names two boundary layers; this stack has one
     "--model.init_args.head.init_args.embed_dim=12",
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
 ]
@@ -56,7 +56,7 @@ RESUMABLE = [
     "--data.init_args.num_chars=3000", "--data.init_args.batch_size=4", "--data.init_args.seq_len=20",
     "--model.init_args.embedding_dim=8",
     "--model.init_args.stack.init_args.hidden_sizes=[12, 12]",
-    "--model.init_args.boundary_rate_target=null",
+    "--model.init_args.boundary_entropy_target=[0.155]",
     "--model.init_args.head.init_args.embed_dim=12",
     "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1", "--trainer.accelerator=cpu",
     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",

@@ -61,3 +61,13 @@ def test_the_cpu_config_has_a_rate_target_and_its_overlay_removes_it(capsys):
     model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert model["boundary_rate_target"] is None and model["boundary_rate_weight"] == 0.0
     assert model["stack"]["init_args"]["hidden_sizes"] == [128, 128, 128]  # the rest is the base's
+
+
+def test_the_entropy_guide_overlay_trades_the_rate_target_for_an_entropy_target(capsys):
+    path = ROOT / "configs" / "ablations" / "entropy_guide.yaml"
+    assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
+    assert main(["fit", "--config", str(CPU), "--config", str(path), "--print_config"]) == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert model["boundary_rate_target"] is None
+    assert model["boundary_entropy_target"] == [None, 0.18] and model["boundary_entropy_weight"] == 0.3
+    assert model["stack"]["init_args"]["hidden_sizes"] == [128, 128, 128]
