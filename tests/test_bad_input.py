@@ -259,7 +259,8 @@ def test_damaged_cache_that_cannot_be_rebuilt_is_one_line(tmp_path, capfd, monke
     from hmrnn_lightning.data import SyntheticDataModule
     from hmrnn_lightning.data.base import DataError
 
-    dm = SyntheticDataModule(num_chars=6000, batch_size=4, seq_len=20, cache_dir=str(tmp_path / "cache"))
+    dm = SyntheticDataModule(num_chars=6000, words_per_slot=3, batch_size=4, seq_len=20,
+                             cache_dir=str(tmp_path / "cache"))  # the tiny quickstart's corpus
     dm.prepare_data()  # the entry the tiny run opens
     (dm.cache_path / "train.npy").write_bytes(b"\x93NUMPY")
 

@@ -33,7 +33,8 @@ def test_no_boundary_picture_for_an_lstm(tmp_path):
 
     HMRNNCLI(args=["fit", *tiny(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1",
                                 "--model.init_args.stack=hmrnn_lightning.cells.LSTMStack",
-                                "--model.init_args.stack.init_args.hidden_sizes=[12, 12]")])
+                                "--model.init_args.stack.init_args.hidden_sizes=[12, 12]",
+                                "--model.init_args.boundary_entropy_target=null")])
     assert list(tmp_path.rglob("last.ckpt")) and not list(tmp_path.rglob("boundaries/*.png"))
 
 
