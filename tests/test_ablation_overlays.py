@@ -51,23 +51,24 @@ def test_cell_overlays_set_one_option_of_the_cpu_stack(overlay, setting, capsys)
     assert {k: v for k, v in stack.items() if k in unset} == unset
 
 
-def test_the_cpu_config_has_a_rate_target_and_its_overlay_removes_it(capsys):
-    assert main(["fit", "--config", str(CPU), "--print_config"]) == 0
-    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
-    assert model["boundary_rate_target"] == [None, 0.18] and model["boundary_rate_weight"] == 0.1
-    path = ROOT / "configs" / "ablations" / "no_rate_target.yaml"
-    assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
-    assert main(["fit", "--config", str(CPU), "--config", str(path), "--print_config"]) == 0
-    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
-    assert model["boundary_rate_target"] is None and model["boundary_rate_weight"] == 0.0
-    assert model["stack"]["init_args"]["hidden_sizes"] == [128, 128, 128]  # the rest is the base's
+def cpu_model(capsys, *overlays: str) -> dict:
+    """The CPU config's resolved model arguments, with the named overlays of configs/ablations/."""
+    args = ["fit", "--config", str(CPU)]
+    for name in overlays:
+        path = ROOT / "configs" / "ablations" / name
+        assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
+        args += ["--config", str(path)]
+    assert main([*args, "--print_config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
 
 
-def test_the_entropy_guide_overlay_trades_the_rate_target_for_an_entropy_target(capsys):
-    path = ROOT / "configs" / "ablations" / "entropy_guide.yaml"
-    assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
-    assert main(["fit", "--config", str(CPU), "--config", str(path), "--print_config"]) == 0
-    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
-    assert model["boundary_rate_target"] is None
+def test_the_cpu_config_has_an_entropy_target_and_its_overlays_trade_or_remove_it(capsys):
+    model = cpu_model(capsys)
     assert model["boundary_entropy_target"] == [None, 0.18] and model["boundary_entropy_weight"] == 0.3
-    assert model["stack"]["init_args"]["hidden_sizes"] == [128, 128, 128]
+    assert model["boundary_rate_target"] is None
+    old = cpu_model(capsys, "rate_target.yaml")  # the config before the entropy target
+    assert old["boundary_rate_target"] == [None, 0.18] and old["boundary_rate_weight"] == 0.1
+    assert old["boundary_entropy_target"] is None
+    paper = cpu_model(capsys, "no_rate_target.yaml")  # the paper's objective: no target at all
+    assert paper["boundary_rate_target"] is None and paper["boundary_entropy_target"] is None
+    assert paper["stack"]["init_args"]["hidden_sizes"] == [128, 128, 128]  # the rest is the base's
