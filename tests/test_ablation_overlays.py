@@ -12,6 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU = ROOT / "configs" / "cpu" / "ptb_hmlstm.yaml"
 
 
+def overlay(name: str) -> Path:
+    """``configs/ablations/<name>``, checked to open with the command that runs it on the CPU config."""
+    path = ROOT / "configs" / "ablations" / name
+    assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
+    return path
+
+
+def cpu_model(capsys, *overlays: str) -> dict:
+    """The CPU config's resolved model arguments, with the named overlays of configs/ablations/."""
+    args = ["fit", "--config", str(CPU)]
+    for name in overlays:
+        args += ["--config", str(overlay(name))]
+    assert main([*args, "--print_config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+
+
 def load(*configs):
     """The trainer callbacks after overlaying ``configs`` in order (a list replaces a list)."""
     callbacks = None
@@ -23,9 +39,7 @@ def load(*configs):
 def test_the_cpu_config_anneals_as_the_paper_and_the_overlay_fast():
     """The base runs the paper's 0.04 per epoch in steps of PTB's epoch; the overlay changes only
     that, to 0.01 per step."""
-    overlay = ROOT / "configs" / "ablations" / "slope_fast.yaml"
-    assert overlay.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {overlay.relative_to(ROOT)}")
-    base, overlaid = load(CPU)["callbacks"], load(CPU, overlay)["callbacks"]
+    base, overlaid = load(CPU)["callbacks"], load(CPU, overlay("slope_fast.yaml"))["callbacks"]
     assert [cb["init_args"] for cb in base if cb["class_path"].endswith(".SlopeAnnealing")] == [
         {"a_max": 5.0, "rate": 0.04, "interval": "step", "steps_per_epoch": 1567}]
     anneal = [cb for cb in overlaid if cb["class_path"].endswith(".SlopeAnnealing")]
@@ -35,31 +49,17 @@ def test_the_cpu_config_anneals_as_the_paper_and_the_overlay_fast():
     assert [cb for cb in overlaid if cb not in anneal] == rest  # every other callback, settings included
 
 
-@pytest.mark.parametrize("overlay, setting", [("ln_summed.yaml", ("norm_placement", "summed")),
-                                              ("flush_without_recurrent.yaml", ("flush_recurrent", False)),
-                                              ("no_flush_gradient.yaml", ("flush_gradient", False)),
-                                              ("boundary_below_only.yaml", ("boundary_init", "below_only"))])
-def test_cell_overlays_set_one_option_of_the_cpu_stack(overlay, setting, capsys):
-    path = ROOT / "configs" / "ablations" / overlay
-    assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
-    assert main(["fit", "--config", str(CPU), "--config", str(path), "--print_config"]) == 0
-    stack = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["stack"]["init_args"]
+@pytest.mark.parametrize("name, setting", [("ln_summed.yaml", ("norm_placement", "summed")),
+                                           ("flush_without_recurrent.yaml", ("flush_recurrent", False)),
+                                           ("no_flush_gradient.yaml", ("flush_gradient", False)),
+                                           ("boundary_below_only.yaml", ("boundary_init", "below_only"))])
+def test_cell_overlays_set_one_option_of_the_cpu_stack(name, setting, capsys):
+    stack = cpu_model(capsys, name)["stack"]["init_args"]
     assert stack[setting[0]] == setting[1] and stack["layer_norm"] is True
     others = {"norm_placement": "bottom_up_and_cell", "flush_recurrent": True, "flush_gradient": True,
               "boundary_init": "uniform"}
     unset = {k: v for k, v in others.items() if k != setting[0]}
     assert {k: v for k, v in stack.items() if k in unset} == unset
-
-
-def cpu_model(capsys, *overlays: str) -> dict:
-    """The CPU config's resolved model arguments, with the named overlays of configs/ablations/."""
-    args = ["fit", "--config", str(CPU)]
-    for name in overlays:
-        path = ROOT / "configs" / "ablations" / name
-        assert path.read_text().startswith(f"# hmrnn fit --config configs/cpu/ptb_hmlstm.yaml --config {path.relative_to(ROOT)}")
-        args += ["--config", str(path)]
-    assert main([*args, "--print_config"]) == 0
-    return yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
 
 
 def test_the_cpu_config_has_an_entropy_target_and_its_overlays_trade_or_remove_it(capsys):

@@ -140,7 +140,7 @@ class HMRNNLanguageModel(pl.LightningModule):
     def entropy_guide(self, boundary_logits: Tensor, logits: Tensor) -> Tensor | None:
         """The ``boundary_entropy_target`` loss for a window (None without one)."""
         return entropy_guide(boundary_logits, logits, self.hparams.get("boundary_entropy_target"),
-                             self.hparams.get("boundary_entropy_weight", 1.0))
+                             self.hparams.get("boundary_entropy_weight"))
 
     # -- model ---------------------------------------------------------------------------
     @property
